@@ -1,0 +1,31 @@
+"""The one exception family for expected failures; each carries its exit code.
+
+cli.main() prints these as a single `error: ...` line. Anything else is a bug and
+keeps its traceback.
+"""
+
+
+class PipelineError(Exception):
+    """Expected failure: bad input, missing prerequisite, unreachable mirror."""
+
+    exit_code = 1
+
+
+class BelowThreshold(PipelineError):
+    """infer: the evaluated accuracy does not pass the gate, so no results are written."""
+
+    exit_code = 3
+
+
+class Busy(PipelineError):
+    """Another train holds the volume's train lock."""
+
+    exit_code = 4
+
+
+class Interrupted(PipelineError):
+    """SIGTERM or SIGINT arrived; whatever could be kept was saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT

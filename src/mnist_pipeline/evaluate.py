@@ -1,0 +1,102 @@
+"""evaluate: wait for a finished checkpoint, score it on all 10,000 test images."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from mnist_pipeline import checkpoint, data, runtime
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.volume import Volume, atomic_write_json, is_running, shared_lock, wait_for
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    root: Path
+    mirror: Optional[str] = None
+    wait_s: float = 30.0
+    device: str = "auto"
+    threads: Optional[int] = None
+
+
+def run(config: EvaluateConfig) -> Dict[str, Any]:
+    """Write model/eval_results.json for the current checkpoint and return its content."""
+    volume = Volume(config.root)
+    # Announce ourselves: infer keeps waiting while an evaluate is at work.
+    with shared_lock(volume, "evaluate"):
+        saved = wait_for_checkpoint(volume, config.wait_s)
+        device = runtime.setup(config.device, config.threads)
+        model = saved.build_model().to(device)
+        test_set = data.load_split(volume.data_dir, "test", config.mirror)
+        started = time.monotonic()
+        scores = score(model, test_set, device)
+        results = {
+            **scores,
+            "checkpoint": {"path": str(saved.path), "sha256": saved.sha256, "epoch": saved.epoch},
+            "compute_seconds": round(time.monotonic() - started, 3),
+            "device": str(device),
+            "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_json(volume.eval_results, results)
+    return results
+
+
+def wait_for_checkpoint(volume: Volume, wait_s: float) -> checkpoint.Checkpoint:
+    """The checkpoint once no train is writing one: evaluate what a running train produces."""
+
+    def ready() -> Optional[checkpoint.Checkpoint]:
+        if is_running(volume, "train") or not volume.checkpoint.exists():
+            return None
+        return checkpoint.load(volume.checkpoint)
+
+    def timeout() -> PipelineError:
+        return PipelineError(
+            f"no checkpoint at {volume.checkpoint} after waiting {wait_s:g} s; "
+            f"run `mnist train` first (or raise --wait / MNIST_WAIT)"
+        )
+
+    return wait_for(
+        f"a finished checkpoint at {volume.checkpoint}", ready, wait_s,
+        producers_running=lambda: is_running(volume, "train"), on_timeout=timeout, log=log.info,
+    )
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images [N, 28, 28] -> class probabilities [N, 10], in batches."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(images), BATCH_SIZE):
+        batch = data.normalize(images[start:start + BATCH_SIZE]).to(device)
+        chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 10)
+
+
+def score(model: nn.Module, test_set: data.Split, device: torch.device) -> Dict[str, Any]:
+    """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix (rows: true digit)."""
+    probabilities = predict(model, test_set.images, device)
+    labels = test_set.labels
+    predicted = probabilities.argmax(dim=1)
+    picked = probabilities[torch.arange(len(labels)), labels]
+    test_loss = -torch.log(picked.clamp_min(1e-12)).mean().item()
+    confusion = torch.bincount(labels * 10 + predicted, minlength=100).reshape(10, 10)
+    per_class = confusion.diagonal() / confusion.sum(dim=1).clamp_min(1)
+    correct = int(confusion.diagonal().sum())
+    return {
+        "accuracy": correct / len(labels),
+        "test_loss": test_loss,
+        "correct": correct,
+        "total": len(labels),
+        "per_class_accuracy": {str(d): round(float(a), 6) for d, a in enumerate(per_class)},
+        "confusion_matrix": confusion.tolist(),
+    }

@@ -1,0 +1,143 @@
+"""infer: once the current checkpoint is evaluated and passes the gate, label random test images.
+
+results/ is replaced as a whole: it holds exactly this run's PNGs, each named
+by its predicted digit, and predictions.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from mnist_pipeline import checkpoint, data, runtime
+from mnist_pipeline.errors import BelowThreshold, PipelineError
+from mnist_pipeline.evaluate import predict
+from mnist_pipeline.volume import Volume, is_running, replace_dir, wait_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    root: Path
+    mirror: Optional[str] = None
+    wait_s: float = 30.0
+    threshold: float = 0.95
+    count: int = 5
+    seed: Optional[int] = None  # None: a different pick every run
+    device: str = "auto"
+    threads: Optional[int] = None
+
+
+def run(config: InferConfig) -> Dict[str, Any]:
+    if not 0.0 <= config.threshold <= 1.0:
+        raise PipelineError(f"--threshold / MNIST_THRESHOLD must be a fraction from 0 to 1, got {config.threshold}")
+    if config.count < 1:
+        raise PipelineError(f"--count / MNIST_COUNT must be at least 1, got {config.count}")
+    volume = Volume(config.root)
+    saved, evaluation = wait_for_evaluation(volume, config.wait_s)
+    accuracy = evaluation["accuracy"]
+    if not accuracy > config.threshold:
+        raise BelowThreshold(
+            f"accuracy {accuracy:.4f} of epoch {saved.epoch} is not above the threshold {config.threshold}; "
+            f"no results written: train more (`mnist train`, then `mnist evaluate`) or lower --threshold"
+        )
+    device = runtime.setup(config.device, config.threads)
+    model = saved.build_model().to(device)
+    test_set = data.load_split(volume.data_dir, "test", config.mirror)
+    generator = torch.Generator()
+    generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little"))
+    indices = torch.randperm(len(test_set), generator=generator)[:config.count]
+    probabilities = predict(model, test_set.images[indices], device)
+    confidence, predicted = probabilities.max(dim=1)
+
+    names = _file_names(predicted.tolist())
+    predictions = [
+        {
+            "file": name,
+            "test_index": int(index),
+            "label": int(test_set.labels[index]),
+            "predicted": int(digit),
+            "confidence": round(float(conf), 6),
+        }
+        for name, index, digit, conf in zip(names, indices, predicted, confidence)
+    ]
+    summary = {
+        "checkpoint": {"sha256": saved.sha256, "epoch": saved.epoch},
+        "accuracy": accuracy,
+        "threshold": config.threshold,
+        "predictions": predictions,
+    }
+
+    def fill(folder: Path) -> None:
+        for name, index in zip(names, indices):
+            (folder / name).write_bytes(png_grayscale(test_set.images[index]))
+        (folder / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    replace_dir(volume.results_dir, fill)
+    return summary
+
+
+def wait_for_evaluation(volume: Volume, wait_s: float) -> Tuple[checkpoint.Checkpoint, Dict[str, Any]]:
+    """The current checkpoint and its evaluation; never the evaluation of an older checkpoint."""
+    problem = ["no checkpoint yet: run `mnist train`, then `mnist evaluate`"]
+
+    def ready() -> Optional[Tuple[checkpoint.Checkpoint, Dict[str, Any]]]:
+        if not volume.checkpoint.exists():
+            return None
+        saved = checkpoint.load(volume.checkpoint)
+        try:
+            evaluation = json.loads(volume.eval_results.read_text())
+            evaluated = evaluation["checkpoint"]["sha256"]
+            float(evaluation["accuracy"])
+        except FileNotFoundError:
+            problem[0] = f"no {volume.eval_results} yet: run `mnist evaluate`"
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            problem[0] = f"{volume.eval_results} is unreadable: run `mnist evaluate` to write it again"
+            return None
+        if evaluated != saved.sha256:
+            problem[0] = (
+                f"{volume.eval_results} belongs to an older checkpoint than {volume.checkpoint} "
+                f"(epoch {saved.epoch}): run `mnist evaluate`"
+            )
+            return None
+        return saved, evaluation
+
+    return wait_for(
+        "an evaluation of the current checkpoint", ready, wait_s,
+        producers_running=lambda: is_running(volume, "train") or is_running(volume, "evaluate"),
+        on_timeout=lambda: PipelineError(f"{problem[0]} (waited {wait_s:g} s; --wait / MNIST_WAIT)"),
+        log=log.info,
+    )
+
+
+def _file_names(digits: List[int]) -> List[str]:
+    """7.png, then 7_1.png, 7_2.png for more sevens in the same run."""
+    seen: Counter = Counter()
+    names = []
+    for digit in digits:
+        names.append(f"{digit}.png" if seen[digit] == 0 else f"{digit}_{seen[digit]}.png")
+        seen[digit] += 1
+    return names
+
+
+def png_grayscale(image: torch.Tensor) -> bytes:
+    """An 8-bit grayscale PNG of a uint8 [H, W] tensor (the format is small enough to write by hand)."""
+    height, width = image.shape
+    rows = b"".join(b"\x00" + bytes(row) for row in image.tolist())  # filter type 0 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit, grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")

@@ -1,0 +1,285 @@
+"""train: resume from the volume's checkpoint, train more epochs, save atomically.
+
+Resuming is exact: the data order and the learning rate are pure functions of
+(seed, epoch, step), and the rest of the state (weights, BatchNorm statistics,
+optimizer moments, RNG) is in the checkpoint. So two one-epoch runs give the
+same weights as one two-epoch run, and an epoch cut short by SIGTERM and
+finished later equals an uninterrupted one (same thread count assumed: float
+sums are grouped per thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from mnist_pipeline import checkpoint, data, runtime
+from mnist_pipeline.errors import Interrupted, PipelineError
+from mnist_pipeline.model import MnistCNN
+from mnist_pipeline.volume import Volume, exclusive_lock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Hyper-parameters. Saved in the checkpoint; a resumed run keeps the saved ones."""
+
+    seed: int = 0
+    batch_size: int = 128
+    peak_lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.2  # of each epoch, rising to peak_lr
+    epoch_decay: float = 0.3  # each later epoch peaks at this fraction of the previous one
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    root: Path
+    mirror: Optional[str] = None
+    epochs: int = 1
+    recipe: Recipe = Recipe()
+    fresh: bool = False
+    device: str = "auto"
+    threads: Optional[int] = None
+    progress_every_s: float = 10.0  # plain progress lines when stderr is no terminal
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    epoch: int  # completed epochs, as saved
+    train_loss: float  # mean over the last epoch's batches
+    seconds: float
+    checkpoint: Path
+
+
+def learning_rate(recipe: Recipe, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """One cycle per epoch: linear warm-up to the peak, cosine down to ~0; later epochs peak lower."""
+    peak = recipe.peak_lr * recipe.epoch_decay**epoch
+    progress = step / steps_per_epoch
+    if progress < recipe.warmup_fraction:
+        return peak * (0.1 + 0.9 * progress / recipe.warmup_fraction)
+    rest = (progress - recipe.warmup_fraction) / (1 - recipe.warmup_fraction)
+    return peak * 0.5 * (1 + math.cos(math.pi * rest))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The shuffled sample order of `epoch`, the same on every run and every resume."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def run(config: TrainConfig) -> TrainResult:
+    if config.epochs < 1:
+        raise PipelineError(f"--epochs / MNIST_EPOCHS must be at least 1, got {config.epochs}")
+    volume = Volume(config.root)
+    with exclusive_lock(volume, "train"):
+        if config.fresh:
+            _move_aside(volume)
+        device = runtime.setup(config.device, config.threads)
+        state = _starting_point(volume, config.recipe, device)
+        # all four files now: evaluate and infer may run without network
+        data.ensure_all(volume.data_dir, config.mirror)
+        train_set = data.load_split(volume.data_dir, "train", config.mirror)
+        return _train(volume, config, state, train_set, device)
+
+
+class _TrainingState:
+    """Everything an exact resume needs, to and from a checkpoint dict."""
+
+    def __init__(self, recipe: Recipe, model: MnistCNN, device: torch.device):
+        self.recipe, self.model = recipe, model.to(device)
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=recipe.peak_lr, momentum=recipe.momentum, nesterov=True,
+            weight_decay=recipe.weight_decay,
+        )
+        self.epoch, self.step, self.loss_sum = 0, 0, 0.0
+
+    @classmethod
+    def fresh(cls, recipe: Recipe, device: torch.device) -> "_TrainingState":
+        torch.manual_seed(recipe.seed)
+        return cls(recipe, MnistCNN(), device)
+
+    @classmethod
+    def restore(cls, saved: checkpoint.Checkpoint, device: torch.device) -> "_TrainingState":
+        try:
+            recipe = Recipe(**saved.state["train_config"])
+        except TypeError as exc:
+            raise saved.invalid(f"its train_config does not fit this version ({exc})") from None
+        self = cls(recipe, saved.build_model(), device)
+        try:
+            self.optimizer.load_state_dict(saved.state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise saved.invalid(f"its optimizer state does not fit ({exc})") from None
+        torch.set_rng_state(saved.state["rng"])
+        self.epoch, self.step, self.loss_sum = saved.epoch, saved.state["step"], saved.state["loss_sum"]
+        return self
+
+    def snapshot(self, **extra: Any) -> Dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss_sum": self.loss_sum,
+            "model": self.model.state_dict(),
+            "model_config": self.model.config,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "train_config": dataclasses.asdict(self.recipe),
+            **extra,
+        }
+
+
+def _starting_point(volume: Volume, recipe: Recipe, device: torch.device) -> _TrainingState:
+    """Continue an interrupted epoch, else the checkpoint, else start from scratch."""
+    saved = checkpoint.load(volume.checkpoint) if volume.checkpoint.exists() else None
+    progress = _load_progress(volume, saved)
+    source = progress or saved
+    if source is None:
+        log.info("no checkpoint at %s: training from scratch", volume.checkpoint)
+        return _TrainingState.fresh(recipe, device)
+    state = _TrainingState.restore(source, device)
+    if state.recipe != recipe:
+        kept = dataclasses.asdict(state.recipe)
+        ignored = {k: v for k, v in dataclasses.asdict(recipe).items() if kept[k] != v}
+        log.warning("resuming with the checkpoint's hyper-parameters; ignoring %s (--fresh starts over)", ignored)
+    if progress:
+        log.info("continuing epoch %d at step %d from %s", state.epoch + 1, state.step, volume.progress)
+    else:
+        log.info("resuming from %s (epoch %d)", volume.checkpoint, state.epoch)
+    return state
+
+
+def _load_progress(volume: Volume, saved: Optional[checkpoint.Checkpoint]) -> Optional[checkpoint.Checkpoint]:
+    """The interrupted epoch that continues `saved`, or None (a stale one is removed)."""
+    if not volume.progress.exists():
+        return None
+    try:
+        progress = checkpoint.load(volume.progress)
+    except PipelineError as exc:
+        log.warning("ignoring %s", exc)
+        return None
+    if progress.epoch == (saved.epoch if saved else 0):
+        return progress
+    log.info("removing %s: it belongs to an earlier epoch than the checkpoint", volume.progress)
+    volume.progress.unlink()
+    return None
+
+
+def _move_aside(volume: Volume) -> None:
+    """--fresh: keep the old files under a dated name rather than deleting them."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for path in (volume.checkpoint, volume.progress):
+        if path.exists():
+            aside = path.with_name(f"{path.name}.{stamp}.aside")
+            try:
+                os.replace(path, aside)
+            except OSError as exc:
+                raise PipelineError(f"cannot move {path} aside: {exc.strerror}; check the volume") from None
+            log.info("moved %s aside to %s", path.name, aside.name)
+
+
+def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set: data.Split,
+           device: torch.device) -> TrainResult:
+    recipe, model, optimizer = state.recipe, state.model, state.optimizer
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    images = data.normalize(train_set.images).to(device)
+    labels = train_set.labels.to(device)
+    steps_per_epoch = len(labels) // recipe.batch_size  # the last partial batch is dropped
+    target_epoch = state.epoch + config.epochs
+    started = time.monotonic()
+    model.train()
+    with _StopRequest() as stop:
+        while state.epoch < target_epoch:
+            order = epoch_order(recipe.seed, state.epoch, len(labels)).to(device)
+            report = _Progress(state.epoch + 1, steps_per_epoch, state.step, config.progress_every_s)
+            while state.step < steps_per_epoch:
+                if stop.signum is not None:
+                    report.close()
+                    _save_and_stop(volume, state, stop.signum, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(recipe, state.epoch, state.step, steps_per_epoch)
+                batch = order[state.step * recipe.batch_size:(state.step + 1) * recipe.batch_size]
+                loss = loss_fn(model(images[batch]), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                state.loss_sum += loss.item()
+                state.step += 1
+                report.update(state.step, state.loss_sum / state.step)
+            report.close()
+            epoch_loss = state.loss_sum / steps_per_epoch
+            state.epoch, state.step, state.loss_sum = state.epoch + 1, 0, 0.0
+            checkpoint.save(volume.checkpoint, state.snapshot(train_loss=epoch_loss))
+            if volume.progress.exists():
+                volume.progress.unlink()
+            log.info("epoch %d done: train loss %.4f; saved %s", state.epoch, epoch_loss, volume.checkpoint)
+    return TrainResult(epoch=state.epoch, train_loss=epoch_loss, seconds=time.monotonic() - started,
+                       checkpoint=volume.checkpoint)
+
+
+def _save_and_stop(volume: Volume, state: _TrainingState, signum: int, steps_per_epoch: int) -> None:
+    checkpoint.save(volume.progress, state.snapshot())
+    raise Interrupted(
+        f"stopped by {signal.Signals(signum).name} at epoch {state.epoch + 1}, step {state.step}/{steps_per_epoch}; "
+        f"progress saved to {volume.progress}: run `mnist train` again to continue",
+        signum,
+    )
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop reads at each step boundary."""
+
+    signum: Optional[int] = None
+
+    def __enter__(self) -> "_StopRequest":
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            log.warning("%s received: saving progress at the end of this step", signal.Signals(signum).name)
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain periodic lines otherwise (docker logs)."""
+
+    def __init__(self, epoch: int, total: int, done: int, every_s: float):
+        self.epoch, self.total, self.every_s = epoch, total, every_s
+        self.bar = None
+        self.next_line = time.monotonic() + every_s
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", unit="batch", leave=False)
+
+    def update(self, step: int, mean_loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 20 == 0:
+                self.bar.set_postfix(loss=f"{mean_loss:.4f}")
+        elif time.monotonic() >= self.next_line:
+            log.info("epoch %d: step %d/%d (%d%%), loss %.4f", self.epoch, step, self.total,
+                     100 * step // self.total, mean_loss)
+            self.next_line = time.monotonic() + self.every_s
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,84 @@
+"""Shared fixtures: the real MNIST files in ../shared/mnist as the mirror, and real `mnist` processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = REPO.parent / "shared" / "mnist"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "docker: needs a Docker engine (deselect with -m 'not docker')")
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    if not (MIRROR / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"the MNIST mirror {MIRROR} is missing: the tests need ../shared/mnist beside the repo")
+    return MIRROR
+
+
+def mnist_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of a test's `mnist` process: no stray MNIST_* settings, the local mirror."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
+    env["MNIST_MIRROR"] = str(MIRROR)
+    env.update(extra or {})
+    return env
+
+
+def mnist_command(*args: str) -> list:
+    return [sys.executable, "-m", "mnist_pipeline", *args]
+
+
+def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(mnist_command(*args), env=mnist_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def start_mnist(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    return subprocess.Popen(mnist_command(*args), env=mnist_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(condition, timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    """A user error: the given exit code, one `error:` line naming the fragments, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+@pytest.fixture(scope="session")
+def trained_root(tmp_path_factory, mirror) -> Path:
+    """A volume root after one `mnist train` and one `mnist evaluate` (shared: copy before changing)."""
+    root = tmp_path_factory.mktemp("trained") / "volume"
+    for stage in ("train", "evaluate"):
+        result = run_mnist(stage, "--root", str(root))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+@pytest.fixture
+def trained_copy(trained_root, tmp_path) -> Path:
+    """A private copy of trained_root to change."""
+    root = tmp_path / "volume"
+    shutil.copytree(trained_root, root)
+    return root

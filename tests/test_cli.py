@@ -1,0 +1,86 @@
+"""Config precedence (flags > MNIST_* > defaults) and usage errors (exit 2), without training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, run_mnist
+from mnist_pipeline import cli
+
+
+def settings(argv, env):
+    parser = cli.build_parser()
+    return cli.resolve(parser, parser.parse_args(argv), env)
+
+
+def test_defaults_when_nothing_is_set():
+    values = settings(["infer"], {})
+    assert values["root"] == Path("mnist-volume")
+    assert values["mirror"] is None
+    assert (values["wait"], values["threshold"], values["count"], values["seed"]) == (30.0, 0.95, 5, None)
+    assert settings(["train"], {})["epochs"] == 1
+
+
+def test_env_overrides_default_and_flag_overrides_env():
+    env = {"MNIST_EPOCHS": "3", "MNIST_ROOT": "/env/root", "MNIST_FRESH": "yes", "MNIST_WAIT": "7.5"}
+    assert settings(["train"], env)["epochs"] == 3
+    assert settings(["train"], env)["root"] == Path("/env/root")
+    assert settings(["train"], env)["fresh"] is True
+    assert settings(["train", "--epochs", "2", "--root", "/flag"], env)["epochs"] == 2
+    assert settings(["train", "--epochs", "2", "--root", "/flag"], env)["root"] == Path("/flag")
+    assert settings(["evaluate", "--wait", "0"], env)["wait"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "argv, env, fragment",
+    [
+        (["train", "--epochs", "-1"], {}, "--epochs"),
+        (["train", "--epochs", "0"], {}, "--epochs"),
+        (["train", "--epochs", "two"], {}, "not a number"),
+        (["train"], {"MNIST_EPOCHS": "-1"}, "MNIST_EPOCHS='-1'"),
+        (["train"], {"MNIST_BATCH_SIZE": "big"}, "MNIST_BATCH_SIZE='big'"),
+        (["train"], {"MNIST_FRESH": "maybe"}, "MNIST_FRESH='maybe'"),
+        (["evaluate"], {"MNIST_WAIT": "-5"}, "MNIST_WAIT"),
+        (["infer", "--threshold", "1.5"], {}, "--threshold"),
+        (["infer"], {"MNIST_COUNT": "0"}, "MNIST_COUNT"),
+        (["infer"], {"MNIST_DEVICE": "tpu"}, "MNIST_DEVICE"),
+        (["train"], {"MNIST_MIRROR": "  "}, "MNIST_MIRROR"),
+    ],
+)
+def test_bad_values_are_usage_errors(argv, env, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv, env=env)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_env_values_that_do_not_apply_to_the_command_are_ignored():
+    # MNIST_EPOCHS belongs to train; a broken one must not stop infer
+    assert settings(["infer"], {"MNIST_EPOCHS": "x"})["count"] == 5
+
+
+def test_epochs_minus_one_from_the_shell_exits_2_without_traceback(tmp_path):
+    result = run_mnist("train", "--root", str(tmp_path), "--epochs", "-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--epochs" in result.stderr
+    assert not (tmp_path / "model").exists()
+
+
+def test_every_subcommand_help_names_flags_and_env_twins():
+    for command in ("train", "evaluate", "infer", "pipeline"):
+        result = run_mnist(command, "--help")
+        assert result.returncode == 0
+        for setting in cli.COMMANDS[command]:
+            assert setting.flag in result.stdout and setting.env in result.stdout.replace("\n", " ")
+
+
+def test_device_cuda_without_gpu_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_mnist("train", "--root", str(tmp_path), "--device", "cuda")
+    assert_one_line_error(result, 1, "cuda")
