@@ -69,7 +69,7 @@ def run(config: InferConfig) -> Dict[str, Any]:
             "predicted": int(digit),
             "confidence": round(float(conf), 6),
         }
-        for name, index, digit, conf in zip(names, indices, predicted, confidence)
+        for name, index, digit, conf in zip(names, indices, predicted, confidence, strict=True)
     ]
     summary = {
         "checkpoint": {"sha256": saved.sha256, "epoch": saved.epoch},
@@ -79,7 +79,7 @@ def run(config: InferConfig) -> Dict[str, Any]:
     }
 
     def fill(folder: Path) -> None:
-        for name, index in zip(names, indices):
+        for name, index in zip(names, indices, strict=True):
             (folder / name).write_bytes(png_grayscale(test_set.images[index]))
         (folder / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -204,6 +204,8 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
     with _StopRequest() as stop:
         while state.epoch < target_epoch:
             order = epoch_order(recipe.seed, state.epoch, len(labels)).to(device)
+            log.info("epoch %d: training from step %d of %d (batch %d, %s, %d threads)", state.epoch + 1,
+                     state.step, steps_per_epoch, recipe.batch_size, device, torch.get_num_threads())
             report = _Progress(state.epoch + 1, steps_per_epoch, state.step, config.progress_every_s)
             while state.step < steps_per_epoch:
                 if stop.signum is not None:
