@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import struct
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -57,7 +58,9 @@ def run(config: InferConfig) -> Dict[str, Any]:
     generator = torch.Generator()
     generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little"))
     indices = torch.randperm(len(test_set), generator=generator)[:config.count]
+    started = time.monotonic()
     probabilities = predict(model, test_set.images[indices], device)
+    compute_seconds = round(time.monotonic() - started, 4)
     confidence, predicted = probabilities.max(dim=1)
 
     names = _file_names(predicted.tolist())
@@ -75,6 +78,7 @@ def run(config: InferConfig) -> Dict[str, Any]:
         "checkpoint": {"sha256": saved.sha256, "epoch": saved.epoch},
         "accuracy": accuracy,
         "threshold": config.threshold,
+        "compute_seconds": compute_seconds,
         "predictions": predictions,
     }
 
