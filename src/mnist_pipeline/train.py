@@ -38,12 +38,11 @@ class Recipe:
 
     seed: int = 0
     batch_size: int = 128
-    peak_lr: float = 0.05
+    peak_lr: float = 0.4
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_fraction: float = 0.2  # of each epoch, rising to peak_lr
-    epoch_decay: float = 0.3  # each later epoch peaks at this fraction of the previous one
-    label_smoothing: float = 0.0
+    warmup_fraction: float = 0.2  # of each epoch, rising linearly from 0 to the peak
+    epoch_decay: float = 0.5  # each later epoch peaks at this fraction of the previous one
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,11 @@ class TrainResult:
 
 
 def learning_rate(recipe: Recipe, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """One cycle per epoch: linear warm-up to the peak, cosine down to ~0; later epochs peak lower."""
+    """One cycle per epoch: linear warm-up to the peak, cosine down to 0; later epochs peak lower."""
     peak = recipe.peak_lr * recipe.epoch_decay**epoch
     progress = step / steps_per_epoch
     if progress < recipe.warmup_fraction:
-        return peak * (0.1 + 0.9 * progress / recipe.warmup_fraction)
+        return peak * progress / recipe.warmup_fraction
     rest = (progress - recipe.warmup_fraction) / (1 - recipe.warmup_fraction)
     return peak * 0.5 * (1 + math.cos(math.pi * rest))
 
@@ -194,7 +193,7 @@ def _move_aside(volume: Volume) -> None:
 def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set: data.Split,
            device: torch.device) -> TrainResult:
     recipe, model, optimizer = state.recipe, state.model, state.optimizer
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss()
     images = data.normalize(train_set.images).to(device)
     labels = train_set.labels.to(device)
     steps_per_epoch = len(labels) // recipe.batch_size  # the last partial batch is dropped
