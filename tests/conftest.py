@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -46,14 +45,6 @@ def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float =
 def start_mnist(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
     return subprocess.Popen(mnist_command(*args), env=mnist_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def wait_until(condition, timeout: float = 120, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
