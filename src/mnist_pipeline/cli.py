@@ -196,8 +196,7 @@ def _configs(command: str, v: Dict[str, Any]):
         recipe = Recipe(seed=v["seed"] or 0, batch_size=v["batch_size"], peak_lr=v["lr"])
         configs["train"] = TrainConfig(epochs=v["epochs"], recipe=recipe, fresh=v["fresh"], **common)
     if command in ("evaluate", "pipeline"):
-        # pipeline runs the stages in order, so nothing needs waiting for
-        configs["evaluate"] = EvaluateConfig(wait_s=v.get("wait", 0.0), **common)
+        configs["evaluate"] = EvaluateConfig(wait_s=v["wait"], **common)
     if command in ("infer", "pipeline"):
         configs["infer"] = InferConfig(
             wait_s=v["wait"], threshold=v["threshold"], count=v["count"], seed=v["seed"], **common
