@@ -24,6 +24,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def mnist(*args: str, threads: int | None = None) -> tuple[float, str]:
     """Run one `mnist` process; return its wall time and stdout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracies = [r["accuracy"] for r in runs.values()]
     train_times = [r["train_s"] for r in runs.values()]
     report = {
-        "machine": f"{platform.machine()}, {cpus} CPUs available, {platform.processor() or 'cpu'}",
+        "machine": f"{cpu_model()}, {cpus} CPUs available",
         "python": platform.python_version(),
         "torch": __import__("torch").__version__,
         "reference_epoch_s": reference["epoch_seconds"],
