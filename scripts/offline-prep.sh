@@ -93,7 +93,12 @@ else
   say "wheelhouse: fetching $wanted wheels with this machine's pip configuration"
   tmp=$(mktemp -d "$repo/.wheelhouse.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
-  python3 -m pip download --quiet --no-deps "${PIP_PLATFORM[@]}" -d "$tmp" -r "$REQUIREMENTS" \
+  pip_python=""
+  for py in python3 python; do
+    if command -v "$py" >/dev/null && "$py" -m pip --version >/dev/null 2>&1; then pip_python=$py; break; fi
+  done
+  [ -n "$pip_python" ] || die "no pip on this machine (python3 -m pip): apt-get install python3-pip"
+  "$pip_python" -m pip download --quiet --no-deps "${PIP_PLATFORM[@]}" -d "$tmp" -r "$REQUIREMENTS" \
     || die "pip download failed: this machine's pip cannot reach the wheels of $REQUIREMENTS"
   [ "$(wheel_count "$tmp")" -eq "$wanted" ] || die "pip download gave $(wheel_count "$tmp") wheels, expected $wanted"
   mkdir -p "$WHEELHOUSE"
