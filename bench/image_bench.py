@@ -128,7 +128,7 @@ def main() -> int:
         report["images"][service] = {"image": image, "mb": round(size / 1e6, 1)}
     history = sh(["docker", "history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}",
                   images["train"]], project).stdout
-    layers = sorted((line.split("\t", 1) for line in history.splitlines()), key=lambda l: -int(l[0]))
+    layers = sorted((line.split("\t", 1) for line in history.splitlines()), key=lambda layer: -int(layer[0]))
     report["largest_layers"] = [{"mb": round(int(size) / 1e6, 1), "created_by": by[-100:] or "(base image)"}
                                for size, by in layers[:3]]
 
@@ -160,7 +160,7 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'image':<28}{'size MB':>10}")
-    for service, info in report["images"].items():
+    for info in report["images"].values():
         print(f"{info['image']:<28}{info['mb']:>10}")
     print(f"\n{'container start to exit':<50}{'median s':>10}")
     for label, info in report["start"].items():
@@ -169,7 +169,8 @@ def main() -> int:
         print(f"{' '.join(compose) + ' run --rm ' + service:<50}{seconds:>10}")
     if "variants" in report:
         v = report["variants"]
-        print(f"\nnumpy: +{v['numpy_mb']} MB, import torch {v['import_torch_s']} s -> {v['import_torch_with_numpy_s']} s; "
+        print(f"\nnumpy: +{v['numpy_mb']} MB, import torch {v['import_torch_s']} s -> "
+              f"{v['import_torch_with_numpy_s']} s; "
               f".pyc: {v['pyc_mb']} MB, import torch without them {v['import_torch_without_pyc_s']} s")
     print(f"\nbuild {report['build_s']} s (cached when unchanged); load average at start "
           f"{report['load_average_at_start'][0]:.1f} on {report['cpus']} CPUs; written to {args.output}")

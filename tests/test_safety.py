@@ -168,7 +168,9 @@ def test_kill_9_during_infer_never_leaves_a_partial_results_folder(trained_copy)
     result = run_mnist("infer", "--root", str(trained_copy))
     assert result.returncode == 0, result.stderr
     assert len(list(results.glob("*.png"))) == 5
-    assert not [p for p in trained_copy.iterdir() if p.name.startswith(".tmp-")]
+    # a killed infer's staging folder can remain, but only under a temp name (swept once stale)
+    leftovers = [p.name for p in trained_copy.iterdir() if p.name not in ("data", "model", "results")]
+    assert all(name.startswith(".tmp-results.") for name in leftovers), leftovers
 
 
 def test_a_second_train_refuses_naming_the_holder_and_a_crashed_one_blocks_nobody(trained_copy):
