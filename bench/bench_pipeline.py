@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
         parent = Path(tmp)
-        data.ensure_all(parent / "data", args.mirror)
+        data.ensure(parent / "data", args.mirror)
         cpus = available_cpus()
 
         reference_json = parent / "reference.json"

@@ -72,10 +72,11 @@ def load_split(data_dir: Path, split: str, mirror: Optional[str]) -> Split:
     return Split(images=images, labels=labels.long())
 
 
-def ensure_all(data_dir: Path, mirror: Optional[str]) -> None:
-    """Fetch and verify all four files (train does this before taking any time to train)."""
+def ensure(data_dir: Path, mirror: Optional[str], splits: tuple = ("train", "test")) -> None:
+    """Fetch and verify the files of `splits` without parsing them."""
     for name in FILES:
-        _verified_bytes(data_dir, name, mirror)
+        if name.startswith(tuple(SPLITS[split] for split in splits)):
+            _verified_bytes(data_dir, name, mirror)
 
 
 def _verified_bytes(data_dir: Path, name: str, mirror: Optional[str]) -> bytes:

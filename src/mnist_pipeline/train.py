@@ -91,9 +91,9 @@ def run(config: TrainConfig) -> TrainResult:
             _move_aside(volume)
         device = runtime.setup(config.device, config.threads)
         state = _starting_point(volume, config.recipe, device)
-        # all four files now: evaluate and infer may run without network
-        data.ensure_all(volume.data_dir, config.mirror)
         train_set = data.load_split(volume.data_dir, "train", config.mirror)
+        # the test files too: evaluate and infer may run without network
+        data.ensure(volume.data_dir, config.mirror, splits=("test",))
         return _train(volume, config, state, train_set, device)
 
 
