@@ -22,7 +22,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -70,10 +70,10 @@ class Checkpoint:
         )
 
 
-def save(path: Path, state: Dict[str, Any]) -> None:
+def save(path: Path, state: Dict[str, Any], fault_point: Optional[str] = None) -> None:
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), fault_point)
 
 
 def load(path: Path) -> Checkpoint:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple, TypeVar
 
 from mnist_pipeline.errors import Busy, PipelineError
+from mnist_pipeline.faults import crash_point
 
 T = TypeVar("T")
 
@@ -100,8 +101,11 @@ def temp_file(folder: Path, name: str) -> Tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` all at once, or leave it as it was."""
+def atomic_write_bytes(path: Path, data: bytes, fault_point: Optional[str] = None) -> None:
+    """Replace `path` with `data` all at once, or leave it as it was.
+
+    `fault_point`: the MNIST_FAULT name that kills the process just before the rename (tests).
+    """
     ensure_dir(path.parent)
     tmp = None
     try:
@@ -110,6 +114,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if fault_point:
+            crash_point(fault_point)
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
