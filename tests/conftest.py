@@ -13,6 +13,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "mnist"
+# screenshots the browser tests leave for people to look at (git-ignored)
+SCREENSHOTS = REPO / "test-artifacts"
+# Debian's chromium and chromium-driver (.ci/run installs them): Selenium downloads nothing
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 def pytest_configure(config):
@@ -73,3 +77,26 @@ def trained_copy(trained_root, tmp_path) -> Path:
     root = tmp_path / "volume"
     shutil.copytree(trained_root, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Selenium; skipped where it is not installed (a failure under CI)."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        missing = f"{CHROMIUM} or {CHROMEDRIVER} is missing: apt-get install chromium chromium-driver"
+        pytest.fail(f"{missing} (CI is set)") if os.environ.get("CI") else pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    # no background traffic: this machine's closed network refuses it, many connections at a time
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1000,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    SCREENSHOTS.mkdir(exist_ok=True)
+    yield driver
+    driver.quit()
