@@ -11,13 +11,14 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from mnist_pipeline import checkpoint, data, runtime
+from mnist_pipeline import checkpoint, data, history, report, runtime
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.volume import Volume, atomic_write_json, is_running, shared_lock, wait_for
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000
+MISTAKES_KEPT = 40  # the most confident mistakes listed in eval_results.json (the report shows them)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ def run(config: EvaluateConfig) -> Dict[str, Any]:
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         atomic_write_json(volume.eval_results, results)
+    try:
+        history.add_evaluation(volume, saved.epoch, saved.sha256, results["accuracy"], results["test_loss"])
+        report.build(volume, config.mirror)
+    except PipelineError as exc:
+        raise PipelineError(f"{volume.eval_results} is written, but not the report: {exc}; "
+                            f"`mnist report` tries again") from None
     return results
 
 
@@ -83,7 +90,8 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device) -> tor
 
 
 def score(model: nn.Module, test_set: data.Split, device: torch.device) -> Dict[str, Any]:
-    """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix (rows: true digit)."""
+    """Accuracy, mean cross-entropy, per-class accuracy, the confusion matrix (rows: true digit) and
+    the most confident mistakes."""
     probabilities = predict(model, test_set.images, device)
     labels = test_set.labels
     predicted = probabilities.argmax(dim=1)
@@ -92,6 +100,9 @@ def score(model: nn.Module, test_set: data.Split, device: torch.device) -> Dict[
     confusion = torch.bincount(labels * 10 + predicted, minlength=100).reshape(10, 10)
     per_class = confusion.diagonal() / confusion.sum(dim=1).clamp_min(1)
     correct = int(confusion.diagonal().sum())
+    confidence = probabilities.max(dim=1).values
+    wrong = (predicted != labels).nonzero().flatten()
+    wrong = wrong[confidence[wrong].argsort(descending=True, stable=True)][:MISTAKES_KEPT]
     return {
         "accuracy": correct / len(labels),
         "test_loss": test_loss,
@@ -99,4 +110,9 @@ def score(model: nn.Module, test_set: data.Split, device: torch.device) -> Dict[
         "total": len(labels),
         "per_class_accuracy": {str(d): round(float(a), 6) for d, a in enumerate(per_class)},
         "confusion_matrix": confusion.tolist(),
+        "mistakes": [  # the most confident first
+            {"test_index": int(i), "label": int(labels[i]), "predicted": int(predicted[i]),
+             "confidence": round(float(confidence[i]), 6)}
+            for i in wrong
+        ],
     }

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from mnist_pipeline import checkpoint, data, runtime
+from mnist_pipeline import checkpoint, data, history, runtime
 from mnist_pipeline.errors import Interrupted, PipelineError
 from mnist_pipeline.model import MnistCNN
 from mnist_pipeline.volume import Volume, exclusive_lock, remove_stale_temps
@@ -181,7 +181,7 @@ def _load_progress(volume: Volume, saved: Optional[checkpoint.Checkpoint]) -> Op
 def _move_aside(volume: Volume) -> None:
     """--fresh: keep the old files under a dated name rather than deleting them."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    for path in (volume.checkpoint, volume.progress):
+    for path in (volume.checkpoint, volume.progress, volume.history):
         if path.exists():
             aside = path.with_name(f"{path.name}.{stamp}.aside")
             try:
@@ -200,6 +200,7 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
     steps_per_epoch = len(labels) // recipe.batch_size  # the last partial batch is dropped
     target_epoch = state.epoch + config.epochs
     started = time.monotonic()
+    recorder = history.Recorder(volume, state.epoch, state.step, device)  # the curves of the report
     model.train()
     with _StopRequest() as stop:
         while state.epoch < target_epoch:
@@ -210,7 +211,7 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
             while state.step < steps_per_epoch:
                 if stop.signum is not None:
                     report.close()
-                    _save_and_stop(volume, state, stop.signum, steps_per_epoch)
+                    _save_and_stop(volume, state, stop.signum, steps_per_epoch, recorder)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(recipe, state.epoch, state.step, steps_per_epoch)
                 batch = order[state.step * recipe.batch_size:(state.step + 1) * recipe.batch_size]
@@ -220,10 +221,13 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
                 optimizer.step()
                 state.loss_sum += loss.item()
                 state.step += 1
+                recorder.add(state.epoch + 1, state.step, loss, optimizer.param_groups[0]["lr"])
                 report.update(state.step, state.loss_sum / state.step)
             report.close()
             epoch_loss = state.loss_sum / steps_per_epoch
+            recorder.end_epoch(state.epoch + 1, steps_per_epoch, epoch_loss)
             state.epoch, state.step, state.loss_sum = state.epoch + 1, 0, 0.0
+            recorder.save(state.epoch, state.step)  # before the checkpoint: never behind it
             checkpoint.save(volume.checkpoint, state.snapshot(train_loss=epoch_loss))
             if volume.progress.exists():
                 volume.progress.unlink()
@@ -232,7 +236,9 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
                        checkpoint=volume.checkpoint)
 
 
-def _save_and_stop(volume: Volume, state: _TrainingState, signum: int, steps_per_epoch: int) -> None:
+def _save_and_stop(volume: Volume, state: _TrainingState, signum: int, steps_per_epoch: int,
+                   recorder: history.Recorder) -> None:
+    recorder.save(state.epoch, state.step)
     checkpoint.save(volume.progress, state.snapshot())
     raise Interrupted(
         f"stopped by {signal.Signals(signum).name} at epoch {state.epoch + 1}, step {state.step}/{steps_per_epoch}; "

@@ -61,6 +61,16 @@ class Volume:
     def eval_results(self) -> Path:
         return self.model_dir / "eval_results.json"
 
+    @property
+    def history(self) -> Path:
+        """Train loss and learning rate every few steps, each epoch's summary and test accuracy."""
+        return self.model_dir / "history.jsonl"
+
+    @property
+    def report_dir(self) -> Path:
+        """The evaluation report (index.html and its pictures), replaced as a whole."""
+        return self.model_dir / "report"
+
     def lock_path(self, role: str) -> Path:
         return self.model_dir / f".{role}.lock"
 
@@ -236,6 +246,17 @@ def shared_lock(volume: Volume, role: str) -> Iterator[None]:
     fd = _open_lock(volume.lock_path(role))
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def brief_lock(volume: Volume, role: str) -> Iterator[None]:
+    """Wait for and hold the `role` lock around a short read-modify-write of a shared file."""
+    fd = _open_lock(volume.lock_path(role))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
