@@ -126,6 +126,7 @@ COMMANDS: Dict[str, List[Setting]] = {
     "evaluate": COMMON + EVALUATE,
     "infer": COMMON + INFER,
     "pipeline": COMMON + TRAIN + INFER,
+    "report": [ROOT, MIRROR],
 }
 DESCRIPTIONS = {
     "train": "Resume from model/mnist_cnn.pt if present, train --epochs more epochs, save atomically.",
@@ -133,6 +134,7 @@ DESCRIPTIONS = {
     "infer": "Wait for the current checkpoint's evaluation; if accuracy is above --threshold, "
              "write --count labelled test images to results/.",
     "pipeline": "train, evaluate, infer in order.",
+    "report": "Rebuild model/report/ (index.html and its pictures) from eval_results.json, the history and results/.",
 }
 
 
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist", description="MNIST train / evaluate / infer on a shared volume.", epilog=EPILOG,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,infer,pipeline}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,infer,pipeline,report}", required=True)
     for name, settings in COMMANDS.items():
         sub = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], epilog=EPILOG)
         for s in settings:
@@ -188,8 +190,11 @@ def _configs(command: str, v: Dict[str, Any]):
     # imported here so that `mnist --help` and usage errors answer before torch loads
     from mnist_pipeline.evaluate import EvaluateConfig
     from mnist_pipeline.infer import InferConfig
+    from mnist_pipeline.report import ReportConfig
     from mnist_pipeline.train import Recipe, TrainConfig
 
+    if command == "report":  # reads files only: no device, threads or seed
+        return {"report": ReportConfig(root=v["root"], mirror=v["mirror"])}
     common = {"root": v["root"], "mirror": v["mirror"], "device": v["device"], "threads": v["threads"]}
     configs = {}
     if command in ("train", "pipeline"):
@@ -212,6 +217,8 @@ def _report(stage: str, result: Any) -> None:
     elif stage == "evaluate":
         print(f"evaluate: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}), "
               f"test loss {result['test_loss']:.4f}, epoch {result['checkpoint']['epoch']}")
+    elif stage == "report":
+        print(f"report: {result}")
     else:
         files = ", ".join(f"{p['file']} (true {p['label']})" for p in result["predictions"])
         print(f"infer: accuracy {result['accuracy']:.4f} > {result['threshold']}: {files}")
@@ -231,9 +238,9 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
     )
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        from mnist_pipeline import evaluate, infer, train
+        from mnist_pipeline import evaluate, infer, report, train
 
-        stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run}
+        stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run, "report": report.run}
         for stage, config in _configs(args.command, values).items():
             _report(stage, stages[stage](config))
     except (PipelineError, KeyboardInterrupt) as exc:

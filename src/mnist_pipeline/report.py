@@ -67,7 +67,8 @@ def build(volume: Volume, mirror: Optional[str] = None) -> Path:
         mistakes_image(evaluation, test_images).save(folder / "mistakes.png", optimize=True)
         chart = training_svg(history.summary(records))
         (folder / "training.svg").write_text(chart)
-        (folder / "index.html").write_text(_page(evaluation, records, chart, inferred))
+        inline = chart.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1)  # HTML needs no namespace URL
+        (folder / "index.html").write_text(_page(evaluation, records, inline, inferred))
 
     replace_dir(volume.report_dir, fill)
     return volume.report_dir / "index.html"
@@ -318,7 +319,8 @@ h1 { margin-bottom: .2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #
 table { border-collapse: collapse; } td, th { padding: .25rem .7rem; text-align: right; border-bottom: 1px solid #eee; }
 .low { color: #dc2626; font-weight: 600; }
 .infer { display: flex; gap: 1rem; flex-wrap: wrap; } .infer div { text-align: center; }
-.infer img { width: 84px; height: 84px; image-rendering: pixelated; border: 1px solid #d1d5db; display: block; margin: 0 auto .3rem; }
+.infer img { width: 84px; height: 84px; image-rendering: pixelated; border: 1px solid #d1d5db; display: block;
+  margin: 0 auto .3rem; }
 """
 
 
@@ -332,7 +334,8 @@ def _page(evaluation: Dict[str, Any], records: List[Dict[str, Any]], chart: str,
     for d in range(10):
         total = sum(matrix[d])
         confused = max((c for c in range(10) if c != d), key=lambda c: matrix[d][c])
-        mix = f"{matrix[d][confused]} as {confused}" if matrix[d][confused] else "none"
+        times = matrix[d][confused]
+        mix = f"{confused} ({times} {'time' if times == 1 else 'times'})" if times else "-"
         css = ' class="low"' if d == worst else ""
         per_class.append(f"<tr><td>{d}</td><td>{total:,}</td><td{css}>{matrix[d][d] / max(1, total):.2%}</td>"
                          f"<td>{mix}</td></tr>")

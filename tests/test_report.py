@@ -1,0 +1,223 @@
+"""The evaluation report (model/report/) and the training history it draws from."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SCREENSHOTS, assert_one_line_error, run_mnist
+from mnist_pipeline import checkpoint, cli, data, history, report
+from mnist_pipeline.evaluate import MISTAKES_KEPT, predict
+from mnist_pipeline.volume import Volume
+
+STEPS_PER_EPOCH = 30
+STEPS = ("--max-steps", str(STEPS_PER_EPOCH))  # a real curve in seconds
+POINTS = [*range(history.EVERY, STEPS_PER_EPOCH + 1, history.EVERY)] + (
+    [STEPS_PER_EPOCH] if STEPS_PER_EPOCH % history.EVERY else [])  # each epoch's points, at these steps
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory, mirror) -> Path:
+    """A root after train, evaluate, train (resumed), evaluate, infer, report (shared: copy to change)."""
+    root = tmp_path_factory.mktemp("reported") / "volume"
+    for args in (("train", *STEPS), ("evaluate",), ("train", *STEPS), ("evaluate",),
+                 ("infer", "--threshold", "0", "--seed", "1"), ("report",)):
+        result = run_mnist(*args, "--root", str(root))
+        assert result.returncode == 0, (args, result.stderr[-3000:])
+    return root
+
+
+@pytest.fixture
+def reported_copy(reported, tmp_path) -> Path:
+    root = tmp_path / "volume"
+    shutil.copytree(reported, root)
+    return root
+
+
+def evaluation_of(root: Path) -> dict:
+    return json.loads((root / "model" / "eval_results.json").read_text())
+
+
+def train_records(root: Path) -> list:
+    return [r for r in history.read(Volume(root)) if r["kind"] in history.TRAIN_KINDS]
+
+
+class _References(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.urls = []
+
+    def handle_starttag(self, tag, attrs):
+        self.urls += [value for name, value in attrs if name in ("src", "href") and value]
+
+
+def test_every_report_file_exists_decodes_and_references_only_its_own_files(reported):
+    folder = reported / "model" / "report"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(report.FILES)
+    for name in ("confusion_matrix.png", "mistakes.png"):
+        with Image.open(folder / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    assert ET.parse(folder / "training.svg").getroot().tag == "{http://www.w3.org/2000/svg}svg"
+    page = (folder / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    parser = _References()
+    parser.feed(page)
+    files = [u for u in parser.urls if not u.startswith("data:image/png;base64,")]
+    assert sorted(files) == sorted(["confusion_matrix.png", "mistakes.png", "confusion_matrix.png",
+                                    "mistakes.png", "training.svg"])
+    assert all((folder / f).is_file() for f in files)
+    # the infer images come inline, one per results/ PNG; results/ keeps exactly infer's files
+    results = reported / "results"
+    pngs = sorted(p.name for p in results.glob("*.png"))
+    assert len(pngs) == 5 and sorted(p.name for p in results.iterdir()) == pngs + ["predictions.json"]
+    assert len(parser.urls) - len(files) == 5
+    evaluation = evaluation_of(reported)
+    assert f"{evaluation['accuracy']:.2%}" in page and evaluation["checkpoint"]["sha256"] in page
+
+
+def test_confusion_matrix_picture_shows_the_counts_of_eval_results(reported):
+    matrix = evaluation_of(reported)["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 10000
+    with Image.open(reported / "model" / "report" / "confusion_matrix.png") as picture:
+        picture = picture.convert("RGB")
+        for row in range(10):
+            for column in range(10):
+                drawn = picture.crop(report.confusion_box(row, column))
+                expected = report.confusion_cell(matrix, row, column)
+                assert drawn.tobytes() == expected.tobytes(), f"cell true {row}, predicted {column}"
+    # the cells differ with their numbers (the check above is not blind)
+    assert report.confusion_cell(matrix, 0, 0).tobytes() != report.confusion_cell(
+        [[c + (r == 0) for c in row] for r, row in enumerate(matrix)], 0, 0).tobytes()
+
+
+def test_mistakes_grid_shows_the_most_confident_mistakes_first(reported):
+    model = checkpoint.load(reported / "model" / "mnist_cnn.pt").build_model()
+    test_set = data.load_split(reported / "data", "test", None)
+    probabilities = predict(model, test_set.images, torch.device("cpu"))
+    confidence, predicted = probabilities.max(dim=1)
+    wrong = set((predicted != test_set.labels).nonzero().flatten().tolist())
+    mistakes = evaluation_of(reported)["mistakes"]
+    assert len(wrong) > MISTAKES_KEPT, "the test needs more mistakes than the grid shows"
+    assert len(mistakes) == MISTAKES_KEPT
+    shown = [m["test_index"] for m in mistakes]
+    assert set(shown) <= wrong and len(set(shown)) == len(shown)
+    for m in mistakes:
+        assert (m["label"], m["predicted"]) == (int(test_set.labels[m["test_index"]]), int(predicted[m["test_index"]]))
+    ours = [float(confidence[i]) for i in shown]
+    assert all(a >= b - 1e-5 for a, b in zip(ours, ours[1:], strict=False)), "most confident first"
+    assert max(float(confidence[i]) for i in wrong - set(shown)) <= ours[-1] + 1e-5, "the most confident ones"
+    with Image.open(reported / "model" / "report" / "mistakes.png") as grid:
+        grid = grid.convert("L")
+        rows = -(-len(mistakes) // report.COLUMNS)
+        assert grid.height < report.GRID_ORIGIN[1] + (rows + 1) * report.TILE[1]
+        for k, index in enumerate(shown):
+            tile = grid.crop(report.mistake_digit_box(k)).resize((28, 28), Image.Resampling.NEAREST)
+            assert tile.tobytes() == bytes(test_set.images[index].flatten().tolist()), f"tile {k}"
+
+
+def test_history_holds_both_epochs_without_gaps_or_duplicates(reported):
+    records = history.read(Volume(reported))
+    steps = [(r["epoch"], r["step"]) for r in records if r["kind"] == "step"]
+    assert steps == [(e, s) for e in (1, 2) for s in POINTS]
+    assert all(r["loss"] > 0 and r["lr"] >= 0 for r in records if r["kind"] == "step")
+    epochs = [(r["epoch"], r["steps"]) for r in records if r["kind"] == "epoch"]
+    assert epochs == [(1, STEPS_PER_EPOCH), (2, STEPS_PER_EPOCH)]
+    evaluations = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evaluations] == [1, 2]
+    evaluation = evaluation_of(reported)
+    assert evaluations[1]["accuracy"] == evaluation["accuracy"]
+    assert evaluations[1]["sha256"] == evaluation["checkpoint"]["sha256"]
+    assert not [r for r in records if r["kind"] == "window"], "nothing pending after a finished epoch"
+
+
+def test_an_epoch_stopped_by_sigterm_and_finished_later_gives_the_same_history(reported, tmp_path):
+    root = str(tmp_path / "volume")
+    stopped = run_mnist("train", "--root", root, "--epochs", "2", *STEPS, env={"MNIST_FAULT": "sigterm-at-step:17"})
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    partial = history.read(Volume(tmp_path / "volume"))
+    assert [(r["kind"], r["step"]) for r in partial] == [("step", 10), ("window", 17)]
+    resumed = run_mnist("train", "--root", root, "--epochs", "2", *STEPS)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # bit-exact resume: the same points as train + train (resumed) in one go, float for float
+    assert train_records(tmp_path / "volume") == train_records(reported)
+
+
+def test_fresh_moves_the_history_aside_and_starts_a_new_one(reported_copy):
+    old = (reported_copy / "model" / "history.jsonl").read_bytes()
+    result = run_mnist("train", "--root", str(reported_copy), "--fresh", *STEPS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    aside = list((reported_copy / "model").glob("history.jsonl.*.aside"))
+    assert len(aside) == 1 and aside[0].read_bytes() == old
+    records = history.read(Volume(reported_copy))
+    assert [(r["kind"], r["epoch"]) for r in records] == [("step", 1)] * len(POINTS) + [("epoch", 1)]
+
+
+def test_report_rebuilds_the_whole_folder_and_leaves_results_alone(reported_copy):
+    folder = reported_copy / "model" / "report"
+    (folder / "stale.txt").write_text("from an older report")
+    results = {p.name: p.read_bytes() for p in (reported_copy / "results").iterdir()}
+    result = run_mnist("report", "--root", str(reported_copy))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"report: {folder / 'index.html'}"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(report.FILES)
+    assert {p.name: p.read_bytes() for p in (reported_copy / "results").iterdir()} == results
+
+
+def test_report_before_any_evaluate_is_a_one_line_error(tmp_path):
+    result = run_mnist("report", "--root", str(tmp_path))
+    assert_one_line_error(result, 1, "eval_results.json", "mnist evaluate")
+    assert not (tmp_path / "model" / "report").exists()
+
+
+def test_a_failing_report_is_an_error_that_keeps_eval_results(reported_copy, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    folder = reported_copy / "model" / "report"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.setattr(report, "training_svg", full_disk)
+    code = cli.main(["evaluate", "--root", str(reported_copy)], env={})
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1
+    assert "eval_results.json is written, but not the report" in errors[0] and "No space left" in errors[0]
+    assert "mnist report" in errors[0]
+    evaluation = evaluation_of(reported_copy)
+    sha = hashlib.sha256((reported_copy / "model" / "mnist_cnn.pt").read_bytes()).hexdigest()
+    assert evaluation["checkpoint"]["sha256"] == sha and evaluation["total"] == 10000
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "the previous report stays whole"
+    # evaluating the same checkpoint again replaced its test scores in the history, not added them
+    epochs = [r["epoch"] for r in history.read(Volume(reported_copy)) if r["kind"] == "eval"]
+    assert epochs == [1, 2]
+
+
+def test_history_skips_an_unreadable_line(tmp_path, caplog):
+    volume = Volume(tmp_path)
+    volume.model_dir.mkdir()
+    volume.history.write_text('{"kind":"step","epoch":1,"step":10,"loss":1.0,"lr":0.1}\n{"kind": "st\n')
+    assert history.read(volume) == [{"kind": "step", "epoch": 1, "step": 10, "loss": 1.0, "lr": 0.1}]
+    assert "skipped 1 unreadable line" in caplog.text
+
+
+def test_the_report_opens_in_a_browser_with_every_image_loaded(reported, browser):
+    browser.get_log("browser")  # drop what earlier pages logged
+    browser.get((reported / "model" / "report" / "index.html").as_uri())
+    assert browser.execute_script("return document.readyState") == "complete"
+    images = browser.execute_script("return [...document.images].map(i => [i.alt, i.complete, i.naturalWidth])")
+    assert len(images) == 2 + 5 and all(done and width > 0 for _, done, width in images), images
+    assert browser.find_element("css selector", "svg circle title") is not None
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1100, height + 150)  # the whole page in one screenshot
+    assert browser.save_screenshot(str(SCREENSHOTS / "report.png"))
+    browser.set_window_size(1000, 1000)
