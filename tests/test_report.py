@@ -19,7 +19,7 @@ from mnist_pipeline import checkpoint, cli, data, history, report
 from mnist_pipeline.evaluate import MISTAKES_KEPT, predict
 from mnist_pipeline.volume import Volume
 
-STEPS_PER_EPOCH = 30
+STEPS_PER_EPOCH = 60
 STEPS = ("--max-steps", str(STEPS_PER_EPOCH))  # a real curve in seconds
 POINTS = [*range(history.EVERY, STEPS_PER_EPOCH + 1, history.EVERY)] + (
     [STEPS_PER_EPOCH] if STEPS_PER_EPOCH % history.EVERY else [])  # each epoch's points, at these steps
@@ -152,6 +152,19 @@ def test_an_epoch_stopped_by_sigterm_and_finished_later_gives_the_same_history(r
     assert train_records(tmp_path / "volume") == train_records(reported)
 
 
+@pytest.mark.parametrize("fault, flags", [
+    ("sigkill-at-step:17", ("--save-every", "0.001")),  # resumes from the progress of step 16, mid-point
+    ("checkpoint-before-rename", ()),  # the history already has epoch 1, the checkpoint not yet
+])
+def test_a_kill_9_leaves_a_history_that_resumes_exactly(reported, tmp_path, fault, flags):
+    root = str(tmp_path / "volume")
+    killed = run_mnist("train", "--root", root, "--epochs", "2", *STEPS, *flags, env={"MNIST_FAULT": fault})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_mnist("train", "--root", root, "--epochs", "2", *STEPS)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert train_records(tmp_path / "volume") == train_records(reported)
+
+
 def test_fresh_moves_the_history_aside_and_starts_a_new_one(reported_copy):
     old = (reported_copy / "model" / "history.jsonl").read_bytes()
     result = run_mnist("train", "--root", str(reported_copy), "--fresh", *STEPS)
@@ -173,10 +186,14 @@ def test_report_rebuilds_the_whole_folder_and_leaves_results_alone(reported_copy
     assert {p.name: p.read_bytes() for p in (reported_copy / "results").iterdir()} == results
 
 
-def test_report_before_any_evaluate_is_a_one_line_error(tmp_path):
+def test_report_before_any_evaluate_or_from_an_older_one_is_a_one_line_error(tmp_path):
     result = run_mnist("report", "--root", str(tmp_path))
     assert_one_line_error(result, 1, "eval_results.json", "mnist evaluate")
     assert not (tmp_path / "model" / "report").exists()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "eval_results.json").write_text('{"accuracy": 0.99}')  # an earlier version's, say
+    result = run_mnist("report", "--root", str(tmp_path))
+    assert_one_line_error(result, 1, "eval_results.json", "lacks test_loss", "mnist evaluate")
 
 
 def test_a_failing_report_is_an_error_that_keeps_eval_results(reported_copy, monkeypatch, capsys):

@@ -78,18 +78,20 @@ def load_evaluation(volume: Volume) -> Dict[str, Any]:
     path = volume.eval_results
     try:
         evaluation = json.loads(path.read_text())
+        missing = [k for k in ("accuracy", "test_loss", "correct", "total", "mistakes", "checkpoint",
+                               "confusion_matrix") if k not in evaluation]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
         matrix = evaluation["confusion_matrix"]
         if len(matrix) != 10 or any(len(row) != 10 for row in matrix):
             raise ValueError("its confusion_matrix is not 10 x 10")
-        for key in ("accuracy", "test_loss", "correct", "total", "mistakes", "checkpoint"):
-            evaluation[key]  # noqa: B018 - present, or KeyError below
     except FileNotFoundError:
         raise PipelineError(f"no {path} yet: run `mnist evaluate` first") from None
     except OSError as exc:
         raise PipelineError(f"cannot read {path}: {exc.strerror}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PipelineError(f"{path} is not a usable evaluation ({exc!r}); run `mnist evaluate` to write it again") \
-            from None
+    except (ValueError, TypeError) as exc:
+        raise PipelineError(f"{path} is not an evaluation this version reads ({exc}); "
+                            f"run `mnist evaluate` to write it again") from None
     return evaluation
 
 
