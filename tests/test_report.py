@@ -238,3 +238,25 @@ def test_the_report_opens_in_a_browser_with_every_image_loaded(reported, browser
     browser.set_window_size(1100, height + 150)  # the whole page in one screenshot
     assert browser.save_screenshot(str(SCREENSHOTS / "report.png"))
     browser.set_window_size(1000, 1000)
+
+
+def test_history_summary_places_each_epoch_after_the_steps_of_the_earlier_ones():
+    records = [
+        {"kind": "step", "epoch": 1, "step": 10, "loss": 2.0, "lr": 0.1},
+        {"kind": "step", "epoch": 1, "step": 25, "loss": 1.0, "lr": 0.0},
+        {"kind": "epoch", "epoch": 1, "steps": 25, "train_loss": 1.5},
+        {"kind": "eval", "epoch": 1, "accuracy": 0.9, "test_loss": 0.3, "sha256": "a" * 64},
+        {"kind": "step", "epoch": 2, "step": 10, "loss": 0.5, "lr": 0.05},  # an epoch still running
+    ]
+    summary = history.summary(records)
+    assert [p["x"] for p in summary["points"]] == [10, 25, 35]
+    assert [(e["epoch"], e["x"], e["eval"]["accuracy"]) for e in summary["epochs"]] == [(1, 25, 0.9)]
+
+
+def test_pipeline_ends_with_a_report_that_shows_its_infer_images(tmp_path):
+    result = run_mnist("pipeline", "--root", str(tmp_path), *STEPS, "--threshold", "0", "--seed", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == f"report: {tmp_path / 'model' / 'report' / 'index.html'}"
+    page = (tmp_path / "model" / "report" / "index.html").read_text()
+    files = [p["file"] for p in json.loads((tmp_path / "results" / "predictions.json").read_text())["predictions"]]
+    assert all(f'alt="results/{name}"' in page for name in files) and "older checkpoint" not in page

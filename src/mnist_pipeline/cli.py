@@ -145,7 +145,7 @@ DESCRIPTIONS = {
     "evaluate": "Wait for a finished checkpoint, score it on the 10,000 test images, write model/eval_results.json.",
     "infer": "Wait for the current checkpoint's evaluation; if accuracy is above --threshold, "
              "write --count labelled test images to results/.",
-    "pipeline": "train, evaluate, infer in order.",
+    "pipeline": "train, evaluate, infer in order, then the report again (with infer's images).",
     "report": "Rebuild model/report/ (index.html and its pictures) from eval_results.json, the history and results/.",
 }
 
@@ -219,6 +219,8 @@ def _configs(command: str, v: Dict[str, Any]):
         configs["infer"] = InferConfig(
             wait_s=v["wait"], threshold=v["threshold"], count=v["count"], seed=v["seed"], **common
         )
+    if command == "pipeline":  # evaluate's report came before infer's images
+        configs["report"] = ReportConfig(root=v["root"], mirror=v["mirror"])
     return configs
 
 
