@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import SCREENSHOTS, assert_one_line_error, run_mnist
+from test_safety import tmpfs
 from mnist_pipeline import checkpoint, cli, data, history, report
 from mnist_pipeline.evaluate import MISTAKES_KEPT, predict
 from mnist_pipeline.volume import Volume
@@ -217,12 +218,31 @@ def test_a_failing_report_is_an_error_that_keeps_eval_results(reported_copy, mon
     assert epochs == [1, 2]
 
 
-def test_history_skips_an_unreadable_line(tmp_path, caplog):
+def test_a_full_disk_fails_the_report_but_not_eval_results(reported, tmp_path):
+    root = tmp_path / "volume"
+    shutil.copytree(reported / "data", root / "data")
+    with tmpfs(root / "model", "1m") as model:
+        for name in ("mnist_cnn.pt", "history.jsonl"):
+            shutil.copy(reported / "model" / name, model / name)
+        # room for eval_results.json and the history (a few kB each), not for the pictures
+        (model / "filler").write_bytes(b"\0" * (shutil.disk_usage(model).free - 40_000))
+        result = run_mnist("evaluate", "--root", str(root))
+        assert_one_line_error(result, 1, "eval_results.json is written, but not the report", "No space left",
+                              "mnist report")
+        assert evaluation_of(root)["confusion_matrix"] == evaluation_of(reported)["confusion_matrix"]
+        assert not (model / "report").exists() and not list(model.glob(".tmp-*"))
+        (model / "filler").unlink()
+        assert run_mnist("report", "--root", str(root)).returncode == 0  # once there is room
+        assert sorted(p.name for p in (model / "report").iterdir()) == sorted(report.FILES)
+
+
+def test_history_skips_unreadable_or_incomplete_lines(tmp_path, caplog):
     volume = Volume(tmp_path)
     volume.model_dir.mkdir()
-    volume.history.write_text('{"kind":"step","epoch":1,"step":10,"loss":1.0,"lr":0.1}\n{"kind": "st\n')
+    volume.history.write_text('{"kind":"step","epoch":1,"step":10,"loss":1.0,"lr":0.1}\n{"kind": "st\n'
+                              '{"kind":"step","epoch":1,"step":20}\n{"kind":"eval","epoch":1,"accuracy":"high"}\n')
     assert history.read(volume) == [{"kind": "step", "epoch": 1, "step": 10, "loss": 1.0, "lr": 0.1}]
-    assert "skipped 1 unreadable line" in caplog.text
+    assert "skipped 3 unreadable line" in caplog.text
 
 
 def test_the_report_opens_in_a_browser_with_every_image_loaded(reported, browser):
@@ -260,3 +280,15 @@ def test_pipeline_ends_with_a_report_that_shows_its_infer_images(tmp_path):
     page = (tmp_path / "model" / "report" / "index.html").read_text()
     files = [p["file"] for p in json.loads((tmp_path / "results" / "predictions.json").read_text())["predictions"]]
     assert all(f'alt="results/{name}"' in page for name in files) and "older checkpoint" not in page
+
+
+def test_a_broken_results_folder_is_left_out_of_the_report(reported_copy):
+    predictions = reported_copy / "results" / "predictions.json"
+    summary = json.loads(predictions.read_text())
+    summary["predictions"][0]["file"] = "../model/mnist_cnn.pt"  # never read outside results/
+    predictions.write_text(json.dumps(summary))
+    result = run_mnist("report", "--root", str(reported_copy))
+    assert result.returncode == 0, result.stderr
+    assert "leaves out results/" in result.stderr and "is not a file name in results/" in result.stderr
+    page = (reported_copy / "model" / "report" / "index.html").read_text()
+    assert "data:image" not in page and "No infer results yet" in page

@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 EVERY = 10  # steps between points: 47 points per full epoch, one loss read (a GPU sync) per 10 steps
 TRAIN_KINDS = ("step", "epoch")
+FIELDS = {  # the numbers each kind of record holds (beside its epoch)
+    "step": ("step", "loss", "lr"),
+    "epoch": ("steps", "train_loss"),
+    "eval": ("accuracy", "test_loss"),
+    "window": ("step", "loss_sum", "count"),
+}
 LOCK = "history"  # train and evaluate both rewrite the file
 
 
@@ -46,9 +52,10 @@ def read(volume: Volume) -> List[Dict[str, Any]]:
     for line in text.splitlines():
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            fields = FIELDS[record["kind"]] + ("epoch",)
+            if not all(isinstance(record[f], (int, float)) and not isinstance(record[f], bool) for f in fields):
                 raise ValueError
-        except ValueError:
+        except (ValueError, KeyError, TypeError):
             bad += 1
             continue
         records.append(record)

@@ -17,6 +17,7 @@ import base64
 import functools
 import html
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from PIL import Image, ImageDraw, ImageFont
 from mnist_pipeline import data, history
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.volume import Volume, replace_dir
+
+log = logging.getLogger(__name__)
 
 FILES = ("index.html", "confusion_matrix.png", "mistakes.png", "training.svg")
 
@@ -58,17 +61,17 @@ def run(config: ReportConfig) -> Path:
 def build(volume: Volume, mirror: Optional[str] = None) -> Path:
     """Replace model/report/ with a report of the current eval_results.json; returns index.html's path."""
     evaluation = load_evaluation(volume)
-    records = history.read(volume)
+    summary = history.summary(history.read(volume))
     test_images = data.load_split(volume.data_dir, "test", mirror).images
     inferred = _infer_results(volume)
 
     def fill(folder: Path) -> None:
         confusion_image(evaluation).save(folder / "confusion_matrix.png", optimize=True)
         mistakes_image(evaluation, test_images).save(folder / "mistakes.png", optimize=True)
-        chart = training_svg(history.summary(records))
+        chart = training_svg(summary)
         (folder / "training.svg").write_text(chart)
         inline = chart.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1)  # HTML needs no namespace URL
-        (folder / "index.html").write_text(_page(evaluation, records, inline, inferred))
+        (folder / "index.html").write_text(_page(evaluation, summary, inline, inferred))
 
     replace_dir(volume.report_dir, fill)
     return volume.report_dir / "index.html"
@@ -85,11 +88,14 @@ def load_evaluation(volume: Volume) -> Dict[str, Any]:
         matrix = evaluation["confusion_matrix"]
         if len(matrix) != 10 or any(len(row) != 10 for row in matrix):
             raise ValueError("its confusion_matrix is not 10 x 10")
+        for m in evaluation["mistakes"]:
+            if not (0 <= m["test_index"] < evaluation["total"] and 0 <= float(m["confidence"]) <= 1):
+                raise ValueError(f"its mistake {m} is not one of the test images")
     except FileNotFoundError:
         raise PipelineError(f"no {path} yet: run `mnist evaluate` first") from None
     except OSError as exc:
         raise PipelineError(f"cannot read {path}: {exc.strerror}") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise PipelineError(f"{path} is not an evaluation this version reads ({exc}); "
                             f"run `mnist evaluate` to write it again") from None
     return evaluation
@@ -305,9 +311,16 @@ def _infer_results(volume: Volume) -> Optional[Dict[str, Any]]:
     try:
         summary = json.loads((volume.results_dir / "predictions.json").read_text())
         for entry in summary["predictions"]:
+            if Path(entry["file"]).name != entry["file"]:
+                raise ValueError(f"{entry['file']!r} is not a file name in results/")
             png = (volume.results_dir / entry["file"]).read_bytes()
             entry["src"] = "data:image/png;base64," + base64.b64encode(png).decode()
-    except (OSError, ValueError, KeyError, TypeError):
+            entry["confidence"] = float(entry["confidence"])
+        summary["checkpoint"] = {"sha256": summary["checkpoint"]["sha256"], "epoch": summary["checkpoint"]["epoch"]}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("the report leaves out results/: %s", exc)
         return None
     return summary
 
@@ -326,7 +339,7 @@ table { border-collapse: collapse; } td, th { padding: .25rem .7rem; text-align:
 """
 
 
-def _page(evaluation: Dict[str, Any], records: List[Dict[str, Any]], chart: str,
+def _page(evaluation: Dict[str, Any], summary: Dict[str, Any], chart: str,
           inferred: Optional[Dict[str, Any]]) -> str:
     e = html.escape
     checkpoint = evaluation["checkpoint"]
@@ -341,7 +354,7 @@ def _page(evaluation: Dict[str, Any], records: List[Dict[str, Any]], chart: str,
         css = ' class="low"' if d == worst else ""
         per_class.append(f"<tr><td>{d}</td><td>{total:,}</td><td{css}>{matrix[d][d] / max(1, total):.2%}</td>"
                          f"<td>{mix}</td></tr>")
-    epochs = history.summary(records)["epochs"]
+    epochs = summary["epochs"]
     epoch_rows = "".join(
         f"<tr><td>{r['epoch']}</td><td>{r['steps']:,}</td><td>{r['train_loss']:.4f}</td>"
         + (f"<td>{r['eval']['accuracy']:.2%}</td><td>{r['eval']['test_loss']:.4f}</td>" if r["eval"]
@@ -350,12 +363,13 @@ def _page(evaluation: Dict[str, Any], records: List[Dict[str, Any]], chart: str,
     )
     if inferred:
         note = "" if inferred["checkpoint"]["sha256"] == checkpoint["sha256"] else (
-            f' <span class="low">(by an older checkpoint, epoch {inferred["checkpoint"]["epoch"]}; '
+            f' <span class="low">(by an older checkpoint, epoch {e(str(inferred["checkpoint"]["epoch"]))}; '
             f"run <code>mnist infer</code>, then <code>mnist report</code>)</span>")
         cards = "".join(
-            f'<div><img src="{p["src"]}" alt="results/{e(p["file"])}" title="results/{e(p["file"])}">'
-            f'predicted <b>{p["predicted"]}</b><br><span class="{"" if p["predicted"] == p["label"] else "low"}">'
-            f'true {p["label"]}</span>, {p["confidence"]:.1%}</div>'
+            f'<div><img src="{e(p["src"])}" alt="results/{e(p["file"])}" title="results/{e(p["file"])}">'
+            f'predicted <b>{e(str(p["predicted"]))}</b><br>'
+            f'<span class="{"" if p["predicted"] == p["label"] else "low"}">true {e(str(p["label"]))}</span>, '
+            f'{p["confidence"]:.1%}</div>'
             for p in inferred["predictions"]
         )
         infer_html = f'<p class="muted">{len(inferred["predictions"])} random test images from results/{note}</p>' \
