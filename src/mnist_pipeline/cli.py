@@ -142,7 +142,8 @@ COMMANDS: Dict[str, List[Setting]] = {
 }
 DESCRIPTIONS = {
     "train": "Resume from model/mnist_cnn.pt if present, train --epochs more epochs, save atomically.",
-    "evaluate": "Wait for a finished checkpoint, score it on the 10,000 test images, write model/eval_results.json.",
+    "evaluate": "Wait for a finished checkpoint, score it on the 10,000 test images, write model/eval_results.json "
+                "and the report (model/report/).",
     "infer": "Wait for the current checkpoint's evaluation; if accuracy is above --threshold, "
              "write --count labelled test images to results/.",
     "pipeline": "train, evaluate, infer in order, then the report again (with infer's images).",

@@ -171,15 +171,16 @@ def mistake_digit_box(k: int) -> Tuple[int, int, int, int]:
 
 def mistakes_image(evaluation: Dict[str, Any], test_images: torch.Tensor) -> Image.Image:
     mistakes = evaluation["mistakes"]
-    rows = max(1, math.ceil(len(mistakes) / COLUMNS))
+    rows = math.ceil(len(mistakes) / COLUMNS)
     width = GRID_ORIGIN[0] * 2 + COLUMNS * TILE[0]
     image = Image.new("RGB", (width, GRID_ORIGIN[1] + rows * TILE[1] + 12), WHITE)
     draw = ImageDraw.Draw(image)
     wrong = evaluation["total"] - evaluation["correct"]
     title = f"The {len(mistakes)} most confident mistakes of {wrong:,}" if wrong else "No mistakes"
     draw.text((GRID_ORIGIN[0], 10), title, fill=INK, font=_font(18))
-    draw.text((GRID_ORIGIN[0], 36), "most confident first; under each: true digit, predicted digit, confidence",
-              fill=MUTED, font=_font(13))
+    note = "most confident first; under each: true digit, predicted digit, confidence" if mistakes else \
+        "every test image is classified right"
+    draw.text((GRID_ORIGIN[0], 36), note, fill=MUTED, font=_font(13))
     for k, mistake in enumerate(mistakes):
         digit = Image.frombytes("L", (28, 28), bytes(test_images[mistake["test_index"]].flatten().tolist()))
         box = mistake_digit_box(k)
@@ -241,7 +242,7 @@ def training_svg(summary: Dict[str, Any]) -> str:
         return "\n".join(out)
     steps = max([p["x"] for p in points] + [e["x"] for e in summary["epochs"]])
     loss_low = 10 ** math.floor(math.log10(min(p["loss"] for p in points)))
-    loss_high = 10 ** math.ceil(math.log10(max(p["loss"] for p in points)))
+    loss_high = max(10 ** math.ceil(math.log10(max(p["loss"] for p in points))), loss_low * 10)
     lr_high = max(p["lr"] for p in points) * 1.05 or 1.0
 
     def sx(step: float) -> float:
