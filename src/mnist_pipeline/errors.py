@@ -17,6 +17,12 @@ class BelowThreshold(PipelineError):
     exit_code = 3
 
 
+class NotEvaluated(PipelineError):
+    """The current checkpoint, or its evaluation, is not there yet (predict exits 3 like a failed gate)."""
+
+    exit_code = 3
+
+
 class Busy(PipelineError):
     """Another train holds the volume's train lock."""
 
