@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -59,6 +61,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
+
+
+def bomb_png(side: int = 30000) -> bytes:
+    """A decompression bomb: a side x side black 1-bit PNG, a few hundred KB that decode to ~side**2 / 8 bytes."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, row = zlib.compressobj(9), b"\x00" * (1 + (side + 7) // 8)  # filter byte, then the row's bits
+    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from mnist_pipeline.errors import BelowThreshold, NotEvaluated, PipelineError
+from mnist_pipeline.errors import first_line as _first_line
 from mnist_pipeline.model import MnistCNN
 from mnist_pipeline.volume import Volume, atomic_write_bytes
 
@@ -129,9 +130,3 @@ def evaluated(volume: Volume, threshold: float) -> Tuple[Checkpoint, Dict[str, A
             f"train more (`mnist train`, then `mnist evaluate`) or lower --threshold"
         )
     return saved, evaluation
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
