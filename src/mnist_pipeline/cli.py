@@ -70,6 +70,19 @@ def _device(text: str) -> str:
     return text
 
 
+def _host(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise ValueError("must be a host name or IP address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+    return text
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port from 1 to 65535 (0: any free one)")
+    return value
+
+
 def _mirror(text: str) -> str:
     if not text.strip():
         raise ValueError("must be a folder or an http(s) URL")
@@ -108,6 +121,8 @@ SEED = Setting("--seed", int, None,
 WAIT = Setting("--wait", _non_negative_float, 30.0,
                "seconds to wait for the input (longer while its producer is still running)", "SECONDS")
 
+THRESHOLD = Setting("--threshold", _fraction, 0.95, "accuracy the model must exceed", "FRACTION")
+
 COMMON = [ROOT, MIRROR, DEVICE, THREADS, SEED]
 TRAIN = [
     Setting("--epochs", _positive_int, 1, "epochs to train on top of the checkpoint", "N"),
@@ -118,14 +133,21 @@ TRAIN = [
 EVALUATE = [WAIT]
 INFER = [
     WAIT,
-    Setting("--threshold", _fraction, 0.95, "accuracy the model must exceed", "FRACTION"),
+    THRESHOLD,
     Setting("--count", _positive_int, 5, "how many random test images to label", "N"),
+]
+PREDICT = [ROOT, DEVICE, THREADS, THRESHOLD]
+SERVE = PREDICT + [
+    Setting("--host", _host, "127.0.0.1", "address to listen on (the image: 0.0.0.0)", "HOST"),
+    Setting("--port", _port, 8000, "TCP port to listen on (0: any free one, logged)", "PORT"),
 ]
 COMMANDS: Dict[str, List[Setting]] = {
     "train": COMMON + TRAIN,
     "evaluate": COMMON + EVALUATE,
     "infer": COMMON + INFER,
     "pipeline": COMMON + TRAIN + INFER,
+    "predict": PREDICT,
+    "serve": SERVE,
 }
 DESCRIPTIONS = {
     "train": "Resume from model/mnist_cnn.pt if present, train --epochs more epochs, save atomically.",
@@ -133,6 +155,10 @@ DESCRIPTIONS = {
     "infer": "Wait for the current checkpoint's evaluation; if accuracy is above --threshold, "
              "write --count labelled test images to results/.",
     "pipeline": "train, evaluate, infer in order.",
+    "predict": "Read the digit in each IMAGE (any image Pillow reads) with the current checkpoint, "
+               "if its evaluation passes --threshold.",
+    "serve": "HTTP prediction API and a draw-a-digit page at http://HOST:PORT; follows each new "
+             "evaluated checkpoint that passes --threshold.",
 }
 
 
@@ -141,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist", description="MNIST train / evaluate / infer on a shared volume.", epilog=EPILOG,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,infer,pipeline}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", required=True)
     for name, settings in COMMANDS.items():
         sub = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], epilog=EPILOG)
         for s in settings:
@@ -151,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                 sub.add_argument(s.flag, action="store_const", const=True, default=None, help=text)
             else:
                 sub.add_argument(s.flag, type=_flag_type(s), default=None, metavar=s.metavar, help=text)
+        if name == "predict":
+            sub.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+            sub.add_argument("--json", action="store_true",
+                             help="print a JSON list (file, digit, confidence, probabilities) instead of lines")
     return parser
 
 
@@ -217,6 +247,23 @@ def _report(stage: str, result: Any) -> None:
         print(f"infer: accuracy {result['accuracy']:.4f} > {result['threshold']}: {files}")
 
 
+def _predict(values: Dict[str, Any], images: List[Path], as_json: bool) -> int:
+    """One line per image on stdout, an `error: FILE: ...` line on stderr for each unreadable one."""
+    import json
+
+    from mnist_pipeline import predict
+
+    results = predict.run(predict.PredictConfig(images=tuple(images), **values))
+    for result in results:
+        if "error" in result:
+            print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
+        elif not as_json:
+            print(f"{result['file']}: {result['digit']} ({result['confidence']:.3f})")
+    if as_json:
+        print(json.dumps(results, indent=2))
+    return 1 if any("error" in result for result in results) else 0
+
+
 def _raise_interrupted(signum: int, _frame: object) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
 
@@ -231,6 +278,13 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
     )
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
+        if args.command == "serve":
+            from mnist_pipeline import serve
+
+            serve.run(serve.ServeConfig(**values))
+            return 0
+        if args.command == "predict":
+            return _predict(values, args.images, args.json)
         from mnist_pipeline import evaluate, infer, train
 
         stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run}

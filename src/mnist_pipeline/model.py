@@ -79,3 +79,10 @@ def predict(model: MnistCNN, images: torch.Tensor, device: torch.device) -> torc
         batch = model.normalize(images[start:start + PREDICT_BATCH]).to(device)
         chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, NUM_CLASSES)
+
+
+def describe(probabilities: torch.Tensor) -> dict:
+    """One image's probabilities [10] -> {digit, confidence, probabilities}: the answer of predict and serve."""
+    values = [round(float(p), 6) for p in probabilities]
+    digit = int(probabilities.argmax())
+    return {"digit": digit, "confidence": values[digit], "probabilities": values}

@@ -44,6 +44,9 @@ def decode(data: bytes) -> Image.Image:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"the image has more than {MAX_PIXELS:,} pixels; scale it down") from None
+        except Image.UnidentifiedImageError:
+            raise ImageError("not an image: Pillow does not recognise its format; "
+                             "send a PNG, JPEG, WebP, BMP or GIF") from None
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             what = "truncated or corrupt" if "truncat" in str(exc) or isinstance(exc, EOFError) else "not an image"
             raise ImageError(
