@@ -177,7 +177,7 @@ async def _images(request: Request) -> List[bytes]:
         yield body
 
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=MAX_FILES + 1,
+        form = await MultiPartParser(request.headers, stream(), max_files=MAX_FILES,
                                      max_part_size=MAX_IMAGE_BYTES).parse()
     except MultiPartException as exc:
         too_many = "Too many files" in exc.message
