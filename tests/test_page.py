@@ -1,0 +1,72 @@
+"""The draw-a-digit page in a real browser: headless Chromium draws digits with mouse strokes on #pad."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+
+from conftest import SCREENSHOTS, Served
+
+# strokes in pad pixels (the pad is 280x280, its centre is 0,0 for Selenium's offsets)
+STROKES = {
+    1: [[(0, -90), (0, 90)]],
+    7: [[(-60, -80), (60, -80), (-10, 90)]],
+    0: [[(round(55 * math.sin(t / 16 * 2 * math.pi)), round(-85 * math.cos(t / 16 * 2 * math.pi)))
+         for t in range(17)]],
+    4: [[(20, -90), (-60, 30), (60, 30)], [(20, -90), (20, 90)]],
+}
+
+
+@pytest.fixture(scope="module")
+def page(trained_root, tmp_path_factory, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root = tmp_path_factory.mktemp("page") / "volume"
+    shutil.copytree(trained_root, root)
+    served = Served(root)
+    browser.get(served.url + "/")
+    WebDriverWait(browser, 60).until(lambda b: "epoch 1" in b.find_element("id", "model").text)
+    yield browser
+    log = served.stop()
+    assert "Traceback" not in log, log[-5000:]
+
+
+def draw(browser, strokes) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    pad = browser.find_element("id", "pad")
+    for stroke in strokes:
+        actions = ActionChains(browser, duration=10)
+        actions.move_to_element_with_offset(pad, *stroke[0]).click_and_hold()
+        for (x0, y0), (x1, y1) in zip(stroke, stroke[1:], strict=False):
+            for _ in range(4):  # several moves per segment, as a hand sends them
+                actions.move_by_offset(round((x1 - x0) / 4), round((y1 - y0) / 4))
+        actions.release().perform()
+
+
+@pytest.mark.parametrize("expected", list(STROKES))
+def test_drawn_digit_is_read_and_clear_resets(page, expected):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page.find_element("id", "clear").click()
+    assert page.find_element("id", "digit").text == "–"
+    draw(page, STROKES[expected])
+    shot = SCREENSHOTS / f"page-digit-{expected}.png"
+    try:
+        WebDriverWait(page, 30).until(lambda b: b.find_element("id", "digit").text == str(expected))
+    except TimeoutException:
+        page.save_screenshot(str(shot))
+        logs = "\n".join(str(entry) for entry in page.get_log("browser"))
+        raise AssertionError(f"#digit shows {page.find_element('id', 'digit').text!r}, not {expected} "
+                             f"(screenshot {shot}; browser log: {logs or 'empty'})") from None
+    page.save_screenshot(str(shot))  # for a person to look at
+    bars = page.find_elements("css selector", "#top3 li")
+    assert len(bars) == 3 and bars[0].text.startswith(str(expected))
+    track, fill = (bars[0].find_element("css selector", kind) for kind in (".track", ".fill"))
+    assert fill.size["width"] > track.size["width"] / 2  # the top digit's bar is drawn, and long
+    assert page.find_element("id", "error").text == ""
+    page.find_element("id", "clear").click()
+    assert page.find_element("id", "digit").text == "–"
