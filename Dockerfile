@@ -1,4 +1,4 @@
-# One image for the three services (train, evaluate, infer): they share every layer.
+# One image for the four services (train, evaluate, infer, serve): they share every layer.
 #
 # Online (the default): Docker Hub's python:3.11-slim, CPU torch from PyTorch's CPU wheel index and
 # the rest from PyPI. Offline: scripts/offline-prep.sh writes docker-compose.override.yml, which sets
@@ -34,7 +34,8 @@ RUN useradd --uid 1000 --user-group --create-home --shell /bin/sh mnist \
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONWARNINGS="ignore:Failed to initialize NumPy" \
-    MNIST_ROOT=/opt/mount
+    MNIST_ROOT=/opt/mount \
+    MNIST_HOST=0.0.0.0
 COPY --from=deps /opt/venv /opt/venv
 # the package last: a source edit rebuilds only these small layers, never the venv above
 COPY pyproject.toml README.md /tmp/src/
@@ -43,4 +44,6 @@ RUN pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-
  && rm -rf /tmp/src
 USER mnist
 WORKDIR /opt/mount
+# mnist serve (MNIST_HOST above: reachable through the published port)
+EXPOSE 8000
 CMD ["mnist", "--help"]
