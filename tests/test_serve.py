@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import List
 import pytest
 from PIL import Image
 
-from conftest import bomb_png, multipart, run_mnist
+from conftest import assert_one_line_error, bomb_png, multipart, run_mnist
 from mnist_pipeline import data
 from mnist_pipeline.infer import png_grayscale
 from mnist_pipeline.volume import atomic_write_bytes
@@ -79,6 +80,15 @@ def test_starts_not_ready_then_follows_the_volume_to_ready(serve, trained_root, 
                               "the server to become ready")
     assert body["checkpoint"] == {"sha256": evaluation["checkpoint"]["sha256"], "epoch": 1}
     assert body["accuracy"] == evaluation["accuracy"]
+
+
+def test_a_taken_port_is_one_error_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_mnist("serve", "--root", str(tmp_path), "--port", str(port), timeout=120)
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}", "--port")
 
 
 @pytest.fixture(scope="module")
