@@ -38,6 +38,7 @@ STATIC = Path(__file__).with_name("static")
 MAX_IMAGE_BYTES = 2 * 1024 * 1024
 MAX_FILES = 64
 MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
+DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
 ROUTES = ("/", "/predict", "/healthz", "/readyz", "/metrics", "/report", "/static")
 
 
@@ -228,18 +229,25 @@ async def _images(request: Request) -> List[bytes]:
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it exceeds `limit` (never buffered beyond it)."""
+    """The body, or 413 once it exceeds `limit`: never kept beyond it.
+
+    The rest of an oversized body is read and dropped (up to DRAIN_BYTES), so that the client,
+    still sending, gets to read the 413 instead of a broken connection.
+    """
     declared = request.headers.get("content-length", "")
     too_large = ClientError(413, f"the request is over {limit // 2**20} MB: send a smaller image "
                                  f"(at most {MAX_IMAGE_BYTES // 2**20} MB each)")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdigit() and int(declared) > DRAIN_BYTES:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+        if size > DRAIN_BYTES:
+            break
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise too_large
     return b"".join(chunks)
 
 
