@@ -70,3 +70,17 @@ def test_drawn_digit_is_read_and_clear_resets(page, expected):
     assert page.find_element("id", "error").text == ""
     page.find_element("id", "clear").click()
     assert page.find_element("id", "digit").text == "–"
+
+
+def test_uploaded_photo_is_read(page, tmp_path):
+    from PIL import Image, ImageDraw
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = Image.new("RGB", (400, 300), (225, 220, 205))  # a 7 on greyish paper, off-centre
+    ImageDraw.Draw(photo).line([(230, 60), (330, 60), (260, 250)], fill=(30, 30, 60), width=16)
+    path = tmp_path / "seven.jpg"
+    photo.save(path, "JPEG", quality=85)
+    page.find_element("id", "clear").click()
+    page.find_element("id", "upload").send_keys(str(path))
+    WebDriverWait(page, 30).until(lambda b: b.find_element("id", "digit").text == "7")
+    page.save_screenshot(str(SCREENSHOTS / "page-upload.png"))

@@ -118,6 +118,13 @@ document.getElementById("upload").addEventListener("change", (event) => {
   clearPad();
   post(form, null);
   event.target.value = "";
+  // show it on the pad, fitted (the prediction is of the original file, sent as it is)
+  createImageBitmap(file).then((bitmap) => {
+    const scale = Math.min(pad.width / bitmap.width, pad.height / bitmap.height);
+    const [w, h] = [bitmap.width * scale, bitmap.height * scale];
+    ctx.drawImage(bitmap, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
+    empty = false;
+  }).catch(() => {});  // a format the browser cannot show: the server's answer says what is wrong
 });
 
 async function loadModel() {
