@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 1 error (a one-line `error:` says what and how to fix it);
 2 usage error (a bad flag or MNIST_* value); 3 infer: accuracy not above the
-threshold, no results written; 4 another train holds the volume;
+threshold, no results written (predict: also the current checkpoint not yet evaluated);
+4 another train holds the volume;
 130 / 143 stopped by SIGINT / SIGTERM (train saved its progress first).
 """
 
@@ -24,7 +25,8 @@ from mnist_pipeline.errors import Interrupted, PipelineError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEFAULT_ROOT = Path("mnist-volume")  # beside where you run it, named after the Compose volume
-EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 accuracy not above threshold, 4 volume busy, 130/143 interrupted."
+EPILOG = ("Exit codes: 0 ok, 1 error, 2 usage error, 3 accuracy not above threshold (predict: or not evaluated), "
+          "4 volume busy, 130/143 interrupted.")
 
 
 def _positive_int(text: str) -> int:
