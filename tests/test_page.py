@@ -84,3 +84,32 @@ def test_uploaded_photo_is_read(page, tmp_path):
     page.find_element("id", "upload").send_keys(str(path))
     WebDriverWait(page, 30).until(lambda b: b.find_element("id", "digit").text == "7")
     page.save_screenshot(str(SCREENSHOTS / "page-upload.png"))
+
+
+@pytest.mark.parametrize("kind", ["touch", "pen"])
+def test_touch_and_pen_draw_without_scrolling_the_page(page, kind):
+    from selenium.webdriver.common.actions import interaction
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    size = page.get_window_size()
+    page.set_window_size(500, 500)  # the answer wraps below the pad: the page is taller than the window
+    try:
+        page.find_element("id", "clear").click()
+        pad = page.find_element("id", "pad")
+        page.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)
+        scrolled = page.execute_script("return window.scrollY")
+        assert page.execute_script("return document.documentElement.scrollHeight > window.innerHeight")
+        pointer = interaction.POINTER_TOUCH if kind == "touch" else interaction.POINTER_PEN
+        actions = ActionBuilder(page, mouse=PointerInput(pointer, kind), duration=10)
+        actions.pointer_action.move_to(pad, 0, -90).pointer_down()
+        for step in range(1, 9):  # a downward stroke: the gesture that scrolls a page
+            actions.pointer_action.move_to(pad, 0, -90 + step * 22)
+        actions.pointer_action.pointer_up()
+        actions.perform()
+        WebDriverWait(page, 30).until(lambda b: b.find_element("id", "digit").text == "1")
+        assert page.execute_script("return window.scrollY") == scrolled
+        page.save_screenshot(str(SCREENSHOTS / f"page-{kind}.png"))
+    finally:
+        page.set_window_size(size["width"], size["height"])
