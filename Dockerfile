@@ -1,4 +1,4 @@
-# One image for the three services (train, evaluate, infer): they share every layer.
+# One image for the four services (train, evaluate, infer, serve): they share every layer.
 #
 # Online (the default): Docker Hub's python:3.11-slim, CPU torch from PyTorch's CPU wheel index and
 # the rest from PyPI. Offline: scripts/offline-prep.sh writes docker-compose.override.yml, which sets
@@ -22,6 +22,17 @@ RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_IN
  && /opt/venv/bin/python /tmp/build/slim_venv.py \
  && rm -rf /tmp/build
 
+# --- package: mnist itself, installed under a prefix that the runtime copies into the venv ------
+FROM deps AS package
+COPY pyproject.toml README.md /tmp/src/
+COPY src/ /tmp/src/src/
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation \
+      --prefix /opt/package /tmp/src
+
+# --- venv: the dependencies without pip (16 MB the services never run) ------------------------
+FROM deps AS venv
+RUN rm -rf /opt/venv/bin/pip* /opt/venv/lib/python3*/site-packages/pip /opt/venv/lib/python3*/site-packages/pip-*
+
 # --- runtime ------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
 # uid 1000 writes the volume. /opt/mount belongs to it, so a brand-new named volume mounted there
@@ -34,13 +45,13 @@ RUN useradd --uid 1000 --user-group --create-home --shell /bin/sh mnist \
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONWARNINGS="ignore:Failed to initialize NumPy" \
-    MNIST_ROOT=/opt/mount
-COPY --from=deps /opt/venv /opt/venv
-# the package last: a source edit rebuilds only these small layers, never the venv above
-COPY pyproject.toml README.md /tmp/src/
-COPY src/ /tmp/src/src/
-RUN pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation /tmp/src \
- && rm -rf /tmp/src
+    MNIST_ROOT=/opt/mount \
+    MNIST_HOST=0.0.0.0
+COPY --from=venv /opt/venv /opt/venv
+# the package last: a source edit rebuilds only this small layer, never the venv above
+COPY --from=package /opt/package/ /opt/venv/
 USER mnist
 WORKDIR /opt/mount
+# mnist serve (MNIST_HOST above: reachable through the published port)
+EXPOSE 8000
 CMD ["mnist", "--help"]

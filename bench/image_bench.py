@@ -50,6 +50,7 @@ def mb(paths):
 
 site = Path(sysconfig.get_paths()["purelib"])
 found = {"import_torch_s": import_torch_s()}
+subprocess.run([sys.executable, "-m", "ensurepip", "-q"], check=True)  # the image leaves pip out
 subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--find-links", "/numpy",
                 "numpy"], check=True)
 found["numpy_mb"] = mb(site.glob("numpy*"))

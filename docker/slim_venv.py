@@ -140,6 +140,17 @@ loss = F.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 
 opt.zero_grad(); loss.backward(); opt.step(); sched.step()
 import pkg_resources
 print("slim_venv: torch", pkg_resources.get_distribution("torch").version, "imports and trains a step")
+try:
+    import io
+    from PIL import Image
+except ImportError:
+    pass  # an image without the serving stack
+else:
+    for kind in ("PNG", "JPEG", "WEBP", "BMP", "GIF"):
+        buffer = io.BytesIO()
+        Image.new("L", (8, 8), 255).save(buffer, kind)
+        Image.open(io.BytesIO(buffer.getvalue())).load()
+    print("slim_venv: pillow reads PNG, JPEG, WebP, BMP and GIF")
 """
 
 
@@ -153,10 +164,22 @@ def drop_test_suites(site: Path) -> None:
               f"(removed its tests)", flush=True)
 
 
+def drop_pillow_avif(site: Path) -> None:
+    """Pillow's AVIF codec (5 MB, libavif with its encoders): nobody draws digits in AVIF. Pillow
+    skips a plugin whose module does not import, and still reads PNG, JPEG, WebP, BMP, GIF."""
+    gone = [*(site / "PIL").glob("_avif.*.so"), *(site / "pillow.libs").glob("libavif-*.so*")]
+    saved = sum(path.stat().st_size for path in gone)
+    for path in gone:
+        path.unlink()
+    print(f"slim_venv: pillow without its AVIF codec (-{saved / 1e6:.0f} MB)", flush=True)
+
+
 def main() -> int:
     site = Path(sysconfig.get_paths()["purelib"])
     slim_torch(site / "torch")
     drop_test_suites(site)
+    if (site / "PIL").is_dir():
+        drop_pillow_avif(site)
     import subprocess
 
     return subprocess.run([sys.executable, "-c", SMOKE]).returncode

@@ -30,9 +30,10 @@ WHEELHOUSE=$repo/wheelhouse
 REQUIREMENTS=$repo/requirements-docker.txt
 OVERRIDE=$repo/docker-compose.override.yml
 # wheels for the image's interpreter (Debian bookworm and python:3.11-slim: CPython 3.11, x86_64),
-# whatever Python this machine runs
+# whatever Python this machine runs; each manylinux tag named, since pip does not take an older one
+# for a newer (pydantic-core and Pillow ship manylinux_2_17 wheels)
 PIP_PLATFORM=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311
-              --platform manylinux_2_28_x86_64)
+              --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 MIRROR_IN_CONTAINER=/opt/mnist-mirror
 
 say() { printf 'offline-prep: %s\n' "$*"; }
@@ -133,6 +134,7 @@ services:
   train: *offline
   evaluate: *offline
   infer: *offline
+  serve: *offline
 EOF
 )
 if [ -f "$OVERRIDE" ] && [ "$(cat "$OVERRIDE")" = "$new" ]; then

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
+import zlib
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -61,6 +68,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
         assert fragment in errors[0], (fragment, errors[0])
 
 
+def bomb_png(side: int = 30000) -> bytes:
+    """A decompression bomb: a side x side black 1-bit PNG, a few hundred KB that decode to ~side**2 / 8 bytes."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, row = zlib.compressobj(9), b"\x00" * (1 + (side + 7) // 8)  # filter byte, then the row's bits
+    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory, mirror) -> Path:
     """A volume root after one `mnist train` and one `mnist evaluate` (shared: copy before changing)."""
@@ -77,6 +95,77 @@ def trained_copy(trained_root, tmp_path) -> Path:
     root = tmp_path / "volume"
     shutil.copytree(trained_root, root)
     return root
+
+
+class Served:
+    """A running `mnist serve` process: its base URL and its stderr so far."""
+
+    def __init__(self, root: Path, *args: str, env: Optional[Dict[str, str]] = None):
+        self.process = start_mnist("serve", "--root", str(root), "--port", "0", *args, env=env)
+        self.stderr: List[str] = []
+        self.url = ""
+        for line in self.process.stderr:  # the first lines, up to the address it listens on
+            self.stderr.append(line)
+            found = re.search(r"listening on (http://\S+)", line)
+            if found:
+                self.url = found.group(1)
+                break
+        if not self.url:
+            self.process.wait(timeout=30)
+            raise AssertionError(f"mnist serve did not start: {''.join(self.stderr)[-3000:]}")
+        # keep reading, so that a full pipe never blocks the server
+        self._drain = threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True)
+        self._drain.start()
+
+    def request(self, method: str, path: str, body: Optional[bytes] = None,
+                headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], bytes]:
+        request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def json(self, method: str, path: str, body: Optional[bytes] = None,
+             headers: Optional[Dict[str, str]] = None) -> Tuple[int, dict]:
+        status, response_headers, data = self.request(method, path, body, headers)
+        assert response_headers.get("content-type", "").startswith("application/json"), (status, data[:300])
+        return status, json.loads(data)
+
+    def stop(self) -> str:
+        """SIGTERM, wait, and return all it wrote to stderr."""
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self._drain.join(timeout=10)
+        self.process.stdout.close()
+        return "".join(self.stderr)
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    """Start `mnist serve --root ROOT ...` on a free port: serve(root, *args) -> Served; stopped afterwards."""
+    started: List[Served] = []
+
+    def start(root: Path, *args: str) -> Served:
+        started.append(Served(root, *args))
+        return started[-1]
+
+    yield start
+    for served in started:
+        log = served.stop()
+        assert "Traceback" not in log, log[-5000:]
+
+
+def multipart(files: List[Tuple[str, bytes]], field: str = "file") -> Tuple[bytes, Dict[str, str]]:
+    """A multipart/form-data body with one `field` per (filename, content)."""
+    boundary = "mnist-test-boundary-7d3f"
+    parts = [
+        (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+         f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + b"\r\n"
+        for name, content in files
+    ]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 @pytest.fixture(scope="session")

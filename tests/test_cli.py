@@ -23,6 +23,14 @@ def test_defaults_when_nothing_is_set():
     assert settings(["train"], {})["epochs"] == 1
 
 
+def test_serve_host_and_port_flags_over_env_over_defaults():
+    assert (settings(["serve"], {})["host"], settings(["serve"], {})["port"]) == ("127.0.0.1", 8000)
+    env = {"MNIST_HOST": "0.0.0.0", "MNIST_PORT": "9000"}
+    assert (settings(["serve"], env)["host"], settings(["serve"], env)["port"]) == ("0.0.0.0", 9000)
+    assert settings(["serve", "--port", "9100", "--host", "::1"], env)["port"] == 9100
+    assert settings(["serve", "--port", "9100", "--host", "::1"], env)["host"] == "::1"
+
+
 def test_env_overrides_default_and_flag_overrides_env():
     env = {"MNIST_EPOCHS": "3", "MNIST_ROOT": "/env/root", "MNIST_FRESH": "yes", "MNIST_WAIT": "7.5"}
     assert settings(["train"], env)["epochs"] == 3
@@ -47,6 +55,9 @@ def test_env_overrides_default_and_flag_overrides_env():
         (["infer"], {"MNIST_COUNT": "0"}, "MNIST_COUNT"),
         (["infer"], {"MNIST_DEVICE": "tpu"}, "MNIST_DEVICE"),
         (["train"], {"MNIST_MIRROR": "  "}, "MNIST_MIRROR"),
+        (["serve", "--port", "70000"], {}, "--port"),
+        (["serve"], {"MNIST_PORT": "http"}, "MNIST_PORT='http'"),
+        (["serve"], {"MNIST_HOST": "local host"}, "MNIST_HOST"),
     ],
 )
 def test_bad_values_are_usage_errors(argv, env, fragment, capsys):

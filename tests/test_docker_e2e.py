@@ -1,21 +1,27 @@
 """The Compose contract end to end, under Compose v1 (`docker-compose`) and v2 (`docker compose`).
 
 Builds the images with scripts/offline-prep.sh's override (these machines reach no registry), runs
-train, evaluate, infer one after another in a project of its own, looks into the volume, trains
-again to check it resumes, and removes what it made. Slow (two trainings per flavor): deselect
-with -m "not docker". Skipped where no Docker engine answers or offline-prep cannot run; under CI
-(CI set) those are failures instead, and both Compose flavors must be present.
+train, evaluate, infer one after another in a project of its own, looks into the volume, brings
+`serve` up and predicts from the host, trains again to check it resumes, and removes what it made.
+Slow (two trainings per flavor): deselect with -m "not docker". Skipped where no Docker engine
+answers or offline-prep cannot run; under CI (CI set) those are failures instead, and both Compose
+flavors must be present.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 import uuid
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -50,17 +56,19 @@ print(json.dumps(found))
 TORCH_VERSION = "import pkg_resources; print(pkg_resources.get_distribution('torch').version)"
 
 
-def docker_env(project: str = "") -> Dict[str, str]:
+def docker_env(project: str = "", extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """No stray MNIST_* settings; /usr/bin first, since Compose v1 runs whichever `docker` comes first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
     env["PATH"] = "/usr/bin:" + env.get("PATH", "")
     if project:
         env["COMPOSE_PROJECT_NAME"] = project
+    env.update(extra or {})
     return env
 
 
-def run(cmd: List[str], project: str = "", timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO, env=docker_env(project), stdin=subprocess.DEVNULL,
+def run(cmd: List[str], project: str = "", timeout: float = 120, check: bool = True,
+        env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=docker_env(project, env), stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, (
@@ -98,6 +106,61 @@ def compose_command(flavor: str) -> List[str]:
     return command
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def drawn_one() -> bytes:
+    """A photo-like 1: a dark vertical stroke on light paper."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (200, 300), (240, 238, 230))
+    ImageDraw.Draw(image).line([(100, 40), (100, 260)], fill=(20, 20, 30), width=22)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def http(url: str, body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None):
+    """(status, JSON body), or (None, why) while nothing answers."""
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except (urllib.error.URLError, ConnectionError, OSError) as exc:
+        return None, str(exc)
+
+
+def check_serve(compose: List[str], project: str, image: str) -> None:
+    """`compose up -d serve` (named, as its profile needs), ready from the host, one prediction, down."""
+    port = free_port()
+    run(compose + ["up", "-d", "serve"], project, timeout=1200, env={"MNIST_PORT": str(port)})
+    size = int(run(["docker", "image", "inspect", "--format", "{{.Size}}", image]).stdout)
+    assert size <= MAX_IMAGE_BYTES, f"{image} is {size / 1e6:.0f} MB, over 990 MB"
+    container = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
+                     "--filter", "label=com.docker.compose.service=serve"]).stdout.split()
+    assert len(container) == 1, container
+    mounts = json.loads(run(["docker", "inspect", "--format", "{{json .Mounts}}", container[0]]).stdout)
+    assert [m["RW"] for m in mounts if m["Destination"] == "/opt/mount"] == [False], mounts
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180  # a limit for a hang, never a speed assertion
+    status, ready = http(base + "/readyz")
+    while status != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status, ready = http(base + "/readyz")
+    logs = run(compose + ["logs", "serve"], project, check=False).stdout[-3000:]
+    assert status == 200, f"/readyz: {status} {ready}\n{logs}"
+    assert ready["checkpoint"]["epoch"] == 1
+    status, answer = http(base + "/predict", drawn_one(), {"Content-Type": "image/png"})
+    assert status == 200 and answer["predictions"][0]["digit"] == 1, (status, answer)
+    run(compose + ["stop", "serve"], project, timeout=120)
+    run(compose + ["rm", "-f", "serve"], project, timeout=120)
+
+
 @pytest.mark.parametrize("flavor", ["v1", "v2"])
 def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
     compose = compose_command(flavor)
@@ -123,6 +186,9 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
             version = run(["docker", "run", "--rm", image, "python", "-c", TORCH_VERSION]).stdout.strip()
             assert tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups()) >= (1, 10), version
         assert len(set(layers.values())) == 1, "the three services must share every layer (one build)"
+        serve_image = f"{project}_serve"
+        assert run(["docker", "image", "inspect", serve_image], check=False).returncode != 0, \
+            "a plain `compose build` must leave serve (profile serve) out"
 
         service("train")
         assert run(["docker", "volume", "inspect", volume], check=False).returncode == 0, \
@@ -140,10 +206,13 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
         assert len(pngs) == 5 and all(found["png_magic"]), found
         assert all(re.fullmatch(r"[0-9](_[0-9]+)?\.png", name) for name in pngs), pngs
 
+        check_serve(compose, project, serve_image)
+
         service("train")
         assert inspect_volume()["epoch"] == 2, "a second train must resume from the checkpoint in the volume"
     finally:
+        run(compose + ["rm", "-s", "-f", "serve"], project, timeout=120, check=False)
         run(compose + ["down", "--volumes", "--remove-orphans"], project, timeout=300, check=False)
         run(["docker", "volume", "rm", "-f", volume], check=False)
         # --no-prune keeps the cached build layers, so the next run builds in seconds
-        run(["docker", "rmi", "--no-prune", *images.values()], check=False)
+        run(["docker", "rmi", "--no-prune", *images.values(), f"{project}_serve"], check=False)

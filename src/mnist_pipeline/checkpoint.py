@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import BelowThreshold, NotEvaluated, PipelineError
+from mnist_pipeline.errors import first_line as _first_line
 from mnist_pipeline.model import MnistCNN
-from mnist_pipeline.volume import atomic_write_bytes
+from mnist_pipeline.volume import Volume, atomic_write_bytes
 
 FORMAT_VERSION = 1
 REQUIRED = {
@@ -99,7 +101,32 @@ def load(path: Path) -> Checkpoint:
     return Checkpoint(path=path, sha256=checkpoint.sha256, state=state)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
+def evaluated(volume: Volume, threshold: float) -> Tuple[Checkpoint, Dict[str, Any]]:
+    """The gate of infer, predict and serve: the current checkpoint with its own evaluation, above `threshold`.
+
+    Raises NotEvaluated (saying what to run) while the checkpoint or its evaluation is missing or
+    the evaluation is of an older checkpoint, BelowThreshold when its accuracy does not pass, and
+    PipelineError for a checkpoint that does not load.
+    """
+    if not volume.checkpoint.exists():
+        raise NotEvaluated(f"no checkpoint at {volume.checkpoint} yet: run `mnist train`, then `mnist evaluate`")
+    saved = load(volume.checkpoint)
+    try:
+        evaluation = json.loads(volume.eval_results.read_text())
+        evaluated_sha256 = evaluation["checkpoint"]["sha256"]
+        accuracy = float(evaluation["accuracy"])
+    except FileNotFoundError:
+        raise NotEvaluated(f"no {volume.eval_results} yet: run `mnist evaluate`") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise NotEvaluated(f"{volume.eval_results} is unreadable: run `mnist evaluate` to write it again") from None
+    if evaluated_sha256 != saved.sha256:
+        raise NotEvaluated(
+            f"{volume.eval_results} belongs to an older checkpoint than {volume.checkpoint} "
+            f"(epoch {saved.epoch}): run `mnist evaluate`"
+        )
+    if not accuracy > threshold:
+        raise BelowThreshold(
+            f"accuracy {accuracy:.4f} of epoch {saved.epoch} is not above the threshold {threshold}: "
+            f"train more (`mnist train`, then `mnist evaluate`) or lower --threshold"
+        )
+    return saved, evaluation

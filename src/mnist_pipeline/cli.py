@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 1 error (a one-line `error:` says what and how to fix it);
 2 usage error (a bad flag or MNIST_* value); 3 infer: accuracy not above the
-threshold, no results written; 4 another train holds the volume;
+threshold, no results written (predict: also the current checkpoint not yet evaluated);
+4 another train holds the volume;
 130 / 143 stopped by SIGINT / SIGTERM (train saved its progress first).
 """
 
@@ -24,7 +25,8 @@ from mnist_pipeline.errors import PipelineError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEFAULT_ROOT = Path("mnist-volume")  # beside where you run it, named after the Compose volume
-EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 accuracy not above threshold, 4 volume busy, 130/143 interrupted."
+EPILOG = ("Exit codes: 0 ok, 1 error, 2 usage error, 3 accuracy not above threshold (predict: or not evaluated), "
+          "4 volume busy, 130/143 interrupted.")
 
 
 def _positive_int(text: str) -> int:
@@ -77,6 +79,19 @@ def _device(text: str) -> str:
     return text
 
 
+def _host(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise ValueError("must be a host name or IP address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+    return text
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port from 1 to 65535 (0: any free one)")
+    return value
+
+
 def _mirror(text: str) -> str:
     if not text.strip():
         raise ValueError("must be a folder or an http(s) URL")
@@ -115,6 +130,8 @@ SEED = Setting("--seed", int, None,
 WAIT = Setting("--wait", _non_negative_float, 30.0,
                "seconds to wait for the input (longer while its producer is still running)", "SECONDS")
 
+THRESHOLD = Setting("--threshold", _fraction, 0.95, "accuracy the model must exceed", "FRACTION")
+
 COMMON = [ROOT, MIRROR, DEVICE, THREADS, SEED]
 TRAIN = [
     Setting("--epochs", _positive_int, 1, "epochs to train on top of the checkpoint", "N"),
@@ -130,8 +147,13 @@ TRAIN = [
 EVALUATE = [WAIT]
 INFER = [
     WAIT,
-    Setting("--threshold", _fraction, 0.95, "accuracy the model must exceed", "FRACTION"),
+    THRESHOLD,
     Setting("--count", _positive_int, 5, "how many random test images to label", "N"),
+]
+PREDICT = [ROOT, DEVICE, THREADS, THRESHOLD]
+SERVE = PREDICT + [
+    Setting("--host", _host, "127.0.0.1", "address to listen on (the image: 0.0.0.0)", "HOST"),
+    Setting("--port", _port, 8000, "TCP port to listen on (0: any free one, logged)", "PORT"),
 ]
 COMMANDS: Dict[str, List[Setting]] = {
     "train": COMMON + TRAIN,
@@ -139,6 +161,8 @@ COMMANDS: Dict[str, List[Setting]] = {
     "infer": COMMON + INFER,
     "pipeline": COMMON + TRAIN + INFER,
     "report": [ROOT, MIRROR],
+    "predict": PREDICT,
+    "serve": SERVE,
 }
 DESCRIPTIONS = {
     "train": "Resume from model/mnist_cnn.pt if present, train --epochs more epochs, save atomically.",
@@ -148,6 +172,10 @@ DESCRIPTIONS = {
              "write --count labelled test images to results/.",
     "pipeline": "train, evaluate, infer in order, then the report again (with infer's images).",
     "report": "Rebuild model/report/ (index.html and its pictures) from eval_results.json, the history and results/.",
+    "predict": "Read the digit in each IMAGE (any image Pillow reads) with the current checkpoint, "
+               "if its evaluation passes --threshold.",
+    "serve": "HTTP prediction API and a draw-a-digit page at http://HOST:PORT; follows each new "
+             "evaluated checkpoint that passes --threshold.",
 }
 
 
@@ -156,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist", description="MNIST train / evaluate / infer on a shared volume.", epilog=EPILOG,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,infer,pipeline,report}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", required=True)
     for name, settings in COMMANDS.items():
         sub = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], epilog=EPILOG)
         for s in settings:
@@ -166,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                 sub.add_argument(s.flag, action="store_const", const=True, default=None, help=text)
             else:
                 sub.add_argument(s.flag, type=_flag_type(s), default=None, metavar=s.metavar, help=text)
+        if name == "predict":
+            sub.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+            sub.add_argument("--json", action="store_true",
+                             help="print a JSON list (file, digit, confidence, probabilities) instead of lines")
     return parser
 
 
@@ -240,6 +272,23 @@ def _report(stage: str, result: Any) -> None:
         print(f"infer: accuracy {result['accuracy']:.4f} > {result['threshold']}: {files}")
 
 
+def _predict(values: Dict[str, Any], images: List[Path], as_json: bool) -> int:
+    """One line per image on stdout, an `error: FILE: ...` line on stderr for each unreadable one."""
+    import json
+
+    from mnist_pipeline import predict
+
+    results = predict.run(predict.PredictConfig(images=tuple(images), **values))
+    for result in results:
+        if "error" in result:
+            print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
+        elif not as_json:
+            print(f"{result['file']}: {result['digit']} ({result['confidence']:.3f})")
+    if as_json:
+        print(json.dumps(results, indent=2))
+    return 1 if any("error" in result for result in results) else 0
+
+
 def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -250,6 +299,14 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
     )
     try:
+        if args.command == "serve":
+            from mnist_pipeline import serve
+
+            serve.run(serve.ServeConfig(**values))  # uvicorn handles SIGTERM itself: a graceful shutdown
+            return 0
+        if args.command == "predict":
+            with signals.interruptible():
+                return _predict(values, args.images, args.json)
         from mnist_pipeline import evaluate, infer, report, train
 
         stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run, "report": report.run}

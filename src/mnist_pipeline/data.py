@@ -44,9 +44,6 @@ PUBLIC_MIRRORS = (
 DOWNLOAD_TIMEOUT_S = 60
 CHUNK = 1 << 20
 
-# the standard normalisation: the training set's mean and std
-MEAN, STD = 0.1307, 0.3081
-
 
 @dataclass(frozen=True)
 class Split:
@@ -55,11 +52,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28], as the model expects."""
-    return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
 
 
 def load_split(data_dir: Path, split: str, mirror: Optional[str]) -> Split:

@@ -17,6 +17,12 @@ class BelowThreshold(PipelineError):
     exit_code = 3
 
 
+class NotEvaluated(PipelineError):
+    """The current checkpoint, or its evaluation, is not there yet (predict exits 3 like a failed gate)."""
+
+    exit_code = 3
+
+
 class Busy(PipelineError):
     """Another train holds the volume's train lock."""
 
@@ -29,3 +35,10 @@ class Interrupted(PipelineError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's first line, shortened: enough for a one-line `error:`."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."

@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from torch import nn
 
 from mnist_pipeline import checkpoint, data, history, report, runtime
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.model import MnistCNN, predict
 from mnist_pipeline.volume import Volume, atomic_write_json, is_running, shared_lock, wait_for
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 1000
 MISTAKES_KEPT = 40  # the most confident mistakes listed in eval_results.json (the report shows them)
 
 
@@ -78,18 +77,7 @@ def wait_for_checkpoint(volume: Volume, wait_s: float) -> checkpoint.Checkpoint:
     )
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 images [N, 28, 28] -> class probabilities [N, 10], in batches."""
-    model.eval()
-    chunks = []
-    for start in range(0, len(images), BATCH_SIZE):
-        batch = data.normalize(images[start:start + BATCH_SIZE]).to(device)
-        chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, 10)
-
-
-def score(model: nn.Module, test_set: data.Split, device: torch.device) -> Dict[str, Any]:
+def score(model: MnistCNN, test_set: data.Split, device: torch.device) -> Dict[str, Any]:
     """Accuracy, mean cross-entropy, per-class accuracy, the confusion matrix (rows: true digit) and
     the most confident mistakes."""
     probabilities = predict(model, test_set.images, device)

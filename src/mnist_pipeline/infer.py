@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from mnist_pipeline import checkpoint, data, runtime
-from mnist_pipeline.errors import BelowThreshold, PipelineError
-from mnist_pipeline.evaluate import predict
+from mnist_pipeline.errors import NotEvaluated, PipelineError
+from mnist_pipeline.model import predict
 from mnist_pipeline.volume import Volume, is_running, replace_dir, wait_for
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,8 @@ def run(config: InferConfig) -> Dict[str, Any]:
     if config.count < 1:
         raise PipelineError(f"--count / MNIST_COUNT must be at least 1, got {config.count}")
     volume = Volume(config.root)
-    saved, evaluation = wait_for_evaluation(volume, config.wait_s)
+    saved, evaluation = wait_for_evaluation(volume, config.wait_s, config.threshold)
     accuracy = evaluation["accuracy"]
-    if not accuracy > config.threshold:
-        raise BelowThreshold(
-            f"accuracy {accuracy:.4f} of epoch {saved.epoch} is not above the threshold {config.threshold}; "
-            f"no results written: train more (`mnist train`, then `mnist evaluate`) or lower --threshold"
-        )
     device = runtime.setup(config.device, config.threads)
     model = saved.build_model().to(device)
     test_set = data.load_split(volume.data_dir, "test", config.mirror)
@@ -91,31 +86,17 @@ def run(config: InferConfig) -> Dict[str, Any]:
     return summary
 
 
-def wait_for_evaluation(volume: Volume, wait_s: float) -> Tuple[checkpoint.Checkpoint, Dict[str, Any]]:
-    """The current checkpoint and its evaluation; never the evaluation of an older checkpoint."""
+def wait_for_evaluation(volume: Volume, wait_s: float,
+                        threshold: float) -> Tuple[checkpoint.Checkpoint, Dict[str, Any]]:
+    """The current checkpoint and its evaluation, never an older checkpoint's; BelowThreshold if it fails the gate."""
     problem = ["no checkpoint yet: run `mnist train`, then `mnist evaluate`"]
 
     def ready() -> Optional[Tuple[checkpoint.Checkpoint, Dict[str, Any]]]:
-        if not volume.checkpoint.exists():
-            return None
-        saved = checkpoint.load(volume.checkpoint)
         try:
-            evaluation = json.loads(volume.eval_results.read_text())
-            evaluated = evaluation["checkpoint"]["sha256"]
-            float(evaluation["accuracy"])
-        except FileNotFoundError:
-            problem[0] = f"no {volume.eval_results} yet: run `mnist evaluate`"
+            return checkpoint.evaluated(volume, threshold)
+        except NotEvaluated as exc:
+            problem[0] = str(exc)
             return None
-        except (OSError, ValueError, KeyError, TypeError):
-            problem[0] = f"{volume.eval_results} is unreadable: run `mnist evaluate` to write it again"
-            return None
-        if evaluated != saved.sha256:
-            problem[0] = (
-                f"{volume.eval_results} belongs to an older checkpoint than {volume.checkpoint} "
-                f"(epoch {saved.epoch}): run `mnist evaluate`"
-            )
-            return None
-        return saved, evaluation
 
     return wait_for(
         "an evaluation of the current checkpoint", ready, wait_s,

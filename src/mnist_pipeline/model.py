@@ -1,4 +1,9 @@
-"""The network: the one module train, evaluate and infer all import. No I/O here."""
+"""The network and its input contract: the one module every service imports. No I/O here.
+
+The contract: uint8 images [N, 28, 28] (white ink on black, as in MNIST), normalised with the
+model's own mean and std (part of its config, so they travel in the checkpoint). A user's own
+image becomes such an image in preprocess.py.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,15 @@ from torch import nn
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
+# the standard normalisation: the training set's mean and std (older checkpoints, which do not
+# store them, were trained with these)
+MEAN, STD = 0.1307, 0.3081
+PREDICT_BATCH = 1000
+
+
+def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28], as the model expects."""
+    return ((images.float() / 255.0 - mean) / std).unsqueeze(1)
 
 
 class MnistCNN(nn.Module):
@@ -21,11 +35,13 @@ class MnistCNN(nn.Module):
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64), strides: Sequence[int] = (2, 1, 1),
-                 pools: Sequence[bool] = (False, True, True)):
+                 pools: Sequence[bool] = (False, True, True), mean: float = MEAN, std: float = STD):
         super().__init__()
         if not len(channels) == len(strides) == len(pools):
             raise ValueError("channels, strides and pools need one entry per stage")
-        self.config = {"channels": list(channels), "strides": list(strides), "pools": list(pools)}
+        self.config = {"channels": list(channels), "strides": list(strides), "pools": list(pools),
+                       "mean": float(mean), "std": float(std)}
+        self.mean, self.std = float(mean), float(std)
         layers: list[nn.Module] = []
         in_channels, size = 1, IMAGE_SIZE
         for out_channels, stride, pool in zip(channels, strides, pools, strict=True):
@@ -48,3 +64,25 @@ class MnistCNN(nn.Module):
         """Normalised images [N, 1, 28, 28] -> logits [N, 10]."""
         x = self.features(x.contiguous(memory_format=torch.channels_last))
         return self.classifier(torch.flatten(x, 1))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 28, 28] -> this model's input, with the normalisation it was trained with."""
+        return normalize(images, self.mean, self.std)
+
+
+@torch.inference_mode()
+def predict(model: MnistCNN, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images [N, 28, 28] -> class probabilities [N, 10], in batches."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(images), PREDICT_BATCH):
+        batch = model.normalize(images[start:start + PREDICT_BATCH]).to(device)
+        chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, NUM_CLASSES)
+
+
+def describe(probabilities: torch.Tensor) -> dict:
+    """One image's probabilities [10] -> {digit, confidence, probabilities}: the answer of predict and serve."""
+    values = [round(float(p), 6) for p in probabilities]
+    digit = int(probabilities.argmax())
+    return {"digit": digit, "confidence": values[digit], "probabilities": values}

@@ -205,7 +205,7 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
            device: torch.device) -> TrainResult:
     recipe, model, optimizer = state.recipe, state.model, state.optimizer
     loss_fn = nn.CrossEntropyLoss()
-    images = data.normalize(train_set.images).to(device)
+    images = model.normalize(train_set.images).to(device)
     labels = train_set.labels.to(device)
     steps_per_epoch = recipe.steps_per_epoch(len(labels))
     target_epoch = state.epoch + config.epochs

@@ -1,0 +1,112 @@
+"""MNIST-style preprocessing of a user's image: MNIST test digits made to look like uploads and drawings."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from mnist_pipeline import checkpoint, data, preprocess
+from mnist_pipeline.model import IMAGE_SIZE, predict
+from mnist_pipeline.preprocess import ImageError
+
+from conftest import bomb_png
+
+COUNT = 300
+
+
+def as_upload(digit: torch.Tensor, rng: random.Random) -> bytes:
+    """A 28x28 MNIST digit as someone's photo or drawing of it: dark ink on light paper, several times
+    larger, thicker strokes, off-centre on a bigger canvas, a colour tint, JPEG-compressed."""
+    image = Image.frombytes("L", (IMAGE_SIZE, IMAGE_SIZE), bytes(digit.flatten().tolist()))
+    scale = rng.uniform(3, 8)
+    size = round(IMAGE_SIZE * scale)
+    image = image.resize((size, size), Image.Resampling.BILINEAR)
+    image = image.filter(ImageFilter.MaxFilter(rng.choice((3, 5))))  # thicker pen
+    image = Image.eval(image, lambda v: 255 - v)  # dark ink, light paper
+    canvas = Image.new("L", (size + rng.randint(40, 300), size + rng.randint(40, 300)), 255)
+    canvas.paste(image, (rng.randint(0, canvas.width - size), rng.randint(0, canvas.height - size)))
+    paper, ink = [rng.randint(200, 255) for _ in range(3)], [rng.randint(0, 60) for _ in range(3)]
+    tinted = Image.merge("RGB", [Image.eval(canvas, lambda v, p=p, i=i: i + (p - i) * v // 255)
+                                 for p, i in zip(paper, ink, strict=True)])
+    buffer = io.BytesIO()
+    tinted.save(buffer, "JPEG", quality=rng.randint(60, 90))
+    return buffer.getvalue()
+
+
+def naive(upload: bytes) -> torch.Tensor:
+    """Without the preprocessing: what a plain resize to 28x28 of the grayscale upload gives."""
+    image = Image.open(io.BytesIO(upload)).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+
+
+def accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return (predict(model, images, torch.device("cpu")).argmax(dim=1) == labels).float().mean().item()
+
+
+def test_preprocessing_recovers_mnist_accuracy_on_uploads(trained_root: Path, mirror):
+    test_set = data.load_split(trained_root / "data", "test", str(mirror))
+    model = checkpoint.load(trained_root / "model" / "mnist_cnn.pt").build_model()
+    rng = random.Random(0)
+    indices = rng.sample(range(len(test_set)), COUNT)
+    uploads = [as_upload(test_set.images[i], rng) for i in indices]
+    labels = test_set.labels[indices]
+
+    with_preprocessing = accuracy(model, torch.stack([preprocess.from_bytes(u) for u in uploads]), labels)
+    inverted_only = accuracy(model, torch.stack([255 - naive(u) for u in uploads]), labels)
+    plain = accuracy(model, torch.stack([naive(u) for u in uploads]), labels)
+    print(f"accuracy on {COUNT} upload-like digits: preprocessed {with_preprocessing:.3f}, "
+          f"resized and inverted {inverted_only:.3f}, resized {plain:.3f}")
+    assert with_preprocessing >= 0.97
+    assert inverted_only < 0.8 and plain < 0.5
+
+
+def test_light_ink_on_dark_and_dark_on_light_give_the_same_digit():
+    image = Image.new("L", (90, 60), 0)
+    image.paste(255, (50, 10, 58, 50))  # a light vertical bar, off-centre: a one
+    dark_on_light = Image.eval(image, lambda v: 255 - v)
+    a, b = preprocess.to_mnist(image), preprocess.to_mnist(dark_on_light)
+    assert torch.equal(a, b)
+    # the bar is scaled to 20 px tall and centred by mass on the frame's centre
+    rows = torch.nonzero(a.any(dim=1)).flatten()
+    assert int(rows[-1]) - int(rows[0]) + 1 == preprocess.DIGIT_BOX
+    ys, xs = torch.nonzero(a.float() > 0, as_tuple=True)
+    weights = a.float()[ys, xs]
+    assert abs(float((ys.float() * weights).sum() / weights.sum()) + 0.5 - IMAGE_SIZE / 2) <= 1
+    assert abs(float((xs.float() * weights).sum() / weights.sum()) + 0.5 - IMAGE_SIZE / 2) <= 1
+
+
+def test_transparent_canvas_drawing_is_dark_ink_on_paper():
+    image = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
+    image.paste((0, 0, 0, 255), (45, 20, 55, 80))
+    frame = preprocess.to_mnist(preprocess.decode(png(image)))
+    assert frame.max() == 255 and frame[0, 0] == 0
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    (b"", "empty"),
+    (b"hello, not an image", "not an image"),
+    (png(Image.new("L", (64, 64), 0))[:60], "truncated"),
+    (png(Image.new("L", (64, 64), 255)), "blank"),
+])
+def test_bad_images_raise_one_clear_error(payload, fragment):
+    with pytest.raises(ImageError, match=fragment):
+        preprocess.from_bytes(payload)
+
+
+def test_decompression_bomb_is_refused_from_its_header():
+    # (decoding it would take 112 MB and seconds: refused before that)
+    bomb = bomb_png(30000)
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ImageError, match="more than 40,000,000 pixels"):
+        preprocess.decode(bomb)

@@ -1,0 +1,275 @@
+"""`mnist serve` as a client meets it: a real server process on a free port, real HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+from PIL import Image
+
+from conftest import assert_one_line_error, bomb_png, multipart, run_mnist
+from mnist_pipeline import data
+from mnist_pipeline.infer import png_grayscale
+from mnist_pipeline.volume import atomic_write_bytes
+
+PATIENCE_S = 120  # how long a test waits for the server to notice a change on the volume
+
+
+def wait_until(condition, what: str):
+    """Poll condition() until it returns something truthy (a generous limit catches a hang, not slowness)."""
+    deadline = time.monotonic() + PATIENCE_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"gave up after {PATIENCE_S} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def digits(mirror, tmp_path_factory) -> List[tuple]:
+    """(label, PNG bytes) of the first MNIST test digits of three different classes."""
+    test_set = data.load_split(tmp_path_factory.mktemp("data"), "test", str(mirror))
+    picked, labels = [], set()
+    for image, label in zip(test_set.images, test_set.labels.tolist(), strict=True):
+        if label not in labels:
+            labels.add(label)
+            picked.append((label, png_grayscale(image)))
+        if len(picked) == 3:
+            return picked
+    raise AssertionError("unreachable")
+
+
+def copy_in(source: Path, target: Path) -> None:
+    """Put a file on the served volume the way the services write: atomically."""
+    atomic_write_bytes(target, source.read_bytes())
+
+
+def test_starts_not_ready_then_follows_the_volume_to_ready(serve, trained_root, tmp_path):
+    root = tmp_path / "volume"
+    root.mkdir()
+    served = serve(root)
+    assert served.json("GET", "/healthz")[0] == 200
+    status, body = served.json("GET", "/readyz")
+    assert status == 503 and "mnist train" in body["error"]
+    status, body = served.json("POST", "/predict", b"\x89PNG", {"Content-Type": "image/png"})
+    assert status == 503 and "mnist train" in body["error"]
+
+    # a checkpoint without its evaluation never serves
+    copy_in(trained_root / "model" / "mnist_cnn.pt", root / "model" / "mnist_cnn.pt")
+    body = wait_until(lambda: (lambda r: r[0] == 503 and "eval_results.json" in r[1]["error"] and r[1])(
+        served.json("GET", "/readyz")), "the server to see the unevaluated checkpoint")
+    assert "run `mnist evaluate`" in body["error"]
+
+    # nor does one evaluated below the threshold
+    evaluation = json.loads((trained_root / "model" / "eval_results.json").read_text())
+    atomic_write_bytes(root / "model" / "eval_results.json", json.dumps({**evaluation, "accuracy": 0.5}).encode())
+    wait_until(lambda: "not above the threshold" in served.json("GET", "/readyz")[1].get("error", ""),
+               "the server to refuse the checkpoint below the threshold")
+
+    copy_in(trained_root / "model" / "eval_results.json", root / "model" / "eval_results.json")
+    status, body = wait_until(lambda: (lambda r: r[0] == 200 and r)(served.json("GET", "/readyz")),
+                              "the server to become ready")
+    assert body["checkpoint"] == {"sha256": evaluation["checkpoint"]["sha256"], "epoch": 1}
+    assert body["accuracy"] == evaluation["accuracy"]
+
+
+def test_a_taken_port_is_one_error_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_mnist("serve", "--root", str(tmp_path), "--port", str(port), timeout=120)
+    assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+@pytest.fixture(scope="module")
+def served_module(trained_root, tmp_path_factory):
+    """One server for the read-only API tests, on a private copy of the trained volume."""
+    from conftest import Served
+
+    root = tmp_path_factory.mktemp("served") / "volume"
+    shutil.copytree(trained_root, root)
+    served = Served(root)
+    wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
+    yield served, root
+    log = served.stop()
+    assert "Traceback" not in log, log[-5000:]
+
+
+def test_predict_multipart_several_files_in_upload_order(served_module, digits):
+    served, root = served_module
+    body, headers = multipart([(f"{label}.png", png) for label, png in digits])
+    status, answer = served.json("POST", "/predict", body, headers)
+    assert status == 200, answer
+    sha256 = json.loads((root / "model" / "eval_results.json").read_text())["checkpoint"]["sha256"]
+    assert answer["checkpoint"] == {"sha256": sha256, "epoch": 1}
+    assert [p["digit"] for p in answer["predictions"]] == [label for label, _ in digits]
+    for prediction in answer["predictions"]:
+        assert len(prediction["probabilities"]) == 10
+        assert abs(sum(prediction["probabilities"]) - 1) < 1e-3
+        assert prediction["confidence"] == max(prediction["probabilities"])
+
+
+def test_predict_raw_body_and_a_photo_like_upload(served_module, digits):
+    served, _ = served_module
+    label, png = digits[0]
+    status, answer = served.json("POST", "/predict", png, {"Content-Type": "image/png"})
+    assert status == 200 and answer["predictions"][0]["digit"] == label
+    # the same digit as a large JPEG photo: dark ink on light paper, off-centre
+    small = Image.open(io.BytesIO(png))
+    photo = Image.new("RGB", (640, 480), (235, 230, 220))
+    photo.paste(Image.eval(small.resize((224, 224)), lambda v: 255 - v).convert("RGB"), (300, 40))
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=80)
+    status, answer = served.json("POST", "/predict", buffer.getvalue(), {"Content-Type": "image/jpeg"})
+    assert status == 200 and answer["predictions"][0]["digit"] == label
+
+
+def png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def big_png() -> bytes:
+    """A valid PNG over 2 MB (noise does not compress)."""
+    return png_of(Image.frombytes("L", (1600, 1600), os.urandom(1600 * 1600)))
+
+
+@pytest.mark.parametrize("case, status, fragment", [
+    ("not an image", 400, "not an image"),
+    ("truncated", 400, "truncated"),
+    ("empty body", 400, "empty"),
+    ("missing file field", 400, "no `file` field"),
+    ("text in the file field", 400, "holds text"),
+    ("wrong content type", 415, "Content-Type"),
+    ("over 2 MB", 413, "over 2 MB"),
+    ("over 2 MB in multipart", 413, "over 2 MB"),
+    ("decompression bomb", 400, "pixels"),
+    ("65 files", 413, "more than 64 files"),
+    ("blank drawing", 400, "blank"),
+])
+def test_bad_input_is_a_4xx_with_a_json_error_and_the_server_keeps_serving(served_module, digits, case, status,
+                                                                           fragment):
+    served, _ = served_module
+    good = digits[0][1]
+    png = {"Content-Type": "image/png"}
+    requests = {
+        "not an image": (b"hello, I am text", png),
+        "truncated": (good[:len(good) // 2], png),
+        "empty body": (b"", png),
+        "missing file field": multipart([("a.png", good)], field="image"),
+        "text in the file field": (b"--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nseven\r\n--b--\r\n",
+                                   {"Content-Type": "multipart/form-data; boundary=b"}),
+        "wrong content type": (good, {"Content-Type": "text/plain"}),
+        "over 2 MB": (big_png(), png),
+        "over 2 MB in multipart": multipart([("big.png", big_png())]),
+        "decompression bomb": (bomb_png(30000), png),
+        "65 files": multipart([(f"{n}.png", good) for n in range(65)]),
+        "blank drawing": (png_of(Image.new("RGB", (280, 280), "white")), png),
+    }
+    body, headers = requests[case]
+    answer_status, answer = served.json("POST", "/predict", body, headers)
+    assert answer_status == status and fragment in answer["error"], (answer_status, answer)
+    status, answer = served.json("POST", "/predict", good, png)
+    assert status == 200 and answer["predictions"][0]["digit"] == digits[0][0]
+
+
+def test_sixty_four_files_are_accepted(served_module, digits):
+    served, _ = served_module
+    status, answer = served.json("POST", "/predict", *multipart([(f"{n}.png", digits[1][1]) for n in range(64)]))
+    assert status == 200 and [p["digit"] for p in answer["predictions"]] == [digits[1][0]] * 64
+
+
+def test_unknown_route_and_method_are_json_errors(served_module):
+    served, _ = served_module
+    assert served.json("GET", "/nothing-here")[0] == 404
+    assert served.json("GET", "/predict")[0] == 405
+
+
+def test_metrics_count_requests_and_name_the_epoch(served_module, digits):
+    served, _ = served_module
+    served.json("POST", "/predict", digits[0][1], {"Content-Type": "image/png"})
+    served.json("POST", "/predict", b"", {"Content-Type": "image/png"})
+    status, headers, text = served.request("GET", "/metrics")
+    text = text.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert 'mnist_requests_total{route="/predict",status="200"}' in text
+    assert 'mnist_requests_total{route="/predict",status="400"}' in text
+    assert "mnist_prediction_seconds_bucket" in text
+    assert "mnist_checkpoint_epoch 1.0" in text
+
+
+def test_page_is_self_contained(served_module):
+    served, _ = served_module
+    status, headers, page = served.request("GET", "/")
+    page = page.decode()
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    for stable_id in ('id="pad"', 'id="digit"', 'id="clear"', 'href="/report/"'):
+        assert stable_id in page
+    for asset in ("/static/app.js", "/static/style.css"):
+        status, _, content = served.request("GET", asset)
+        assert status == 200 and b"http://" not in content and b"https://" not in content  # no CDN, no web font
+    assert "https://" not in page
+
+
+def test_report_is_served_read_only_and_never_outside_its_folder(served_module):
+    served, root = served_module
+    report = root / "model" / "report"
+    status, body = served.json("GET", "/report/")
+    assert status == 404 and "mnist evaluate" in body["error"]
+
+    report.mkdir()
+    (report / "index.html").write_text("<html><body><img src='confusion.svg'>report</body></html>")
+    (report / "confusion.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'></svg>")
+    (report / "escape.txt").symlink_to(root / "model" / "eval_results.json")
+    status, headers, content = served.request("GET", "/report")  # redirected to /report/
+    assert status == 200 and b"report" in content and headers["content-type"].startswith("text/html")
+    status, headers, _ = served.request("GET", "/report/confusion.svg")
+    assert status == 200 and headers["content-type"].startswith("image/svg+xml")
+    for escape in ("/report/..%2Feval_results.json", "/report/%2E%2E/eval_results.json", "/report/escape.txt",
+                   "/report/..%2F..%2Fmodel%2Fmnist_cnn.pt", "/report/missing.png"):
+        status, body = served.json("GET", escape)
+        assert status == 404 and "error" in body, (escape, body)
+
+
+def test_hot_reload_switches_to_the_next_evaluated_epoch_without_a_failed_request(serve, trained_copy, digits):
+    served = serve(trained_copy)
+    wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load epoch 1")
+    png = {"Content-Type": "image/png"}
+    answers, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            started = time.monotonic()
+            status, body = served.json("POST", "/predict", digits[2][1], png)
+            answers.append((status, body.get("checkpoint", {}).get("epoch"), time.monotonic() - started))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        result = run_mnist("train", "--root", str(trained_copy))
+        assert result.returncode == 0, result.stderr[-3000:]
+        # trained but not yet evaluated: still epoch 1, whatever the server has seen of the new file
+        status, body = served.json("POST", "/predict", digits[2][1], png)
+        assert status == 200 and body["checkpoint"]["epoch"] == 1
+        result = run_mnist("evaluate", "--root", str(trained_copy))
+        assert result.returncode == 0, result.stderr[-3000:]
+        wait_until(lambda: answers and answers[-1][1] == 2, "answers from epoch 2")
+    finally:
+        stop.set()
+        thread.join()
+    statuses = [status for status, _, _ in answers]
+    epochs = [epoch for _, epoch, _ in answers]
+    assert statuses.count(200) == len(statuses), f"{len(statuses) - statuses.count(200)} failed requests"
+    assert epochs[0] == 1 and epochs[-1] == 2 and epochs == sorted(epochs)
+    print(f"{len(answers)} requests during the reload, slowest {max(s for _, _, s in answers) * 1000:.0f} ms")
