@@ -17,7 +17,8 @@ from PIL import Image
 from conftest import SCREENSHOTS, assert_one_line_error, run_mnist
 from test_safety import tmpfs
 from mnist_pipeline import checkpoint, cli, data, history, report
-from mnist_pipeline.evaluate import MISTAKES_KEPT, predict
+from mnist_pipeline.evaluate import MISTAKES_KEPT
+from mnist_pipeline.model import predict
 from mnist_pipeline.volume import Volume
 
 STEPS_PER_EPOCH = 60

@@ -110,7 +110,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     device = runtime.setup(config.device, config.threads or 1)
     metrics = Metrics()
     follower = Follower(volume, config.threshold, device, on_swap=lambda live: metrics.epoch.set(live.epoch))
-    report_dir = volume.model_dir / "report"
+    report_dir = volume.report_dir
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
