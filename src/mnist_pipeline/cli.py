@@ -9,18 +9,22 @@ threshold, no results written; 4 another train holds the volume;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from mnist_pipeline import limits
 from mnist_pipeline.errors import Interrupted, PipelineError
+from mnist_pipeline.volume import Volume, exclusive_lock
 
-# Before torch loads: idle OpenMP threads sleep instead of spinning. Spinning threads made a
-# 2-thread epoch ten times slower whenever anything else ran on a 2-core machine.
+# Before torch loads: idle OpenMP threads sleep instead of spinning, which slows everything else
+# down on a machine with few cores (bench/ has the figures).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEFAULT_ROOT = Path("mnist-volume")  # beside where you run it, named after the Compose volume
@@ -28,31 +32,31 @@ EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 accuracy not above thresho
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+    return limits.positive(int(text))
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise ValueError("must be 0 or more")
-    return value
+    return limits.non_negative(float(text))
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be more than 0")
-    return value
+    return limits.learning_rate(float(text))
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise ValueError("must be a fraction from 0 to 1")
-    return value
+    return limits.fraction(float(text))
+
+
+def _seed(text: str) -> int:
+    return limits.seed(int(text))
+
+
+def _epochs(text: str) -> int:
+    return limits.epochs(int(text))
+
+
+def _batch_size(text: str) -> int:
+    return limits.batch_size(int(text))
 
 
 def _boolean(text: str) -> bool:
@@ -70,9 +74,25 @@ def _device(text: str) -> str:
     return text
 
 
+def _root(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("must be a folder (empty would mean the current one)")
+    return Path(text)
+
+
 def _mirror(text: str) -> str:
     if not text.strip():
         raise ValueError("must be a folder or an http(s) URL")
+    if "://" in text:
+        try:
+            parts = urllib.parse.urlsplit(text)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"is not a usable URL ({exc})") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must be a folder or an http(s) URL")
+        if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in text):
+            raise ValueError("is not a usable URL (no host name, or a space in it)")
     return text
 
 
@@ -95,14 +115,14 @@ class Setting:
         return "MNIST_" + self.dest.upper()
 
 
-ROOT = Setting("--root", Path, DEFAULT_ROOT,
+ROOT = Setting("--root", _root, DEFAULT_ROOT,
                "volume root holding data/, model/, results/ (containers: /opt/mount)", "DIR")
 MIRROR = Setting("--mirror", _mirror, None,
                  "MNIST source: a folder or http(s) base URL with the four files (.gz or raw); "
                  "unset: the public mirrors", "DIR_OR_URL")
 DEVICE = Setting("--device", _device, "auto", "auto (CUDA when present), cpu or cuda", "DEVICE")
 THREADS = Setting("--threads", _positive_int, None, "CPU threads (default: the CPUs this process may use)", "N")
-SEED = Setting("--seed", int, None,
+SEED = Setting("--seed", _seed, None,
                "train: seed for weights and data order (default 0, kept in the checkpoint); "
                "infer: seed for the image pick (default: a new pick every run)", "N")
 WAIT = Setting("--wait", _non_negative_float, 30.0,
@@ -110,8 +130,8 @@ WAIT = Setting("--wait", _non_negative_float, 30.0,
 
 COMMON = [ROOT, MIRROR, DEVICE, THREADS, SEED]
 TRAIN = [
-    Setting("--epochs", _positive_int, 1, "epochs to train on top of the checkpoint", "N"),
-    Setting("--batch-size", _positive_int, 128, "training batch size", "N"),
+    Setting("--epochs", _epochs, 1, "epochs to train on top of the checkpoint", "N"),
+    Setting("--batch-size", _batch_size, 128, "training batch size", "N"),
     Setting("--lr", _positive_float, 0.4, "peak learning rate of each epoch's cycle", "LR"),
     Setting("--fresh", _boolean, False, "move an existing checkpoint aside and start from scratch"),
 ]
@@ -230,12 +250,29 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
     )
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    volume = Volume(values["root"])
     try:
-        from mnist_pipeline import evaluate, infer, train
+        if args.command in ("evaluate", "infer") and not volume.root.is_dir():
+            raise PipelineError(
+                f"no volume at {volume.root} (no such folder): run `mnist train --root {volume.root}` first, "
+                f"or fix --root / MNIST_ROOT"
+            )
+        with contextlib.ExitStack() as train_lock:
+            if args.command in ("train", "pipeline"):
+                # before torch loads (a second or two): a train started beside an evaluate and an infer
+                # (`docker compose up`) holds its lock long before they would use the old checkpoint
+                train_lock.enter_context(exclusive_lock(volume, "train"))
+            from mnist_pipeline import evaluate, infer, runtime, train
 
-        stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run}
-        for stage, config in _configs(args.command, values).items():
-            _report(stage, stages[stage](config))
+            cpus = runtime.available_cpus()
+            if values["threads"] is not None and values["threads"] > cpus:
+                parser.error(f"--threads / MNIST_THREADS {values['threads']}: this process may use {cpus} CPUs; "
+                             f"pass at most {cpus}")
+            stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run}
+            for stage, config in _configs(args.command, values).items():
+                _report(stage, stages[stage](config))
+                if stage == "train":
+                    train_lock.close()  # pipeline: its evaluate must not wait for its own train
     except (PipelineError, KeyboardInterrupt) as exc:
         if isinstance(exc, KeyboardInterrupt):
             exc = Interrupted("stopped by SIGINT", signal.SIGINT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from torch import nn
 
 from mnist_pipeline import checkpoint, data, runtime
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.volume import Volume, atomic_write_json, is_running, shared_lock, wait_for
+from mnist_pipeline.volume import STARTUP_GRACE_S, Volume, atomic_write_json, is_running, shared_lock, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def run(config: EvaluateConfig) -> Dict[str, Any]:
             "device": str(device),
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        atomic_write_json(volume.eval_results, results)
+        atomic_write_json(volume.eval_results, results, fault_point="eval-before-rename")
     return results
 
 
@@ -65,9 +66,16 @@ def wait_for_checkpoint(volume: Volume, wait_s: float) -> checkpoint.Checkpoint:
             f"run `mnist train` first (or raise --wait / MNIST_WAIT)"
         )
 
+    def evaluated(saved: checkpoint.Checkpoint) -> bool:
+        try:
+            return json.loads(volume.eval_results.read_text())["checkpoint"]["sha256"] == saved.sha256
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
     return wait_for(
         f"a finished checkpoint at {volume.checkpoint}", ready, wait_s,
         producers_running=lambda: is_running(volume, "train"), on_timeout=timeout, log=log.info,
+        grace_s=STARTUP_GRACE_S, needs_grace=evaluated,
     )
 
 

@@ -22,7 +22,7 @@ import torch
 from mnist_pipeline import checkpoint, data, runtime
 from mnist_pipeline.errors import BelowThreshold, PipelineError
 from mnist_pipeline.evaluate import predict
-from mnist_pipeline.volume import Volume, is_running, replace_dir, wait_for
+from mnist_pipeline.volume import STARTUP_GRACE_S, Volume, is_running, recover_dir, replace_dir, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def run(config: InferConfig) -> Dict[str, Any]:
     if config.count < 1:
         raise PipelineError(f"--count / MNIST_COUNT must be at least 1, got {config.count}")
     volume = Volume(config.root)
+    recover_dir(volume.results_dir)  # a swap of results/ that a kill -9 cut short
     saved, evaluation = wait_for_evaluation(volume, config.wait_s)
     accuracy = evaluation["accuracy"]
     if not accuracy > config.threshold:
@@ -121,7 +122,7 @@ def wait_for_evaluation(volume: Volume, wait_s: float) -> Tuple[checkpoint.Check
         "an evaluation of the current checkpoint", ready, wait_s,
         producers_running=lambda: is_running(volume, "train") or is_running(volume, "evaluate"),
         on_timeout=lambda: PipelineError(f"{problem[0]} (waited {wait_s:g} s; --wait / MNIST_WAIT)"),
-        log=log.info,
+        log=log.info, grace_s=STARTUP_GRACE_S,
     )
 
 
