@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -34,6 +37,7 @@ def mnist_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The environment of a test's `mnist` process: no stray MNIST_* settings, the local mirror."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
     env["MNIST_MIRROR"] = str(MIRROR)
+    env["MNIST_GRACE"] = "0"  # no start-up grace (for `docker compose up`) unless a test asks for one
     env.update(extra or {})
     return env
 
@@ -59,6 +63,28 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
+
+
+@contextlib.contextmanager
+def http_server(folder: Path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, "http.server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -128,6 +128,10 @@ SEED = Setting("--seed", _seed, None,
 WAIT = Setting("--wait", _non_negative_float, 30.0,
                "seconds to wait for the input (longer while its producer is still running)", "SECONDS")
 
+GRACE = Setting("--grace", _non_negative_float, 5.0,
+                "seconds after start during which work already done is not used yet: a train started "
+                "at the same time (`docker compose up`) takes its lock first", "SECONDS")
+
 COMMON = [ROOT, MIRROR, DEVICE, THREADS, SEED]
 TRAIN = [
     Setting("--epochs", _epochs, 1, "epochs to train on top of the checkpoint", "N"),
@@ -135,9 +139,10 @@ TRAIN = [
     Setting("--lr", _positive_float, 0.4, "peak learning rate of each epoch's cycle", "LR"),
     Setting("--fresh", _boolean, False, "move an existing checkpoint aside and start from scratch"),
 ]
-EVALUATE = [WAIT]
+EVALUATE = [WAIT, GRACE]
 INFER = [
     WAIT,
+    GRACE,
     Setting("--threshold", _fraction, 0.95, "accuracy the model must exceed", "FRACTION"),
     Setting("--count", _positive_int, 5, "how many random test images to label", "N"),
 ]
@@ -216,10 +221,10 @@ def _configs(command: str, v: Dict[str, Any]):
         recipe = Recipe(seed=v["seed"] or 0, batch_size=v["batch_size"], peak_lr=v["lr"])
         configs["train"] = TrainConfig(epochs=v["epochs"], recipe=recipe, fresh=v["fresh"], **common)
     if command in ("evaluate", "pipeline"):
-        configs["evaluate"] = EvaluateConfig(wait_s=v["wait"], **common)
+        configs["evaluate"] = EvaluateConfig(wait_s=v["wait"], grace_s=v["grace"], **common)
     if command in ("infer", "pipeline"):
         configs["infer"] = InferConfig(
-            wait_s=v["wait"], threshold=v["threshold"], count=v["count"], seed=v["seed"], **common
+            wait_s=v["wait"], grace_s=v["grace"], threshold=v["threshold"], count=v["count"], seed=v["seed"], **common
         )
     return configs
 

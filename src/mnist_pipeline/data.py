@@ -226,11 +226,19 @@ class _Deadline:
         self.stream, self.deadline = stream, deadline
 
     def read(self, size: int = -1) -> bytes:
-        if time.monotonic() > self.deadline:
-            raise _SourceProblem(f"it took more than {DOWNLOAD_DEADLINE_S} s (a stalled or trickling mirror)")
-        # read1: what has arrived, at most `size`; read() would wait on a trickle until it has all of it
-        read1 = getattr(self.stream, "read1", None)
-        return read1(size if size > 0 else CHUNK) if read1 else self.stream.read(size)
+        """Up to `size` bytes (all when -1), fewer only at the end, like a file's read()."""
+        # read1 gives what has arrived; read() would wait on a trickle until it has all of it
+        read1 = getattr(self.stream, "read1", self.stream.read)
+        parts, wanted = [], size if size >= 0 else float("inf")
+        while wanted > 0:
+            if time.monotonic() > self.deadline:
+                raise _SourceProblem(f"it took more than {DOWNLOAD_DEADLINE_S} s (a stalled or trickling mirror)")
+            part = read1(int(min(wanted, CHUNK)))
+            if not part:
+                break
+            parts.append(part)
+            wanted -= len(part)
+        return b"".join(parts)
 
 
 def _parse_idx(data: bytes, ndim: int) -> torch.Tensor:

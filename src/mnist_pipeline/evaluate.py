@@ -14,7 +14,7 @@ from torch import nn
 
 from mnist_pipeline import checkpoint, data, runtime
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.volume import STARTUP_GRACE_S, Volume, atomic_write_json, is_running, shared_lock, wait_for
+from mnist_pipeline.volume import Volume, atomic_write_json, is_running, shared_lock, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class EvaluateConfig:
     root: Path
     mirror: Optional[str] = None
     wait_s: float = 30.0
+    grace_s: float = 5.0  # see volume.wait_for
     device: str = "auto"
     threads: Optional[int] = None
 
@@ -35,7 +36,7 @@ def run(config: EvaluateConfig) -> Dict[str, Any]:
     volume = Volume(config.root)
     # Announce ourselves: infer keeps waiting while an evaluate is at work.
     with shared_lock(volume, "evaluate"):
-        saved = wait_for_checkpoint(volume, config.wait_s)
+        saved = wait_for_checkpoint(volume, config.wait_s, config.grace_s)
         device = runtime.setup(config.device, config.threads)
         model = saved.build_model().to(device)
         test_set = data.load_split(volume.data_dir, "test", config.mirror)
@@ -52,7 +53,7 @@ def run(config: EvaluateConfig) -> Dict[str, Any]:
     return results
 
 
-def wait_for_checkpoint(volume: Volume, wait_s: float) -> checkpoint.Checkpoint:
+def wait_for_checkpoint(volume: Volume, wait_s: float, grace_s: float = 0.0) -> checkpoint.Checkpoint:
     """The checkpoint once no train is writing one: evaluate what a running train produces."""
 
     def ready() -> Optional[checkpoint.Checkpoint]:
@@ -75,7 +76,7 @@ def wait_for_checkpoint(volume: Volume, wait_s: float) -> checkpoint.Checkpoint:
     return wait_for(
         f"a finished checkpoint at {volume.checkpoint}", ready, wait_s,
         producers_running=lambda: is_running(volume, "train"), on_timeout=timeout, log=log.info,
-        grace_s=STARTUP_GRACE_S, needs_grace=evaluated,
+        grace_s=grace_s, needs_grace=evaluated,
     )
 
 

@@ -22,7 +22,7 @@ import torch
 from mnist_pipeline import checkpoint, data, runtime
 from mnist_pipeline.errors import BelowThreshold, PipelineError
 from mnist_pipeline.evaluate import predict
-from mnist_pipeline.volume import STARTUP_GRACE_S, Volume, is_running, recover_dir, replace_dir, wait_for
+from mnist_pipeline.volume import Volume, is_running, recover_dir, replace_dir, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class InferConfig:
     root: Path
     mirror: Optional[str] = None
     wait_s: float = 30.0
+    grace_s: float = 5.0  # see volume.wait_for
     threshold: float = 0.95
     count: int = 5
     seed: Optional[int] = None  # None: a different pick every run
@@ -46,7 +47,7 @@ def run(config: InferConfig) -> Dict[str, Any]:
         raise PipelineError(f"--count / MNIST_COUNT must be at least 1, got {config.count}")
     volume = Volume(config.root)
     recover_dir(volume.results_dir)  # a swap of results/ that a kill -9 cut short
-    saved, evaluation = wait_for_evaluation(volume, config.wait_s)
+    saved, evaluation = wait_for_evaluation(volume, config.wait_s, config.grace_s)
     accuracy = evaluation["accuracy"]
     if not accuracy > config.threshold:
         raise BelowThreshold(
@@ -92,7 +93,8 @@ def run(config: InferConfig) -> Dict[str, Any]:
     return summary
 
 
-def wait_for_evaluation(volume: Volume, wait_s: float) -> Tuple[checkpoint.Checkpoint, Dict[str, Any]]:
+def wait_for_evaluation(volume: Volume, wait_s: float,
+                        grace_s: float = 0.0) -> Tuple[checkpoint.Checkpoint, Dict[str, Any]]:
     """The current checkpoint and its evaluation; never the evaluation of an older checkpoint."""
     problem = ["no checkpoint yet: run `mnist train`, then `mnist evaluate`"]
 
@@ -122,7 +124,7 @@ def wait_for_evaluation(volume: Volume, wait_s: float) -> Tuple[checkpoint.Check
         "an evaluation of the current checkpoint", ready, wait_s,
         producers_running=lambda: is_running(volume, "train") or is_running(volume, "evaluate"),
         on_timeout=lambda: PipelineError(f"{problem[0]} (waited {wait_s:g} s; --wait / MNIST_WAIT)"),
-        log=log.info, grace_s=STARTUP_GRACE_S,
+        log=log.info, grace_s=grace_s,
     )
 
 

@@ -36,9 +36,6 @@ TEMP_PREFIX = ".mnist-tmp."
 _TEMP_NAME = re.compile(r"^\.mnist-tmp\.[0-9]+\.")
 # when this process started (cli imports this module before torch): the grace of wait_for counts from it
 _STARTED = time.monotonic()
-# how long evaluate and infer give a train started beside them (`docker compose up`) to take its
-# lock before they use work already done: a train takes it before importing torch, well within this
-STARTUP_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +142,7 @@ def atomic_write_bytes(path: Path, data: bytes, fault_point: Optional[str] = Non
     `fault_point`: the MNIST_FAULT name that kills the process just before the rename (tests).
     """
     ensure_dir(path.parent)
+    remove_dead_temps(path.parent)  # what a killed writer left here
     fd = tmp = None
     try:
         fd, tmp = temp_file(path.parent, path.name)
@@ -413,12 +411,17 @@ def wait_for(
     deadline = time.monotonic() + wait_s
     graced = _STARTED + grace_s
     next_log = time.monotonic()
+    told = False
     while True:
         value = ready()
         now = time.monotonic()
         if value is not None:
             if now >= graced or not needs_grace(value):
                 return value
+            if not told:
+                log(f"{what} is already there; giving a train that may be starting {graced - now:.1f} s "
+                    f"to take its lock (--grace / MNIST_GRACE)")
+                told = True
             time.sleep(min(poll_s, graced - now))
             continue
         busy = producers_running()
