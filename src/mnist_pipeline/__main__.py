@@ -1,3 +1,3 @@
-from mnist_pipeline.cli import main
+from mnist_pipeline.cli import script
 
-raise SystemExit(main())
+script()

@@ -12,15 +12,14 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from mnist_pipeline import limits
-from mnist_pipeline.errors import Interrupted, PipelineError
+from mnist_pipeline import faults, limits, signals
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.volume import Volume, exclusive_lock
 
 # Before torch loads: idle OpenMP threads sleep instead of spinning, which slows everything else
@@ -33,6 +32,10 @@ EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 accuracy not above thresho
 
 def _positive_int(text: str) -> int:
     return limits.positive(int(text))
+
+
+def _non_negative_int(text: str) -> int:
+    return limits.non_negative_int(int(text))
 
 
 def _non_negative_float(text: str) -> float:
@@ -138,6 +141,11 @@ TRAIN = [
     Setting("--batch-size", _batch_size, 128, "training batch size", "N"),
     Setting("--lr", _positive_float, 0.4, "peak learning rate of each epoch's cycle", "LR"),
     Setting("--fresh", _boolean, False, "move an existing checkpoint aside and start from scratch"),
+    Setting("--max-steps", _non_negative_int, 0,
+            "batches per epoch, the learning-rate cycle included (0: the whole training set); for quick trials", "N"),
+    Setting("--save-every", _non_negative_float, 60.0,
+            "seconds between progress saves within an epoch, so a kill -9 loses at most that (0: only on SIGTERM)",
+            "SECONDS"),
 ]
 EVALUATE = [WAIT, GRACE]
 INFER = [
@@ -218,8 +226,9 @@ def _configs(command: str, v: Dict[str, Any]):
     common = {"root": v["root"], "mirror": v["mirror"], "device": v["device"], "threads": v["threads"]}
     configs = {}
     if command in ("train", "pipeline"):
-        recipe = Recipe(seed=v["seed"] or 0, batch_size=v["batch_size"], peak_lr=v["lr"])
-        configs["train"] = TrainConfig(epochs=v["epochs"], recipe=recipe, fresh=v["fresh"], **common)
+        recipe = Recipe(seed=v["seed"] or 0, batch_size=v["batch_size"], peak_lr=v["lr"], max_steps=v["max_steps"])
+        configs["train"] = TrainConfig(epochs=v["epochs"], recipe=recipe, fresh=v["fresh"],
+                                       save_every_s=v["save_every"], **common)
     if command in ("evaluate", "pipeline"):
         configs["evaluate"] = EvaluateConfig(wait_s=v["wait"], grace_s=v["grace"], **common)
     if command in ("infer", "pipeline"):
@@ -242,19 +251,15 @@ def _report(stage: str, result: Any) -> None:
         print(f"infer: accuracy {result['accuracy']:.4f} > {result['threshold']}: {files}")
 
 
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
-
-
 def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     values = resolve(parser, args, dict(os.environ) if env is None else env)
+    signals.install()  # recorded only, until the stages run: torch's import is not interrupted
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
     )
-    signal.signal(signal.SIGTERM, _raise_interrupted)
     volume = Volume(values["root"])
     try:
         if args.command in ("evaluate", "infer") and not volume.root.is_dir():
@@ -275,12 +280,30 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
                              f"pass at most {cpus}")
             stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run}
             for stage, config in _configs(args.command, values).items():
-                _report(stage, stages[stage](config))
+                with signals.interruptible():
+                    result = stages[stage](config)
+                _report(stage, result)
                 if stage == "train":
                     train_lock.close()  # pipeline: its evaluate must not wait for its own train
-    except (PipelineError, KeyboardInterrupt) as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            exc = Interrupted("stopped by SIGINT", signal.SIGINT)
+                if signals.received() is not None:  # arrived after the stage's last save: nothing is lost
+                    raise signals.interrupted(f"after {stage} finished and saved its results")
+    except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def script() -> None:
+    """The `mnist` command: main(), then exit at once.
+
+    os._exit skips the interpreter's teardown, during which Python restores the default signal
+    handlers: a `docker stop` landing there killed the process by the signal (exit -15) instead of
+    the promised 143. It also saves the time torch's teardown takes.
+    """
+    code = main()
+    faults.crash_point("exit")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    late = signals.received()
+    os._exit(128 + late if late is not None and code == 0 else code)

@@ -1,33 +1,39 @@
-"""Fault points for crash tests: `MNIST_FAULT=<point>` makes the process kill itself there.
+"""Fault points for crash tests: `MNIST_FAULT` makes the process signal itself at a named point.
 
-Tests crash a process at an exact moment this way instead of racing the clock with signals
-sent from outside. Unset (always, outside tests) every check is one dictionary lookup.
+Tests stop a process at an exact moment this way instead of racing the clock with signals sent
+from outside. Unset (always, outside tests) each check is one dictionary lookup.
 
-  <name>-before-rename   SIGKILL after a file's temp copy is written, before it replaces the old one
-                         (checkpoint, progress, data, eval, history, ...: see the callers)
-  results-between-renames SIGKILL in the middle of swapping results/ for the new folder
-  sigterm-at-step:N      train sends itself SIGTERM just before step N of an epoch (0-based)
+  <point>               SIGKILL at `point`, as a power cut or `kill -9` would
+  sigterm:<point>       SIGTERM at `point`, as `docker stop` would
+  <signal>-at-step:N    train sends itself sigterm, sigint or sigkill just before step N of an epoch
+
+Points: <file>-before-rename (the new copy written, not yet in place: checkpoint, progress, data,
+eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from typing import Optional
+from typing import Optional, Tuple
 
 ENV = "MNIST_FAULT"
-SIGTERM_AT_STEP = "sigterm-at-step:"
+AT_STEP = {"sigterm-at-step:": signal.SIGTERM, "sigint-at-step:": signal.SIGINT, "sigkill-at-step:": signal.SIGKILL}
 
 
 def crash_point(point: str) -> None:
-    """SIGKILL this process, as a power cut or `kill -9` would, if MNIST_FAULT names `point`."""
-    if os.environ.get(ENV) == point:
+    """SIGKILL this process if MNIST_FAULT=`point`; SIGTERM it if MNIST_FAULT=sigterm:`point`."""
+    fault = os.environ.get(ENV)
+    if fault == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"sigterm:{point}":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
-def sigterm_step() -> Optional[int]:
-    """N of MNIST_FAULT=sigterm-at-step:N, else None."""
-    value = os.environ.get(ENV, "")
-    if value.startswith(SIGTERM_AT_STEP):
-        return int(value[len(SIGTERM_AT_STEP):])
-    return None
+def signal_at_step() -> Tuple[Optional[int], Optional[int]]:
+    """(step, signal) of MNIST_FAULT=<signal>-at-step:N, else (None, None)."""
+    fault = os.environ.get(ENV, "")
+    for prefix, signum in AT_STEP.items():
+        if fault.startswith(prefix):
+            return int(fault[len(prefix):]), signum
+    return None, None

@@ -32,6 +32,12 @@ def positive(value: Any) -> int:
     return value
 
 
+def non_negative_int(value: Any) -> int:
+    if _integer(value) < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def seed(value: Any) -> int:
     if not 0 <= _integer(value) <= MAX_SEED:
         raise ValueError(f"must be from 0 to {MAX_SEED}")
@@ -83,6 +89,7 @@ TRAIN_CONFIG: Dict[str, Callable[[Any], Any]] = {
     "weight_decay": non_negative,
     "warmup_fraction": below_one,
     "epoch_decay": fraction,
+    "max_steps": non_negative_int,
 }
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from mnist_pipeline import checkpoint, data, runtime
-from mnist_pipeline.errors import Interrupted, PipelineError
+from mnist_pipeline import checkpoint, data, faults, runtime, signals
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import MnistCNN
 from mnist_pipeline.volume import Volume, exclusive_lock, remove_dead_temps
 
@@ -43,6 +42,12 @@ class Recipe:
     weight_decay: float = 5e-4
     warmup_fraction: float = 0.2  # of each epoch, rising linearly from 0 to the peak
     epoch_decay: float = 0.5  # each later epoch peaks at this fraction of the previous one
+    max_steps: int = 0  # batches per epoch, 0: the whole training set (a limit keeps tests fast)
+
+    def steps_per_epoch(self, samples: int) -> int:
+        """The last partial batch is dropped; the learning-rate cycle spans these steps."""
+        full = samples // self.batch_size
+        return min(full, self.max_steps) if self.max_steps else full
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class TrainConfig:
     fresh: bool = False
     device: str = "auto"
     threads: Optional[int] = None
+    save_every_s: float = 60.0  # progress saved this often mid-epoch, so a kill -9 loses at most this much; 0: never
     progress_every_s: float = 10.0  # plain progress lines when stderr is no terminal
 
 
@@ -129,7 +135,7 @@ class _TrainingState:
         self.epoch, self.step, self.loss_sum = saved.epoch, saved.state["step"], saved.state["loss_sum"]
         return self
 
-    def snapshot(self, **extra: Any) -> Dict[str, Any]:
+    def snapshot(self) -> Dict[str, Any]:
         return {
             "epoch": self.epoch,
             "step": self.step,
@@ -139,7 +145,6 @@ class _TrainingState:
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
             "train_config": dataclasses.asdict(self.recipe),
-            **extra,
         }
 
 
@@ -164,32 +169,37 @@ def _starting_point(volume: Volume, recipe: Recipe, device: torch.device) -> _Tr
 
 
 def _load_progress(volume: Volume, saved: Optional[checkpoint.Checkpoint]) -> Optional[checkpoint.Checkpoint]:
-    """The interrupted epoch that continues `saved`, or None (a stale one is removed)."""
+    """The interrupted epoch that continues `saved`, or None. Progress that does not is set aside, never lost."""
     if not volume.progress.exists():
         return None
     try:
         progress = checkpoint.load(volume.progress)
     except PipelineError as exc:
-        log.warning("ignoring %s", exc)
+        _set_aside(volume.progress, f"it does not load ({exc})")
         return None
-    if progress.epoch == (saved.epoch if saved else 0):
+    expected = saved.epoch if saved else 0
+    if progress.epoch == expected:
         return progress
-    log.info("removing %s: it belongs to an earlier epoch than the checkpoint", volume.progress)
-    volume.progress.unlink()
+    relation = "an earlier" if progress.epoch < expected else "a later"
+    _set_aside(volume.progress, f"it continues epoch {progress.epoch}, {relation} one than the checkpoint's "
+                                f"epoch {expected}")
     return None
 
 
 def _move_aside(volume: Volume) -> None:
     """--fresh: keep the old files under a dated name rather than deleting them."""
-    stamp = time.strftime("%Y%m%dT%H%M%S")
     for path in (volume.checkpoint, volume.progress):
         if path.exists():
-            aside = path.with_name(f"{path.name}.{stamp}.aside")
-            try:
-                os.replace(path, aside)
-            except OSError as exc:
-                raise PipelineError(f"cannot move {path} aside: {exc.strerror}; check the volume") from None
-            log.info("moved %s aside to %s", path.name, aside.name)
+            _set_aside(path, "--fresh starts over")
+
+
+def _set_aside(path: Path, why: str) -> None:
+    aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.aside")
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        raise PipelineError(f"cannot move {path} aside: {exc.strerror}; check the volume") from None
+    log.warning("moved %s aside to %s: %s", path.name, aside.name, why)
 
 
 def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set: data.Split,
@@ -198,20 +208,27 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
     loss_fn = nn.CrossEntropyLoss()
     images = data.normalize(train_set.images).to(device)
     labels = train_set.labels.to(device)
-    steps_per_epoch = len(labels) // recipe.batch_size  # the last partial batch is dropped
+    steps_per_epoch = recipe.steps_per_epoch(len(labels))
     target_epoch = state.epoch + config.epochs
+    fault_step, fault_signal = faults.signal_at_step()
     started = time.monotonic()
     model.train()
-    with _StopRequest() as stop:
+    with signals.deferred():  # a signal is acted on at the next step boundary
         while state.epoch < target_epoch:
             order = epoch_order(recipe.seed, state.epoch, len(labels)).to(device)
             log.info("epoch %d: training from step %d of %d (batch %d, %s, %d threads)", state.epoch + 1,
                      state.step, steps_per_epoch, recipe.batch_size, device, torch.get_num_threads())
             report = _Progress(state.epoch + 1, steps_per_epoch, state.step, config.progress_every_s)
+            next_save = time.monotonic() + config.save_every_s
             while state.step < steps_per_epoch:
-                if stop.signum is not None:
+                if state.step == fault_step:
+                    os.kill(os.getpid(), fault_signal)
+                if signals.received() is not None:
                     report.close()
-                    _save_and_stop(volume, state, stop.signum, steps_per_epoch)
+                    _save_progress(volume, state)
+                    raise signals.interrupted(
+                        f"at epoch {state.epoch + 1}, step {state.step}/{steps_per_epoch}; progress saved to "
+                        f"{volume.progress}: run `mnist train` again to continue")
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(recipe, state.epoch, state.step, steps_per_epoch)
                 batch = order[state.step * recipe.batch_size:(state.step + 1) * recipe.batch_size]
@@ -222,43 +239,36 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
                 state.loss_sum += loss.item()
                 state.step += 1
                 report.update(state.step, state.loss_sum / state.step)
+                if config.save_every_s and time.monotonic() >= next_save and state.step < steps_per_epoch:
+                    _save_progress(volume, state)
+                    next_save = time.monotonic() + config.save_every_s
             report.close()
+            _check_finite(state)
             epoch_loss = state.loss_sum / steps_per_epoch
             state.epoch, state.step, state.loss_sum = state.epoch + 1, 0, 0.0
-            checkpoint.save(volume.checkpoint, state.snapshot(train_loss=epoch_loss))
-            if volume.progress.exists():
+            checkpoint.save(volume.checkpoint, state.snapshot(), fault_point="checkpoint-before-rename")
+            if volume.progress.exists():  # (a kill -9 just before this leaves it stale: the next train sets it aside)
                 volume.progress.unlink()
             log.info("epoch %d done: train loss %.4f; saved %s", state.epoch, epoch_loss, volume.checkpoint)
     return TrainResult(epoch=state.epoch, train_loss=epoch_loss, seconds=time.monotonic() - started,
                        checkpoint=volume.checkpoint)
 
 
-def _save_and_stop(volume: Volume, state: _TrainingState, signum: int, steps_per_epoch: int) -> None:
-    checkpoint.save(volume.progress, state.snapshot())
-    raise Interrupted(
-        f"stopped by {signal.Signals(signum).name} at epoch {state.epoch + 1}, step {state.step}/{steps_per_epoch}; "
-        f"progress saved to {volume.progress}: run `mnist train` again to continue",
-        signum,
-    )
+def _save_progress(volume: Volume, state: _TrainingState) -> None:
+    _check_finite(state)
+    checkpoint.save(volume.progress, state.snapshot(), fault_point="progress-before-rename")
+    log.debug("progress saved at epoch %d, step %d", state.epoch + 1, state.step)
 
 
-class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop reads at each step boundary."""
-
-    signum: Optional[int] = None
-
-    def __enter__(self) -> "_StopRequest":
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.signum is None:
-            log.warning("%s received: saving progress at the end of this step", signal.Signals(signum).name)
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+def _check_finite(state: _TrainingState) -> None:
+    """A diverged run must not replace the last good checkpoint or progress with NaN weights."""
+    weights_finite = all(bool(torch.isfinite(p).all()) for p in state.model.parameters())
+    if not (math.isfinite(state.loss_sum) and weights_finite):
+        raise PipelineError(
+            f"training diverged: the loss or the weights became non-finite in epoch {state.epoch + 1} by step "
+            f"{state.step} (peak learning rate {state.recipe.peak_lr}); nothing of it from there was saved: "
+            f"lower --lr and train with --fresh"
+        )
 
 
 class _Progress:
