@@ -42,6 +42,13 @@ def mnist_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+def litter(root: Path) -> list:
+    """The temp files and folders of this program under `root` (see volume.TEMP_PREFIX)."""
+    from mnist_pipeline.volume import TEMP_PREFIX
+
+    return sorted(str(p.relative_to(root)) for p in root.rglob(TEMP_PREFIX + "*"))
+
+
 def mnist_command(*args: str) -> list:
     return [sys.executable, "-m", "mnist_pipeline", *args]
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from conftest import MIRROR, assert_one_line_error, http_server, mnist_env, run_mnist, start_mnist
-from mnist_pipeline import checkpoint, cli, data, limits, train, volume
+from conftest import MIRROR, assert_one_line_error, http_server, litter, mnist_env, run_mnist, start_mnist
+from mnist_pipeline import checkpoint, cli, data, evaluate, limits, train, volume
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.volume import TEMP_PREFIX
+from mnist_pipeline.volume import Volume
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +56,6 @@ def evaluated_root(tmp_path, test_data) -> Path:
     evaluation = {"accuracy": 0.99, "checkpoint": {"sha256": sha, "epoch": 0}}
     (root / "model" / "eval_results.json").write_text(json.dumps(evaluation))
     return root
-
-
-def litter(root: Path) -> list:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.startswith((TEMP_PREFIX, ".tmp-")))
 
 
 def results_consistent(results: Path) -> set:
@@ -421,3 +418,117 @@ def test_the_public_mirrors_are_tried_in_order_until_one_has_the_file(tmp_path, 
         with pytest.raises(PipelineError, match="any public mirror") as refused:
             data.ensure(tmp_path / "other", None, splits=("test",))
     assert str(refused.value).count("HTTP 404") == 2
+
+
+# --- the pieces that had no test ------------------------------------------------------------------------
+
+class _Fixed(torch.nn.Module):
+    """A 'model' answering fixed logits, one row per image in order."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits, dtype=torch.float32)
+
+    def forward(self, x):
+        return self.logits[: len(x)]
+
+
+def test_score_on_known_inputs_rows_are_true_digits():
+    labels = torch.tensor([0, 0, 1, 2])
+    predicted = [0, 1, 1, 1]  # one 0 taken for a 1, the 2 taken for a 1
+    logits = [[10.0 if d == p else 0.0 for d in range(10)] for p in predicted]
+    split = data.Split(images=torch.zeros(4, 28, 28, dtype=torch.uint8), labels=labels)
+    scores = evaluate.score(_Fixed(logits), split, torch.device("cpu"))
+    assert scores["correct"] == 2 and scores["total"] == 4 and scores["accuracy"] == 0.5
+    confusion = scores["confusion_matrix"]
+    assert confusion[0][:3] == [1, 1, 0] and confusion[1][:3] == [0, 1, 0] and confusion[2][:3] == [0, 1, 0]
+    assert scores["per_class_accuracy"]["0"] == 0.5 and scores["per_class_accuracy"]["2"] == 0.0
+    right, wrong = torch.softmax(torch.tensor(logits[0]), 0)[0], torch.softmax(torch.tensor(logits[1]), 0)[0]
+    expected_loss = -(2 * torch.log(right) + torch.log(wrong) + torch.log(wrong)) / 4
+    assert scores["test_loss"] == pytest.approx(float(expected_loss), rel=1e-5)
+
+
+def test_infer_waits_while_an_evaluate_runs(evaluated_root):
+    (evaluated_root / "model" / "eval_results.json").unlink()
+    with volume.shared_lock(Volume(evaluated_root), "evaluate"):  # an evaluate at work
+        infer_ = start_mnist("infer", "--root", str(evaluated_root), "--wait", "0", "--threshold", "0")
+        try:
+            read_until(infer_, "its producer is running")  # with --wait 0 it would have given up
+            result = run_mnist("evaluate", "--root", str(evaluated_root))
+            assert result.returncode == 0, result.stderr[-3000:]
+            _, err = infer_.communicate(timeout=300)
+        finally:
+            if infer_.poll() is None:
+                infer_.kill()
+    assert infer_.returncode == 0, err[-3000:]
+    assert len(results_consistent(evaluated_root / "results")) == 5
+
+
+@pytest.fixture
+def data_root(test_data, tmp_path, mirror) -> Path:
+    """A volume with all four MNIST files and nothing else."""
+    root = tmp_path / "volume"
+    shutil.copytree(test_data, root / "data")
+    data.ensure(root / "data", str(mirror), splits=("train",))
+    return root
+
+
+def test_mnist_pipeline_trains_evaluates_and_infers_in_one_process(data_root):
+    result = run_mnist("pipeline", "--root", str(data_root), "--max-steps", "20", "--threshold", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["train", "evaluate", "infer"]
+    sha = hashlib.sha256((data_root / "model" / "mnist_cnn.pt").read_bytes()).hexdigest()
+    assert json.loads((data_root / "model" / "eval_results.json").read_text())["checkpoint"]["sha256"] == sha
+    predictions = json.loads((data_root / "results" / "predictions.json").read_text())
+    assert predictions["checkpoint"]["sha256"] == sha and len(results_consistent(data_root / "results")) == 5
+
+
+def test_a_resumed_train_keeps_the_checkpoints_hyper_parameters_and_says_so(data_root):
+    assert run_mnist("train", "--root", str(data_root), "--max-steps", "5").returncode == 0
+    result = run_mnist("train", "--root", str(data_root), "--max-steps", "5", "--lr", "0.1", "--batch-size", "64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ignoring" in result.stderr and "'peak_lr': 0.1" in result.stderr and "'batch_size': 64" in result.stderr
+    state = torch.load(data_root / "model" / "mnist_cnn.pt", weights_only=True)
+    assert state["epoch"] == 2
+    assert (state["train_config"]["peak_lr"], state["train_config"]["batch_size"]) == (0.4, 128)
+
+
+def test_a_corrupt_progress_file_is_set_aside_and_training_goes_on(data_root):
+    (data_root / "model").mkdir()
+    progress = data_root / "model" / "train_progress.pt"
+    progress.write_bytes(b"half a file")
+    result = run_mnist("train", "--root", str(data_root), "--max-steps", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "moved train_progress.pt aside" in result.stderr
+    assert [p.read_bytes() for p in progress.parent.glob("train_progress.pt.*.aside")] == [b"half a file"]
+    assert not progress.exists()
+
+
+def test_results_pngs_decode_with_pillow_to_the_test_images(evaluated_root, test_data):
+    assert run_mnist("infer", "--root", str(evaluated_root), "--threshold", "0", "--count", "8").returncode == 0
+    images = data.load_split(test_data, "test", None).images
+    predictions = json.loads((evaluated_root / "results" / "predictions.json").read_text())["predictions"]
+    for entry in predictions:
+        with Image.open(evaluated_root / "results" / entry["file"]) as png:
+            assert png.format == "PNG" and png.mode == "L" and png.size == (28, 28)
+            assert png.tobytes() == bytes(images[entry["test_index"]].flatten().tolist())
+
+
+def test_train_evaluate_and_infer_started_at_once_end_with_the_new_checkpoint(evaluated_root, mirror):
+    """`docker compose up` without Docker: the old checkpoint is already evaluated when all three start."""
+    data.ensure(evaluated_root / "data", str(mirror), splits=("train",))
+    root = str(evaluated_root)
+    processes = [start_mnist("train", "--root", root, "--max-steps", "20"),
+                 start_mnist("evaluate", "--root", root, "--grace", "20"),
+                 start_mnist("infer", "--root", root, "--grace", "20", "--threshold", "0")]
+    try:
+        errors = [process.communicate(timeout=600)[1] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert [p.returncode for p in processes] == [0, 0, 0], [err[-2000:] for err in errors]
+    sha = hashlib.sha256((evaluated_root / "model" / "mnist_cnn.pt").read_bytes()).hexdigest()
+    evaluation = json.loads((evaluated_root / "model" / "eval_results.json").read_text())
+    assert evaluation["checkpoint"] == {**evaluation["checkpoint"], "sha256": sha, "epoch": 1}
+    assert json.loads((evaluated_root / "results" / "predictions.json").read_text())["checkpoint"]["sha256"] == sha

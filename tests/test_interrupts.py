@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_mnist
+from conftest import assert_one_line_error, litter, run_mnist
 from mnist_pipeline import signals
 from mnist_pipeline.errors import Interrupted
 
@@ -44,10 +44,6 @@ def _flatten(value, prefix="") -> dict:
     if isinstance(value, (list, tuple)):
         return {k: v for i, item in enumerate(value) for k, v in _flatten(item, f"{prefix}[{i}]").items()}
     return {prefix: value}
-
-
-def litter(root: Path) -> list:
-    return [str(p.relative_to(root)) for p in root.rglob(".tmp-*")]
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import torch
 
 from conftest import assert_one_line_error, run_mnist, start_mnist
 from mnist_pipeline import data
-from mnist_pipeline.volume import Volume, exclusive_lock
+from mnist_pipeline.volume import TEMP_PREFIX, Volume, exclusive_lock
 
 TRAINING_STARTED = "training from step"
 
@@ -143,7 +143,7 @@ def test_kill_9_during_infer_never_leaves_a_partial_results_folder(trained_copy)
     assert len(list(results.glob("*.png"))) == 5
     # a killed infer's staging folder can remain, but only under a temp name (swept once stale)
     leftovers = [p.name for p in trained_copy.iterdir() if p.name not in ("data", "model", "results")]
-    assert all(name.startswith(".tmp-results.") for name in leftovers), leftovers
+    assert all(name.startswith(TEMP_PREFIX) and ".results." in name for name in leftovers), leftovers
 
 
 def test_a_second_train_refuses_naming_the_holder_and_a_crashed_one_blocks_nobody(trained_copy):
@@ -230,4 +230,4 @@ def test_a_full_disk_is_a_clear_error_and_the_checkpoint_stays(trained_root, tmp
         assert train.returncode == 1, err[-3000:]
         assert "No space left on device" in err and "free some space" in err and "Traceback" not in err
         assert (model / "mnist_cnn.pt").read_bytes() == before
-        assert not [p for p in model.iterdir() if p.name.startswith(".tmp-")]
+        assert not [p for p in model.iterdir() if p.name.startswith(TEMP_PREFIX)]

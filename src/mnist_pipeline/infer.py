@@ -120,8 +120,12 @@ def wait_for_evaluation(volume: Volume, wait_s: float,
             return None
         return saved, evaluation
 
+    def ready_unless_training() -> Optional[Tuple[checkpoint.Checkpoint, Dict[str, Any]]]:
+        # a running train makes the current checkpoint an old one (`docker compose up` runs all at once)
+        return None if is_running(volume, "train") else ready()
+
     return wait_for(
-        "an evaluation of the current checkpoint", ready, wait_s,
+        "an evaluation of the current checkpoint", ready_unless_training, wait_s,
         producers_running=lambda: is_running(volume, "train") or is_running(volume, "evaluate"),
         on_timeout=lambda: PipelineError(f"{problem[0]} (waited {wait_s:g} s; --wait / MNIST_WAIT)"),
         log=log.info, grace_s=grace_s,
