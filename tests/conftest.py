@@ -62,6 +62,16 @@ def start_mnist(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.
                             stderr=subprocess.PIPE, text=True)
 
 
+def read_until(process: subprocess.Popen, marker: str) -> str:
+    """Read the process's stderr until a line with `marker` (or its end)."""
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"process ended before printing {marker!r}:\n{''.join(seen)[-3000:]}")
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
     """A user error: the given exit code, one `error:` line naming the fragments, no traceback."""
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])

@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MIRROR, assert_one_line_error, http_server, litter, mnist_env, run_mnist, start_mnist
+from conftest import (MIRROR, assert_one_line_error, http_server, litter, mnist_env, read_until, run_mnist,
+                      start_mnist)
 from mnist_pipeline import checkpoint, cli, data, evaluate, limits, train, volume
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.volume import Volume
@@ -179,15 +180,6 @@ def test_results_swap_uses_one_exchange_here(tmp_path):
 
 
 # --- 2. `docker compose up`: evaluate and infer give a starting train a grace ----------------------------
-
-def read_until(process: subprocess.Popen, marker: str) -> str:
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-    raise AssertionError(f"process ended before printing {marker!r}:\n{''.join(seen)[-3000:]}")
-
 
 GRACE_STARTED = "giving a train that may be starting"
 

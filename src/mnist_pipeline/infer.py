@@ -41,10 +41,6 @@ class InferConfig:
 
 
 def run(config: InferConfig) -> Dict[str, Any]:
-    if not 0.0 <= config.threshold <= 1.0:
-        raise PipelineError(f"--threshold / MNIST_THRESHOLD must be a fraction from 0 to 1, got {config.threshold}")
-    if config.count < 1:
-        raise PipelineError(f"--count / MNIST_COUNT must be at least 1, got {config.count}")
     volume = Volume(config.root)
     recover_dir(volume.results_dir)  # a swap of results/ that a kill -9 cut short
     saved, evaluation = wait_for_evaluation(volume, config.wait_s, config.grace_s)
