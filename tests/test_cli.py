@@ -111,3 +111,15 @@ def test_the_readme_settings_table_matches_the_cli():
             continue
         shown = f"{setting.default:g}" if isinstance(setting.default, float) else str(setting.default)
         assert re.match(rf"`?{re.escape(shown)}\b", default.strip()), (env, default)
+
+
+def test_the_cli_defaults_are_the_config_dataclasses_defaults():
+    """Each default lives in its dataclass; the CLI's copy of it must agree (one source of truth)."""
+    from mnist_pipeline.evaluate import EvaluateConfig
+    from mnist_pipeline.infer import InferConfig
+    from mnist_pipeline.train import TrainConfig
+
+    root = Path("r")
+    configs = cli._configs("pipeline", {**settings(["pipeline"], {}), "root": root})
+    assert configs == {"train": TrainConfig(root=root), "evaluate": EvaluateConfig(root=root),
+                       "infer": InferConfig(root=root)}

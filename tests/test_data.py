@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, http_server, run_mnist
+from conftest import assert_one_line_error, http_server, run_here
 from mnist_pipeline import data
 from mnist_pipeline.errors import PipelineError
 
@@ -75,10 +75,10 @@ def test_mirror_with_wrong_content_is_refused(tmp_path, mirror):
 
 def test_cli_errors_for_missing_and_truncated_mirror(tmp_path, mirror):
     missing = tmp_path / "no-such-folder"
-    result = run_mnist("train", "--root", str(tmp_path / "v1"), env={"MNIST_MIRROR": str(missing)})
+    result = run_here("train", "--root", str(tmp_path / "v1"), env={"MNIST_MIRROR": str(missing)})
     assert_one_line_error(result, 1, "MNIST_MIRROR", str(missing), "no such folder")
     bad = truncated_mirror(tmp_path, mirror)
-    result = run_mnist("train", "--root", str(tmp_path / "v2"), "--mirror", str(bad))
+    result = run_here("train", "--root", str(tmp_path / "v2"), "--mirror", str(bad))
     assert_one_line_error(result, 1, "train-labels-idx1-ubyte", "truncated")
     assert not (tmp_path / "v2" / "model" / "mnist_cnn.pt").exists()
 
@@ -108,5 +108,5 @@ def test_unreachable_http_mirror_is_a_clear_error(tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{probe.getsockname()[1]}/mnist/"
-    result = run_mnist("train", "--root", str(tmp_path), "--mirror", url)
+    result = run_here("train", "--root", str(tmp_path), "--mirror", url)
     assert_one_line_error(result, 1, url, "unreachable")

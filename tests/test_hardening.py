@@ -22,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (MIRROR, assert_one_line_error, http_server, litter, mnist_env, read_until, run_mnist,
-                      start_mnist)
+from conftest import (MIRROR, assert_one_line_error, http_server, litter, mnist_env, read_until, run_here,
+                      run_mnist, start_mnist)
 from mnist_pipeline import checkpoint, cli, data, evaluate, limits, train, volume
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.volume import Volume
@@ -111,7 +111,7 @@ def test_infer_leaves_a_users_old_tmp_files_alone(evaluated_root):
     notes = evaluated_root / ".tmp-notes"
     notes.write_text("mine")
     os.utime(notes, (0, 0))
-    result = run_mnist("infer", "--root", str(evaluated_root), "--threshold", "0")
+    result = run_here("infer", "--root", str(evaluated_root), "--threshold", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert notes.read_text() == "mine"
 
@@ -137,7 +137,7 @@ def test_kill_9_before_eval_results_is_renamed_keeps_the_previous_one(evaluated_
     killed = run_mnist("evaluate", "--root", str(evaluated_root), env={"MNIST_FAULT": "eval-before-rename"})
     assert killed.returncode == -signal.SIGKILL
     assert path.read_bytes() == before and len(litter(evaluated_root)) == 1
-    result = run_mnist("evaluate", "--root", str(evaluated_root))
+    result = run_here("evaluate", "--root", str(evaluated_root))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(path.read_text())["total"] == 10000
     assert litter(evaluated_root) == []
@@ -145,18 +145,18 @@ def test_kill_9_before_eval_results_is_renamed_keeps_the_previous_one(evaluated_
 
 def test_kill_9_mid_results_swap_leaves_a_whole_folder_and_the_next_infer_no_litter(evaluated_root):
     results = evaluated_root / "results"
-    assert run_mnist("infer", "--root", str(evaluated_root), "--threshold", "0").returncode == 0
+    assert run_here("infer", "--root", str(evaluated_root), "--threshold", "0").returncode == 0
     killed = run_mnist("infer", "--root", str(evaluated_root), "--threshold", "0",
                        env={"MNIST_FAULT": "results-between-renames"})
     assert killed.returncode == -signal.SIGKILL
     assert len(results_consistent(results)) == 5  # one atomic exchange: always a whole results/
-    assert run_mnist("infer", "--root", str(evaluated_root), "--threshold", "0").returncode == 0
+    assert run_here("infer", "--root", str(evaluated_root), "--threshold", "0").returncode == 0
     assert len(results_consistent(results)) == 5 and litter(evaluated_root) == []
 
 
 def test_where_there_is_no_exchange_a_swap_cut_between_its_renames_is_undone(evaluated_root):
     results = evaluated_root / "results"
-    assert run_mnist("infer", "--root", str(evaluated_root), "--threshold", "0").returncode == 0
+    assert run_here("infer", "--root", str(evaluated_root), "--threshold", "0").returncode == 0
     before = {p.name: p.read_bytes() for p in results.iterdir()}
     code = ("import sys; from pathlib import Path; from mnist_pipeline import volume; "
             "volume._exchange = lambda a, b: False; "
@@ -306,7 +306,7 @@ def test_train_refuses_a_checkpoint_with_a_malformed_train_config(evaluated_root
     state["train_config"]["batch_size"] = 0
     write_checkpoint(path, state)
     before = path.read_bytes()
-    result = run_mnist("train", "--root", str(evaluated_root))
+    result = run_here("train", "--root", str(evaluated_root))
     assert_one_line_error(result, 1, str(path), "batch_size=0", "--fresh")
     assert path.read_bytes() == before
 
@@ -476,8 +476,8 @@ def test_mnist_pipeline_trains_evaluates_and_infers_in_one_process(data_root):
 
 
 def test_a_resumed_train_keeps_the_checkpoints_hyper_parameters_and_says_so(data_root):
-    assert run_mnist("train", "--root", str(data_root), "--max-steps", "5").returncode == 0
-    result = run_mnist("train", "--root", str(data_root), "--max-steps", "5", "--lr", "0.1", "--batch-size", "64")
+    assert run_here("train", "--root", str(data_root), "--max-steps", "5").returncode == 0
+    result = run_here("train", "--root", str(data_root), "--max-steps", "5", "--lr", "0.1", "--batch-size", "64")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ignoring" in result.stderr and "'peak_lr': 0.1" in result.stderr and "'batch_size': 64" in result.stderr
     state = torch.load(data_root / "model" / "mnist_cnn.pt", weights_only=True)
@@ -489,7 +489,7 @@ def test_a_corrupt_progress_file_is_set_aside_and_training_goes_on(data_root):
     (data_root / "model").mkdir()
     progress = data_root / "model" / "train_progress.pt"
     progress.write_bytes(b"half a file")
-    result = run_mnist("train", "--root", str(data_root), "--max-steps", "5")
+    result = run_here("train", "--root", str(data_root), "--max-steps", "5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "moved train_progress.pt aside" in result.stderr
     assert [p.read_bytes() for p in progress.parent.glob("train_progress.pt.*.aside")] == [b"half a file"]
@@ -497,7 +497,7 @@ def test_a_corrupt_progress_file_is_set_aside_and_training_goes_on(data_root):
 
 
 def test_results_pngs_decode_with_pillow_to_the_test_images(evaluated_root, test_data):
-    assert run_mnist("infer", "--root", str(evaluated_root), "--threshold", "0", "--count", "8").returncode == 0
+    assert run_here("infer", "--root", str(evaluated_root), "--threshold", "0", "--count", "8").returncode == 0
     images = data.load_split(test_data, "test", None).images
     predictions = json.loads((evaluated_root / "results" / "predictions.json").read_text())["predictions"]
     for entry in predictions:

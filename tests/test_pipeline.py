@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from conftest import assert_one_line_error, run_mnist
+from conftest import assert_one_line_error, run_here, run_mnist
 from mnist_pipeline import data
 
 
@@ -51,7 +51,7 @@ def test_full_run_writes_checkpoint_evaluation_and_five_named_images(trained_cop
 
 def test_infer_picks_anew_each_run_unless_seeded(trained_copy):
     def pick(*flags):
-        assert run_mnist("infer", "--root", str(trained_copy), *flags).returncode == 0
+        assert run_here("infer", "--root", str(trained_copy), *flags).returncode == 0
         predictions = json.loads((trained_copy / "results" / "predictions.json").read_text())["predictions"]
         return [p["test_index"] for p in predictions]
 
@@ -62,30 +62,30 @@ def test_infer_picks_anew_each_run_unless_seeded(trained_copy):
 
 
 def test_infer_count_names_repeated_digits_apart(trained_copy):
-    assert run_mnist("infer", "--root", str(trained_copy), "--count", "30", "--seed", "1").returncode == 0
+    assert run_here("infer", "--root", str(trained_copy), "--count", "30", "--seed", "1").returncode == 0
     names = sorted(p.name for p in (trained_copy / "results").glob("*.png"))
     assert len(names) == 30 and any("_" in n for n in names)
     assert all(n[0].isdigit() for n in names)
 
 
 def test_below_threshold_exits_3_and_keeps_previous_results(trained_copy):
-    assert run_mnist("infer", "--root", str(trained_copy), "--seed", "5").returncode == 0
+    assert run_here("infer", "--root", str(trained_copy), "--seed", "5").returncode == 0
     before = {p.name: p.read_bytes() for p in (trained_copy / "results").iterdir()}
-    result = run_mnist("infer", "--root", str(trained_copy), "--threshold", "0.9999")
+    result = run_here("infer", "--root", str(trained_copy), "--threshold", "0.9999")
     assert_one_line_error(result, 3, "not above the threshold 0.9999")
     assert {p.name: p.read_bytes() for p in (trained_copy / "results").iterdir()} == before
 
 
 def test_evaluate_before_any_train(tmp_path):
-    result = run_mnist("evaluate", "--root", str(tmp_path), "--wait", "0")
+    result = run_here("evaluate", "--root", str(tmp_path), "--wait", "0")
     assert_one_line_error(result, 1, "no checkpoint", "mnist train")
 
 
 def test_infer_before_any_evaluate(trained_copy, tmp_path):
     (trained_copy / "model" / "eval_results.json").unlink()
-    result = run_mnist("infer", "--root", str(trained_copy), "--wait", "0")
+    result = run_here("infer", "--root", str(trained_copy), "--wait", "0")
     assert_one_line_error(result, 1, "eval_results.json", "mnist evaluate")
-    result = run_mnist("infer", "--root", str(tmp_path / "empty"), "--wait", "0")
+    result = run_here("infer", "--root", str(tmp_path / "empty"), "--wait", "0")
     assert_one_line_error(result, 1, "mnist train")
     assert not (trained_copy / "results").exists()
 
@@ -95,7 +95,7 @@ def test_infer_refuses_an_evaluation_of_another_checkpoint(trained_copy):
     evaluation = json.loads(path.read_text())
     evaluation["checkpoint"]["sha256"] = "0" * 64
     path.write_text(json.dumps(evaluation))
-    result = run_mnist("infer", "--root", str(trained_copy), "--wait", "1")
+    result = run_here("infer", "--root", str(trained_copy), "--wait", "1")
     assert_one_line_error(result, 1, "older checkpoint", "mnist evaluate")
     assert not (trained_copy / "results").exists()
 
@@ -105,8 +105,8 @@ def test_garbage_checkpoint_is_refused_and_left_untouched(trained_copy):
     garbage = b"this is not a checkpoint\n" * 40
     checkpoint.write_bytes(garbage)
     for stage in ("evaluate", "train", "infer"):
-        result = run_mnist(stage, "--root", str(trained_copy), "--wait", "0") if stage != "train" else \
-            run_mnist(stage, "--root", str(trained_copy))
+        result = run_here(stage, "--root", str(trained_copy), "--wait", "0") if stage != "train" else \
+            run_here(stage, "--root", str(trained_copy))
         assert_one_line_error(result, 1, str(checkpoint), "--fresh")
         assert checkpoint.read_bytes() == garbage
 
@@ -117,11 +117,11 @@ def test_checkpoint_of_another_shape_is_refused(trained_copy):
     state["model_config"] = {**state["model_config"], "channels": [8, 8, 8]}
     torch.save(state, checkpoint)
     original = checkpoint.read_bytes()
-    result = run_mnist("evaluate", "--root", str(trained_copy), "--wait", "0")
+    result = run_here("evaluate", "--root", str(trained_copy), "--wait", "0")
     assert_one_line_error(result, 1, "do not fit")
     state["format_version"] = 99
     torch.save(state, checkpoint)
-    result = run_mnist("train", "--root", str(trained_copy))
+    result = run_here("train", "--root", str(trained_copy))
     assert_one_line_error(result, 1, "format_version 99")
     assert checkpoint.read_bytes() != original and torch.load(checkpoint, weights_only=True)["format_version"] == 99
 
@@ -129,7 +129,7 @@ def test_checkpoint_of_another_shape_is_refused(trained_copy):
 def test_fresh_moves_a_bad_checkpoint_aside_and_starts_over(trained_copy):
     checkpoint = trained_copy / "model" / "mnist_cnn.pt"
     checkpoint.write_bytes(b"garbage")
-    result = run_mnist("train", "--root", str(trained_copy), "--fresh", "--max-steps", "5")
+    result = run_here("train", "--root", str(trained_copy), "--fresh", "--max-steps", "5")
     assert result.returncode == 0, result.stderr
     aside = list((trained_copy / "model").glob("mnist_cnn.pt.*.aside"))
     assert len(aside) == 1 and aside[0].read_bytes() == b"garbage"

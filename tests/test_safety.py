@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, read_until, run_mnist, start_mnist
+from conftest import assert_one_line_error, read_until, run_here, run_mnist, start_mnist
 from mnist_pipeline.volume import TEMP_PREFIX, Volume, exclusive_lock
 
 TRAINING_STARTED = "training from step"
@@ -55,7 +55,7 @@ def data_only_copy(trained_root: Path, root: Path) -> Path:
     return root
 
 
-STEPS = "60"  # a step-limited epoch: resume is the same code whatever the epoch's length
+STEPS = "20"  # a step-limited epoch: resume is the same code whatever the epoch's length
 
 
 def test_two_one_epoch_runs_equal_one_two_epoch_run(trained_root, tmp_path):
@@ -126,8 +126,8 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_does_not_run(t
     crafted = checkpoint.read_bytes()
     assert b"system" in crafted  # the payload really is in the file
     for stage in ("evaluate", "train", "infer"):
-        result = run_mnist(stage, "--root", str(trained_copy), "--wait", "0") if stage != "train" else \
-            run_mnist(stage, "--root", str(trained_copy))
+        result = run_here(stage, "--root", str(trained_copy), "--wait", "0") if stage != "train" else \
+            run_here(stage, "--root", str(trained_copy))
         assert_one_line_error(result, 1, str(checkpoint), "does not load safely")
         assert not marker.exists()
         assert checkpoint.read_bytes() == crafted
