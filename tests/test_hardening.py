@@ -87,6 +87,17 @@ def test_a_dangling_evaluate_lock_symlink_creates_nothing_outside(tmp_path):
     assert not outside.exists()
 
 
+@pytest.mark.parametrize("folder", ["model", "data"])
+def test_a_symlinked_model_or_data_folder_is_refused_and_nothing_written_through_it(folder, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "volume").mkdir()
+    (tmp_path / "volume" / folder).symlink_to(outside)
+    result = run_mnist("train", "--root", str(tmp_path / "volume"))
+    assert_one_line_error(result, 1, folder, "symbolic link")
+    assert list(outside.iterdir()) == []
+
+
 # --- temp files: flocked by their writer, swept when it is dead, never a user's -------------------------
 
 def test_only_dead_writers_temps_are_swept_and_never_a_users_file(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, litter, run_mnist
+from conftest import assert_one_line_error, litter, run_here, run_mnist
 from mnist_pipeline import signals
 from mnist_pipeline.errors import Interrupted
 
@@ -57,7 +57,9 @@ def data_root(trained_root, tmp_path) -> Path:
 def train(root: Path, *flags: str, fault: str = "", extra_env=None):
     env = {"MNIST_FAULT": fault} if fault else {}
     env.update(extra_env or {})
-    return run_mnist("train", "--root", str(root), *flags, env=env)
+    # a fault kills its process: only those need one of their own
+    run = run_mnist if fault else run_here
+    return run("train", "--root", str(root), *flags, env=env)
 
 
 def test_sigterm_mid_epoch_saves_progress_and_the_epoch_finishes_bit_identical(trained_root, data_root):

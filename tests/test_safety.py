@@ -61,10 +61,10 @@ STEPS = "20"  # a step-limited epoch: resume is the same code whatever the epoch
 def test_two_one_epoch_runs_equal_one_two_epoch_run(trained_root, tmp_path):
     one_by_one = data_only_copy(trained_root, tmp_path / "one-by-one")
     for _ in range(2):
-        result = run_mnist("train", "--root", str(one_by_one), "--max-steps", STEPS)
+        result = run_here("train", "--root", str(one_by_one), "--max-steps", STEPS)
         assert result.returncode == 0, result.stderr[-3000:]
     two_at_once = data_only_copy(trained_root, tmp_path / "two-at-once")
-    result = run_mnist("train", "--root", str(two_at_once), "--max-steps", STEPS, "--epochs", "2")
+    result = run_here("train", "--root", str(two_at_once), "--max-steps", STEPS, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = load(two_at_once / "model" / "mnist_cnn.pt"), load(one_by_one / "model" / "mnist_cnn.pt")
     assert a["epoch"] == b["epoch"] == 2

@@ -74,7 +74,15 @@ class Volume:
         return self.model_dir / f".{role}.lock"
 
 
+# folders inside the root that we write into: a symlink there would carry our writes out of the volume
+_WRITTEN_INTO = ("data", "model")
+
+
 def ensure_dir(path: Path) -> Path:
+    if path.name in _WRITTEN_INTO and path.is_symlink():
+        raise PipelineError(
+            f"{path} is a symbolic link; the pipeline never writes through one: make it a real folder"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
