@@ -42,7 +42,7 @@ def _non_negative_float(text: str) -> float:
     return limits.non_negative(float(text))
 
 
-def _positive_float(text: str) -> float:
+def _learning_rate(text: str) -> float:
     return limits.learning_rate(float(text))
 
 
@@ -139,7 +139,7 @@ COMMON = [ROOT, MIRROR, DEVICE, THREADS, SEED]
 TRAIN = [
     Setting("--epochs", _epochs, 1, "epochs to train on top of the checkpoint", "N"),
     Setting("--batch-size", _batch_size, 128, "training batch size", "N"),
-    Setting("--lr", _positive_float, 0.4, "peak learning rate of each epoch's cycle", "LR"),
+    Setting("--lr", _learning_rate, 0.4, "peak learning rate of each epoch's cycle", "LR"),
     Setting("--fresh", _boolean, False, "move an existing checkpoint aside and start from scratch"),
     Setting("--max-steps", _non_negative_int, 0,
             "batches per epoch, the learning-rate cycle included (0: the whole training set); for quick trials", "N"),
