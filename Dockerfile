@@ -10,13 +10,17 @@ FROM ${BASE_IMAGE} AS deps
 # --no-deps: requirements-docker.txt is the complete, pinned list; it leaves out torch dependencies
 # the services never load. A CUDA build drops --no-deps (see docker-compose.yml).
 ARG PIP_INSTALL_OPTS="--no-deps --extra-index-url https://download.pytorch.org/whl/cpu"
+# binutils for `strip`: this stage only; the runtime stage copies nothing but the venv
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends binutils >/dev/null \
+ && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 # empty but for a README unless scripts/offline-prep.sh filled it
 COPY wheelhouse/ /wheels/
 COPY requirements-docker.txt docker/slim_venv.py /tmp/build/
-# slim_venv.py drops torch's tests, headers and tools (-177 MB) and sympy's and mpmath's tests
-# (-35 MB), strips torch's symbol tables (-99 MB), and fails the build unless torch still trains
-# a step.
+# slim_venv.py drops torch's tests, headers and tools and sympy's and mpmath's tests, strips torch's
+# libraries (binutils), and fails the build unless torch still trains a step (bench/image_bench.py
+# measures what each saves).
 RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_INSTALL_OPTS \
       -r /tmp/build/requirements-docker.txt \
  && /opt/venv/bin/python /tmp/build/slim_venv.py \
@@ -40,7 +44,7 @@ FROM ${BASE_IMAGE}
 RUN useradd --uid 1000 --user-group --create-home --shell /bin/sh mnist \
  && mkdir -p /opt/mount \
  && chown mnist:mnist /opt/mount
-# numpy is not installed (+71 MB, see bench/image_bench.py --variants; nothing here turns tensors
+# numpy is not installed (its size: bench/image_bench.py --variants; nothing here turns tensors
 # into numpy arrays): silence the warning torch prints about that at every import.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run_mnist
+from conftest import REPO, assert_one_line_error, run_mnist
 from mnist_pipeline import cli
 
 
@@ -95,3 +96,41 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path):
         pytest.skip("a GPU is present")
     result = run_mnist("train", "--root", str(tmp_path), "--device", "cuda")
     assert_one_line_error(result, 1, "cuda")
+
+
+def all_settings() -> dict:
+    return {s.env: s for settings in cli.COMMANDS.values() for s in settings}
+
+
+def test_compose_passes_on_every_setting_of_the_cli():
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name in ("train", "evaluate", "infer"):
+        assert set(compose["services"][name]["environment"]) == set(all_settings()), name
+
+
+def test_the_readme_settings_table_matches_the_cli():
+    rows = re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `(MNIST_[A-Z_]+)` \| ([^|]+) \|", (REPO / "README.md").read_text(),
+                      re.MULTILINE)
+    settings = all_settings()
+    assert sorted(env for _, env, _ in rows) == sorted(settings)
+    for flag, env, default in rows:
+        setting = settings[env]
+        assert flag == setting.flag, env
+        if isinstance(setting.default, bool) or setting.default is None or isinstance(setting.default, Path):
+            continue
+        shown = f"{setting.default:g}" if isinstance(setting.default, float) else str(setting.default)
+        assert re.match(rf"`?{re.escape(shown)}\b", default.strip()), (env, default)
+
+
+def test_the_cli_defaults_are_the_config_dataclasses_defaults():
+    """Each default lives in its dataclass; the CLI's copy of it must agree (one source of truth)."""
+    from mnist_pipeline.evaluate import EvaluateConfig
+    from mnist_pipeline.infer import InferConfig
+    from mnist_pipeline.train import TrainConfig
+
+    root = Path("r")
+    configs = cli._configs("pipeline", {**settings(["pipeline"], {}), "root": root})
+    assert configs == {"train": TrainConfig(root=root), "evaluate": EvaluateConfig(root=root),
+                       "infer": InferConfig(root=root)}

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import shutil
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_mnist
+from conftest import assert_one_line_error, http_server, run_here
 from mnist_pipeline import data
 from mnist_pipeline.errors import PipelineError
 
@@ -79,34 +75,12 @@ def test_mirror_with_wrong_content_is_refused(tmp_path, mirror):
 
 def test_cli_errors_for_missing_and_truncated_mirror(tmp_path, mirror):
     missing = tmp_path / "no-such-folder"
-    result = run_mnist("train", "--root", str(tmp_path / "v1"), env={"MNIST_MIRROR": str(missing)})
+    result = run_here("train", "--root", str(tmp_path / "v1"), env={"MNIST_MIRROR": str(missing)})
     assert_one_line_error(result, 1, "MNIST_MIRROR", str(missing), "no such folder")
     bad = truncated_mirror(tmp_path, mirror)
-    result = run_mnist("train", "--root", str(tmp_path / "v2"), "--mirror", str(bad))
+    result = run_here("train", "--root", str(tmp_path / "v2"), "--mirror", str(bad))
     assert_one_line_error(result, 1, "train-labels-idx1-ubyte", "truncated")
     assert not (tmp_path / "v2" / "model" / "mnist_cnn.pt").exists()
-
-
-@contextlib.contextmanager
-def http_server(folder: Path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline, "http.server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_fetch_over_http(tmp_path, mirror):
@@ -134,5 +108,5 @@ def test_unreachable_http_mirror_is_a_clear_error(tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{probe.getsockname()[1]}/mnist/"
-    result = run_mnist("train", "--root", str(tmp_path), "--mirror", url)
+    result = run_here("train", "--root", str(tmp_path), "--mirror", url)
     assert_one_line_error(result, 1, url, "unreachable")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_mnist
+from conftest import assert_one_line_error, litter, run_here, run_mnist
 from mnist_pipeline import signals
 from mnist_pipeline.errors import Interrupted
 
@@ -46,10 +46,6 @@ def _flatten(value, prefix="") -> dict:
     return {prefix: value}
 
 
-def litter(root: Path) -> list:
-    return [str(p.relative_to(root)) for p in root.rglob(".tmp-*")]
-
-
 @pytest.fixture
 def data_root(trained_root, tmp_path) -> Path:
     """An empty volume but for the MNIST files (no fetching)."""
@@ -61,7 +57,9 @@ def data_root(trained_root, tmp_path) -> Path:
 def train(root: Path, *flags: str, fault: str = "", extra_env=None):
     env = {"MNIST_FAULT": fault} if fault else {}
     env.update(extra_env or {})
-    return run_mnist("train", "--root", str(root), *flags, env=env)
+    # a fault kills its process: only those need one of their own
+    run = run_mnist if fault else run_here
+    return run("train", "--root", str(root), *flags, env=env)
 
 
 def test_sigterm_mid_epoch_saves_progress_and_the_epoch_finishes_bit_identical(trained_root, data_root):
@@ -116,15 +114,15 @@ def test_a_second_signal_never_interrupts_the_shutdown_the_first_began():
             signal.signal(signum, handler)
 
 
-def test_kill_9_before_the_checkpoint_rename_keeps_the_previous_checkpoint(trained_copy):
-    checkpoint = trained_copy / "model" / "mnist_cnn.pt"
+def test_kill_9_before_the_checkpoint_rename_keeps_the_previous_checkpoint(short_trained_copy):
+    checkpoint = short_trained_copy / "model" / "mnist_cnn.pt"
     before = checkpoint.read_bytes()
-    result = train(trained_copy, "--max-steps", "20", fault="checkpoint-before-rename")
+    result = train(short_trained_copy, "--max-steps", "20", fault="checkpoint-before-rename")
     assert result.returncode == -signal.SIGKILL
     assert checkpoint.read_bytes() == before and load(checkpoint)["epoch"] == 1
-    result = train(trained_copy, "--max-steps", "20")
+    result = train(short_trained_copy, "--max-steps", "20")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert load(checkpoint)["epoch"] == 2 and not litter(trained_copy)
+    assert load(checkpoint)["epoch"] == 2 and not litter(short_trained_copy)
 
 
 def test_kill_9_before_a_progress_rename_keeps_the_previous_progress(data_root):
@@ -154,13 +152,13 @@ def test_periodic_progress_survives_kill_9_and_resumes_bit_identical(data_root, 
 
 
 @pytest.mark.parametrize("epoch, relation", [(3, "a later"), (0, "an earlier")])
-def test_progress_that_does_not_continue_the_checkpoint_is_set_aside_never_deleted(trained_copy, epoch, relation):
-    model = trained_copy / "model"
+def test_progress_that_does_not_continue_the_checkpoint_is_set_aside_never_deleted(short_trained_copy, epoch, relation):
+    model = short_trained_copy / "model"
     stray = load(model / "mnist_cnn.pt")
     stray.update(epoch=epoch, step=7)
     torch.save(stray, model / "train_progress.pt")
     kept = (model / "train_progress.pt").read_bytes()
-    result = train(trained_copy, "--max-steps", "10")
+    result = train(short_trained_copy, "--max-steps", "10")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{relation} one than the checkpoint's epoch 1" in result.stderr and "moved train_progress.pt aside" in \
         result.stderr

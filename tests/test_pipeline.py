@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from conftest import assert_one_line_error, run_mnist
+from conftest import assert_one_line_error, run_here, run_mnist
 from mnist_pipeline import data
 
 
 def png_size_and_pixels(path: Path):
-    """Decode our own PNGs (8-bit grayscale, one IDAT) far enough to check them."""
-    blob = path.read_bytes()
-    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height, depth, color = struct.unpack(">IIBB", blob[16:26])
-    idat_len = struct.unpack(">I", blob[33:37])[0]
-    assert blob[37:41] == b"IDAT"
-    rows = zlib.decompress(blob[41:41 + idat_len])
-    assert (depth, color) == (8, 0)
-    return (width, height), rows
+    """Decode a PNG with Pillow (independent of our encoder): its size and its 8-bit grey pixels."""
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.mode == "L"
+        return png.size, png.tobytes()
 
 
 def test_full_run_writes_checkpoint_evaluation_and_five_named_images(trained_copy):
@@ -49,16 +43,15 @@ def test_full_run_writes_checkpoint_evaluation_and_five_named_images(trained_cop
     test_images = data.load_split(trained_copy / "data", "test", None).images
     for entry in predictions:
         assert entry["file"].split(".")[0].split("_")[0] == str(entry["predicted"])
-        size, rows = png_size_and_pixels(results / entry["file"])
+        size, pixels = png_size_and_pixels(results / entry["file"])
         assert size == (28, 28)
-        pixels = bytes(b for i, b in enumerate(rows) if i % 29)  # drop each row's filter byte
         assert pixels == bytes(test_images[entry["test_index"]].flatten().tolist())
     assert sum(e["predicted"] == e["label"] for e in predictions) >= 4
 
 
 def test_infer_picks_anew_each_run_unless_seeded(trained_copy):
     def pick(*flags):
-        assert run_mnist("infer", "--root", str(trained_copy), *flags).returncode == 0
+        assert run_here("infer", "--root", str(trained_copy), *flags).returncode == 0
         predictions = json.loads((trained_copy / "results" / "predictions.json").read_text())["predictions"]
         return [p["test_index"] for p in predictions]
 
@@ -69,30 +62,30 @@ def test_infer_picks_anew_each_run_unless_seeded(trained_copy):
 
 
 def test_infer_count_names_repeated_digits_apart(trained_copy):
-    assert run_mnist("infer", "--root", str(trained_copy), "--count", "30", "--seed", "1").returncode == 0
+    assert run_here("infer", "--root", str(trained_copy), "--count", "30", "--seed", "1").returncode == 0
     names = sorted(p.name for p in (trained_copy / "results").glob("*.png"))
     assert len(names) == 30 and any("_" in n for n in names)
     assert all(n[0].isdigit() for n in names)
 
 
 def test_below_threshold_exits_3_and_keeps_previous_results(trained_copy):
-    assert run_mnist("infer", "--root", str(trained_copy), "--seed", "5").returncode == 0
+    assert run_here("infer", "--root", str(trained_copy), "--seed", "5").returncode == 0
     before = {p.name: p.read_bytes() for p in (trained_copy / "results").iterdir()}
-    result = run_mnist("infer", "--root", str(trained_copy), "--threshold", "0.9999")
+    result = run_here("infer", "--root", str(trained_copy), "--threshold", "0.9999")
     assert_one_line_error(result, 3, "not above the threshold 0.9999")
     assert {p.name: p.read_bytes() for p in (trained_copy / "results").iterdir()} == before
 
 
 def test_evaluate_before_any_train(tmp_path):
-    result = run_mnist("evaluate", "--root", str(tmp_path), "--wait", "0")
+    result = run_here("evaluate", "--root", str(tmp_path), "--wait", "0")
     assert_one_line_error(result, 1, "no checkpoint", "mnist train")
 
 
 def test_infer_before_any_evaluate(trained_copy, tmp_path):
     (trained_copy / "model" / "eval_results.json").unlink()
-    result = run_mnist("infer", "--root", str(trained_copy), "--wait", "0")
+    result = run_here("infer", "--root", str(trained_copy), "--wait", "0")
     assert_one_line_error(result, 1, "eval_results.json", "mnist evaluate")
-    result = run_mnist("infer", "--root", str(tmp_path / "empty"), "--wait", "0")
+    result = run_here("infer", "--root", str(tmp_path / "empty"), "--wait", "0")
     assert_one_line_error(result, 1, "mnist train")
     assert not (trained_copy / "results").exists()
 
@@ -102,7 +95,7 @@ def test_infer_refuses_an_evaluation_of_another_checkpoint(trained_copy):
     evaluation = json.loads(path.read_text())
     evaluation["checkpoint"]["sha256"] = "0" * 64
     path.write_text(json.dumps(evaluation))
-    result = run_mnist("infer", "--root", str(trained_copy), "--wait", "1")
+    result = run_here("infer", "--root", str(trained_copy), "--wait", "1")
     assert_one_line_error(result, 1, "older checkpoint", "mnist evaluate")
     assert not (trained_copy / "results").exists()
 
@@ -112,8 +105,8 @@ def test_garbage_checkpoint_is_refused_and_left_untouched(trained_copy):
     garbage = b"this is not a checkpoint\n" * 40
     checkpoint.write_bytes(garbage)
     for stage in ("evaluate", "train", "infer"):
-        result = run_mnist(stage, "--root", str(trained_copy), "--wait", "0") if stage != "train" else \
-            run_mnist(stage, "--root", str(trained_copy))
+        result = run_here(stage, "--root", str(trained_copy), "--wait", "0") if stage != "train" else \
+            run_here(stage, "--root", str(trained_copy))
         assert_one_line_error(result, 1, str(checkpoint), "--fresh")
         assert checkpoint.read_bytes() == garbage
 
@@ -124,11 +117,11 @@ def test_checkpoint_of_another_shape_is_refused(trained_copy):
     state["model_config"] = {**state["model_config"], "channels": [8, 8, 8]}
     torch.save(state, checkpoint)
     original = checkpoint.read_bytes()
-    result = run_mnist("evaluate", "--root", str(trained_copy), "--wait", "0")
+    result = run_here("evaluate", "--root", str(trained_copy), "--wait", "0")
     assert_one_line_error(result, 1, "do not fit")
     state["format_version"] = 99
     torch.save(state, checkpoint)
-    result = run_mnist("train", "--root", str(trained_copy))
+    result = run_here("train", "--root", str(trained_copy))
     assert_one_line_error(result, 1, "format_version 99")
     assert checkpoint.read_bytes() != original and torch.load(checkpoint, weights_only=True)["format_version"] == 99
 
@@ -136,7 +129,7 @@ def test_checkpoint_of_another_shape_is_refused(trained_copy):
 def test_fresh_moves_a_bad_checkpoint_aside_and_starts_over(trained_copy):
     checkpoint = trained_copy / "model" / "mnist_cnn.pt"
     checkpoint.write_bytes(b"garbage")
-    result = run_mnist("train", "--root", str(trained_copy), "--fresh")
+    result = run_here("train", "--root", str(trained_copy), "--fresh", "--max-steps", "5")
     assert result.returncode == 0, result.stderr
     aside = list((trained_copy / "model").glob("mnist_cnn.pt.*.aside"))
     assert len(aside) == 1 and aside[0].read_bytes() == b"garbage"

@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from mnist_pipeline import limits
 from mnist_pipeline.errors import BelowThreshold, NotEvaluated, PipelineError
 from mnist_pipeline.errors import first_line as _first_line
 from mnist_pipeline.model import MnistCNN
@@ -98,6 +100,9 @@ def load(path: Path) -> Checkpoint:
         raise checkpoint.invalid(
             f"format_version {state['format_version']} is not {FORMAT_VERSION}, the one this version reads"
         )
+    problem = _state_problem(state)
+    if problem:
+        raise checkpoint.invalid(problem)
     return Checkpoint(path=path, sha256=checkpoint.sha256, state=state)
 
 
@@ -130,3 +135,19 @@ def evaluated(volume: Volume, threshold: float) -> Tuple[Checkpoint, Dict[str, A
             f"train more (`mnist train`, then `mnist evaluate`) or lower --threshold"
         )
     return saved, evaluation
+
+
+def _state_problem(state: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the plain values of a checkpoint (the weights are checked by build_model)."""
+    if state["epoch"] < 0 or state["step"] < 0:
+        return f"its epoch {state['epoch']} or step {state['step']} is negative"
+    if not math.isfinite(state["loss_sum"]):
+        return f"its loss_sum {state['loss_sum']} is not finite"
+    rng, expected = state["rng"], torch.get_rng_state()
+    if rng.dtype != expected.dtype or rng.shape != expected.shape:
+        return f"its rng is a {rng.dtype} tensor of shape {list(rng.shape)}, not torch's CPU generator state"
+    try:
+        limits.check_train_config(state["train_config"])
+    except ValueError as exc:
+        return str(exc)
+    return None

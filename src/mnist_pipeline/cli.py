@@ -10,18 +10,21 @@ threshold, no results written (predict: also the current checkpoint not yet eval
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from mnist_pipeline import faults, signals
+from mnist_pipeline import faults, limits, signals
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.volume import Volume, exclusive_lock
 
-# Before torch loads: idle OpenMP threads sleep instead of spinning. Spinning threads made a
-# 2-thread epoch ten times slower whenever anything else ran on a 2-core machine.
+# Before torch loads: idle OpenMP threads sleep instead of spinning, which slows everything else
+# down on a machine with few cores (bench/ has the figures).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEFAULT_ROOT = Path("mnist-volume")  # beside where you run it, named after the Compose volume
@@ -30,38 +33,35 @@ EPILOG = ("Exit codes: 0 ok, 1 error, 2 usage error, 3 accuracy not above thresh
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+    return limits.positive(int(text))
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
+    return limits.non_negative_int(int(text))
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise ValueError("must be 0 or more")
-    return value
+    return limits.non_negative(float(text))
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be more than 0")
-    return value
+def _learning_rate(text: str) -> float:
+    return limits.learning_rate(float(text))
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise ValueError("must be a fraction from 0 to 1")
-    return value
+    return limits.fraction(float(text))
+
+
+def _seed(text: str) -> int:
+    return limits.seed(int(text))
+
+
+def _epochs(text: str) -> int:
+    return limits.epochs(int(text))
+
+
+def _batch_size(text: str) -> int:
+    return limits.batch_size(int(text))
 
 
 def _boolean(text: str) -> bool:
@@ -92,9 +92,25 @@ def _port(text: str) -> int:
     return value
 
 
+def _root(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("must be a folder (empty would mean the current one)")
+    return Path(text)
+
+
 def _mirror(text: str) -> str:
     if not text.strip():
         raise ValueError("must be a folder or an http(s) URL")
+    if "://" in text:
+        try:
+            parts = urllib.parse.urlsplit(text)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"is not a usable URL ({exc})") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must be a folder or an http(s) URL")
+        if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in text):
+            raise ValueError("is not a usable URL (no host name, or a space in it)")
     return text
 
 
@@ -117,26 +133,29 @@ class Setting:
         return "MNIST_" + self.dest.upper()
 
 
-ROOT = Setting("--root", Path, DEFAULT_ROOT,
+ROOT = Setting("--root", _root, DEFAULT_ROOT,
                "volume root holding data/, model/, results/ (containers: /opt/mount)", "DIR")
 MIRROR = Setting("--mirror", _mirror, None,
                  "MNIST source: a folder or http(s) base URL with the four files (.gz or raw); "
                  "unset: the public mirrors", "DIR_OR_URL")
 DEVICE = Setting("--device", _device, "auto", "auto (CUDA when present), cpu or cuda", "DEVICE")
 THREADS = Setting("--threads", _positive_int, None, "CPU threads (default: the CPUs this process may use)", "N")
-SEED = Setting("--seed", int, None,
+SEED = Setting("--seed", _seed, None,
                "train: seed for weights and data order (default 0, kept in the checkpoint); "
                "infer: seed for the image pick (default: a new pick every run)", "N")
 WAIT = Setting("--wait", _non_negative_float, 30.0,
                "seconds to wait for the input (longer while its producer is still running)", "SECONDS")
 
 THRESHOLD = Setting("--threshold", _fraction, 0.95, "accuracy the model must exceed", "FRACTION")
+GRACE = Setting("--grace", _non_negative_float, 5.0,
+                "seconds after start during which work already done is not used yet: a train started "
+                "at the same time (`docker compose up`) takes its lock first", "SECONDS")
 
 COMMON = [ROOT, MIRROR, DEVICE, THREADS, SEED]
 TRAIN = [
-    Setting("--epochs", _positive_int, 1, "epochs to train on top of the checkpoint", "N"),
-    Setting("--batch-size", _positive_int, 128, "training batch size", "N"),
-    Setting("--lr", _positive_float, 0.4, "peak learning rate of each epoch's cycle", "LR"),
+    Setting("--epochs", _epochs, 1, "epochs to train on top of the checkpoint", "N"),
+    Setting("--batch-size", _batch_size, 128, "training batch size", "N"),
+    Setting("--lr", _learning_rate, 0.4, "peak learning rate of each epoch's cycle", "LR"),
     Setting("--fresh", _boolean, False, "move an existing checkpoint aside and start from scratch"),
     Setting("--max-steps", _non_negative_int, 0,
             "batches per epoch, the learning-rate cycle included (0: the whole training set); for quick trials", "N"),
@@ -144,9 +163,10 @@ TRAIN = [
             "seconds between progress saves within an epoch, so a kill -9 loses at most that (0: only on SIGTERM)",
             "SECONDS"),
 ]
-EVALUATE = [WAIT]
+EVALUATE = [WAIT, GRACE]
 INFER = [
     WAIT,
+    GRACE,
     THRESHOLD,
     Setting("--count", _positive_int, 5, "how many random test images to label", "N"),
 ]
@@ -247,10 +267,10 @@ def _configs(command: str, v: Dict[str, Any]):
         configs["train"] = TrainConfig(epochs=v["epochs"], recipe=recipe, fresh=v["fresh"],
                                        save_every_s=v["save_every"], **common)
     if command in ("evaluate", "pipeline"):
-        configs["evaluate"] = EvaluateConfig(wait_s=v["wait"], **common)
+        configs["evaluate"] = EvaluateConfig(wait_s=v["wait"], grace_s=v["grace"], **common)
     if command in ("infer", "pipeline"):
         configs["infer"] = InferConfig(
-            wait_s=v["wait"], threshold=v["threshold"], count=v["count"], seed=v["seed"], **common
+            wait_s=v["wait"], grace_s=v["grace"], threshold=v["threshold"], count=v["count"], seed=v["seed"], **common
         )
     if command == "pipeline":  # evaluate's report came before infer's images
         configs["report"] = ReportConfig(root=v["root"], mirror=v["mirror"])
@@ -298,24 +318,41 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
         level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
     )
+    volume = Volume(values["root"])
     try:
-        if args.command == "serve":
-            from mnist_pipeline import serve
+        if args.command in ("evaluate", "infer") and not volume.root.is_dir():
+            raise PipelineError(
+                f"no volume at {volume.root} (no such folder): run `mnist train --root {volume.root}` first, "
+                f"or fix --root / MNIST_ROOT"
+            )
+        with contextlib.ExitStack() as train_lock:
+            if args.command in ("train", "pipeline"):
+                # before torch loads (a second or two): a train started beside an evaluate and an infer
+                # (`docker compose up`) holds its lock long before they would use the old checkpoint
+                train_lock.enter_context(exclusive_lock(volume, "train"))
+            from mnist_pipeline import evaluate, infer, report, runtime, train
 
-            serve.run(serve.ServeConfig(**values))  # uvicorn handles SIGTERM itself: a graceful shutdown
-            return 0
-        if args.command == "predict":
-            with signals.interruptible():
-                return _predict(values, args.images, args.json)
-        from mnist_pipeline import evaluate, infer, report, train
+            cpus = runtime.available_cpus()
+            if values["threads"] is not None and values["threads"] > cpus:
+                parser.error(f"--threads / MNIST_THREADS {values['threads']}: this process may use {cpus} CPUs; "
+                             f"pass at most {cpus}")
+            if args.command == "serve":
+                from mnist_pipeline import serve
 
-        stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run, "report": report.run}
-        for stage, config in _configs(args.command, values).items():
-            with signals.interruptible():
-                result = stages[stage](config)
-            _report(stage, result)
-            if signals.received() is not None:  # arrived after the stage's last save: nothing is lost
-                raise signals.interrupted(f"after {stage} finished and saved its results")
+                serve.run(serve.ServeConfig(**values))  # uvicorn handles SIGTERM itself: a graceful shutdown
+                return 0
+            if args.command == "predict":
+                with signals.interruptible():
+                    return _predict(values, args.images, args.json)
+            stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run, "report": report.run}
+            for stage, config in _configs(args.command, values).items():
+                with signals.interruptible():
+                    result = stages[stage](config)
+                _report(stage, result)
+                if stage == "train":
+                    train_lock.close()  # pipeline: its evaluate must not wait for its own train
+                if signals.received() is not None:  # arrived after the stage's last save: nothing is lost
+                    raise signals.interrupted(f"after {stage} finished and saved its results")
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import struct
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -23,7 +25,8 @@ from typing import BinaryIO, Optional
 import torch
 
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.volume import ensure_dir, remove_stale_temps, temp_file
+from mnist_pipeline.faults import crash_point
+from mnist_pipeline.volume import ensure_dir, remove_dead_temps, temp_file
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,13 @@ FILES = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
+# decompressed sizes: a mirror that sends more (a gzip bomb) is cut off there
+SIZES = {
+    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
+}
 SPLITS = {"train": "train", "test": "t10k"}
 
 # Used, in order, only when no mirror is given.
@@ -41,7 +51,8 @@ PUBLIC_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
-DOWNLOAD_TIMEOUT_S = 60
+DOWNLOAD_TIMEOUT_S = 60  # for each read
+DOWNLOAD_DEADLINE_S = 600  # for a whole file: a mirror that trickles is given up on
 CHUNK = 1 << 20
 
 
@@ -89,7 +100,7 @@ def _verified_bytes(data_dir: Path, name: str, mirror: Optional[str]) -> bytes:
 
 def _fetch(data_dir: Path, name: str, mirror: Optional[str]) -> None:
     ensure_dir(data_dir)
-    remove_stale_temps(data_dir)
+    remove_dead_temps(data_dir)
     sources = [mirror] if mirror else list(PUBLIC_MIRRORS)
     problems = []
     for source in sources:
@@ -121,15 +132,16 @@ def _is_url(source: str) -> bool:
 
 def _fetch_from(source: str, name: str, data_dir: Path) -> None:
     """Copy `name` from one source into data_dir: verified, then renamed into place."""
-    fd, tmp = temp_file(data_dir, name)
+    fd, tmp = temp_file(data_dir, name)  # the open descriptor holds the temp's flock until the rename
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(fd, "wb", closefd=False) as out:
             with _open_source(source, name) as (stream, compressed):
-                digest = _copy_decompressed(stream, out, compressed)
+                digest = _copy_decompressed(stream, out, compressed, name)
             out.flush()
             os.fsync(out.fileno())
         if digest != FILES[name]:
             raise _SourceProblem(f"{name} does not match its sha256 checksum (corrupt or truncated copy)")
+        crash_point("data-before-rename")
         os.replace(tmp, data_dir / name)
         log.info("fetched %s from %s", name, source)
     except OSError as exc:
@@ -137,6 +149,7 @@ def _fetch_from(source: str, name: str, data_dir: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -151,8 +164,9 @@ def _open_source(source: str, name: str):
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code} for {base + candidate}"
                 continue
-            except (urllib.error.URLError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
+            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+                # HTTPException: a server that does not speak HTTP; ValueError: a URL urllib cannot use
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
                 raise _SourceProblem(f"unreachable ({reason})") from None
             with response:
                 yield response, compressed
@@ -164,28 +178,59 @@ def _open_source(source: str, name: str):
     for candidate, compressed in ((name + ".gz", True), (name, False)):
         path = folder / candidate
         if path.is_file():
-            with open(path, "rb") as stream:
+            try:
+                stream = open(path, "rb")
+            except OSError as exc:
+                raise _SourceProblem(f"cannot read {path}: {exc.strerror}") from None
+            with stream:
                 yield stream, compressed
             return
     raise _SourceProblem(f"neither {name}.gz nor {name} is in {folder}")
 
 
-def _copy_decompressed(stream: BinaryIO, out: BinaryIO, compressed: bool) -> str:
-    """Copy, decompressing if needed; return the sha256 of what was written."""
+def _copy_decompressed(stream: BinaryIO, out: BinaryIO, compressed: bool, name: str) -> str:
+    """Copy, decompressing if needed, no more than SIZES[name] bytes; return the sha256 of what was written."""
     digest = hashlib.sha256()
-    reader = gzip.GzipFile(fileobj=stream) if compressed else stream
-    try:
-        while True:
+    timed = _Deadline(stream, time.monotonic() + DOWNLOAD_DEADLINE_S)
+    reader = gzip.GzipFile(fileobj=timed) if compressed else timed
+    limit, written = SIZES[name], 0
+    while True:
+        try:
             chunk = reader.read(CHUNK)
-            if not chunk:
-                break
-            digest.update(chunk)
-            out.write(chunk)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise _SourceProblem(f"corrupt or truncated gzip data ({exc})") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-        raise _SourceProblem(f"download broke off ({exc})") from None
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise _SourceProblem(f"corrupt or truncated gzip data ({exc})") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            raise _SourceProblem(f"reading it broke off ({type(exc).__name__}: {exc})") from None
+        if not chunk:
+            break
+        written += len(chunk)
+        if written > limit:
+            raise _SourceProblem(f"{name} is larger than the {limit} bytes MNIST's file has (not an MNIST file)")
+        digest.update(chunk)
+        out.write(chunk)  # an OSError here is the volume's: the caller says so
     return digest.hexdigest()
+
+
+class _Deadline:
+    """A source stream whose reads give up once the whole file's deadline has passed."""
+
+    def __init__(self, stream: BinaryIO, deadline: float):
+        self.stream, self.deadline = stream, deadline
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes (all when -1), fewer only at the end, like a file's read()."""
+        # read1 gives what has arrived; read() would wait on a trickle until it has all of it
+        read1 = getattr(self.stream, "read1", self.stream.read)
+        parts, wanted = [], size if size >= 0 else float("inf")
+        while wanted > 0:
+            if time.monotonic() > self.deadline:
+                raise _SourceProblem(f"it took more than {DOWNLOAD_DEADLINE_S} s (a stalled or trickling mirror)")
+            part = read1(int(min(wanted, CHUNK)))
+            if not part:
+                break
+            parts.append(part)
+            wanted -= len(part)
+        return b"".join(parts)
 
 
 def _parse_idx(data: bytes, ndim: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class EvaluateConfig:
     root: Path
     mirror: Optional[str] = None
     wait_s: float = 30.0
+    grace_s: float = 5.0  # see volume.wait_for
     device: str = "auto"
     threads: Optional[int] = None
 
@@ -34,7 +36,7 @@ def run(config: EvaluateConfig) -> Dict[str, Any]:
     volume = Volume(config.root)
     # Announce ourselves: infer keeps waiting while an evaluate is at work.
     with shared_lock(volume, "evaluate"):
-        saved = wait_for_checkpoint(volume, config.wait_s)
+        saved = wait_for_checkpoint(volume, config.wait_s, config.grace_s)
         device = runtime.setup(config.device, config.threads)
         model = saved.build_model().to(device)
         test_set = data.load_split(volume.data_dir, "test", config.mirror)
@@ -47,7 +49,7 @@ def run(config: EvaluateConfig) -> Dict[str, Any]:
             "device": str(device),
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        atomic_write_json(volume.eval_results, results)
+        atomic_write_json(volume.eval_results, results, fault_point="eval-before-rename")
     try:
         history.add_evaluation(volume, saved.epoch, saved.sha256, results["accuracy"], results["test_loss"])
         report.build(volume, config.mirror)
@@ -57,7 +59,7 @@ def run(config: EvaluateConfig) -> Dict[str, Any]:
     return results
 
 
-def wait_for_checkpoint(volume: Volume, wait_s: float) -> checkpoint.Checkpoint:
+def wait_for_checkpoint(volume: Volume, wait_s: float, grace_s: float = 0.0) -> checkpoint.Checkpoint:
     """The checkpoint once no train is writing one: evaluate what a running train produces."""
 
     def ready() -> Optional[checkpoint.Checkpoint]:
@@ -71,9 +73,16 @@ def wait_for_checkpoint(volume: Volume, wait_s: float) -> checkpoint.Checkpoint:
             f"run `mnist train` first (or raise --wait / MNIST_WAIT)"
         )
 
+    def evaluated(saved: checkpoint.Checkpoint) -> bool:
+        try:
+            return json.loads(volume.eval_results.read_text())["checkpoint"]["sha256"] == saved.sha256
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
     return wait_for(
         f"a finished checkpoint at {volume.checkpoint}", ready, wait_s,
         producers_running=lambda: is_running(volume, "train"), on_timeout=timeout, log=log.info,
+        grace_s=grace_s, needs_grace=evaluated,
     )
 
 

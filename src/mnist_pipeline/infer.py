@@ -22,7 +22,7 @@ import torch
 from mnist_pipeline import checkpoint, data, runtime
 from mnist_pipeline.errors import NotEvaluated, PipelineError
 from mnist_pipeline.model import predict
-from mnist_pipeline.volume import Volume, is_running, replace_dir, wait_for
+from mnist_pipeline.volume import Volume, is_running, recover_dir, replace_dir, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class InferConfig:
     root: Path
     mirror: Optional[str] = None
     wait_s: float = 30.0
+    grace_s: float = 5.0  # see volume.wait_for
     threshold: float = 0.95
     count: int = 5
     seed: Optional[int] = None  # None: a different pick every run
@@ -40,12 +41,9 @@ class InferConfig:
 
 
 def run(config: InferConfig) -> Dict[str, Any]:
-    if not 0.0 <= config.threshold <= 1.0:
-        raise PipelineError(f"--threshold / MNIST_THRESHOLD must be a fraction from 0 to 1, got {config.threshold}")
-    if config.count < 1:
-        raise PipelineError(f"--count / MNIST_COUNT must be at least 1, got {config.count}")
     volume = Volume(config.root)
-    saved, evaluation = wait_for_evaluation(volume, config.wait_s, config.threshold)
+    recover_dir(volume.results_dir)  # a swap of results/ that a kill -9 cut short
+    saved, evaluation = wait_for_evaluation(volume, config.wait_s, config.threshold, config.grace_s)
     accuracy = evaluation["accuracy"]
     device = runtime.setup(config.device, config.threads)
     model = saved.build_model().to(device)
@@ -87,7 +85,7 @@ def run(config: InferConfig) -> Dict[str, Any]:
 
 
 def wait_for_evaluation(volume: Volume, wait_s: float,
-                        threshold: float) -> Tuple[checkpoint.Checkpoint, Dict[str, Any]]:
+                        threshold: float, grace_s: float = 0.0) -> Tuple[checkpoint.Checkpoint, Dict[str, Any]]:
     """The current checkpoint and its evaluation, never an older checkpoint's; BelowThreshold if it fails the gate."""
     problem = ["no checkpoint yet: run `mnist train`, then `mnist evaluate`"]
 
@@ -98,11 +96,15 @@ def wait_for_evaluation(volume: Volume, wait_s: float,
             problem[0] = str(exc)
             return None
 
+    def ready_unless_training() -> Optional[Tuple[checkpoint.Checkpoint, Dict[str, Any]]]:
+        # a running train makes the current checkpoint an old one (`docker compose up` runs all at once)
+        return None if is_running(volume, "train") else ready()
+
     return wait_for(
-        "an evaluation of the current checkpoint", ready, wait_s,
+        "an evaluation of the current checkpoint", ready_unless_training, wait_s,
         producers_running=lambda: is_running(volume, "train") or is_running(volume, "evaluate"),
         on_timeout=lambda: PipelineError(f"{problem[0]} (waited {wait_s:g} s; --wait / MNIST_WAIT)"),
-        log=log.info,
+        log=log.info, grace_s=grace_s,
     )
 
 

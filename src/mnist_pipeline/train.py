@@ -26,7 +26,7 @@ from torch import nn
 from mnist_pipeline import checkpoint, data, faults, history, runtime, signals
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import MnistCNN
-from mnist_pipeline.volume import Volume, exclusive_lock, remove_stale_temps
+from mnist_pipeline.volume import Volume, exclusive_lock, remove_dead_temps
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def run(config: TrainConfig) -> TrainResult:
         raise PipelineError(f"--epochs / MNIST_EPOCHS must be at least 1, got {config.epochs}")
     volume = Volume(config.root)
     with exclusive_lock(volume, "train"):
-        remove_stale_temps(volume.model_dir)  # left by a kill -9 mid-write
+        for folder in (volume.model_dir, volume.data_dir):
+            remove_dead_temps(folder)  # left by a kill -9 mid-write, whatever their age
         if config.fresh:
             _move_aside(volume)
         device = runtime.setup(config.device, config.threads)

@@ -9,24 +9,33 @@ train never blocks the next one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, Optional, Tuple, TypeVar
 
 from mnist_pipeline.errors import Busy, PipelineError
 from mnist_pipeline.faults import crash_point
 
 T = TypeVar("T")
 
-TEMP_PREFIX = ".tmp-"  # every temp file or folder we create starts with this
+# Every temp file or folder this program creates is named .mnist-tmp.<pid>.<final name>.<random>
+# and flock()ed by its writer until it is renamed into place: a sweeper that gets the flock knows
+# the writer is dead, whatever the file's age, and nothing not named so is ever removed.
+TEMP_PREFIX = ".mnist-tmp."
+_TEMP_NAME = re.compile(r"^\.mnist-tmp\.[0-9]+\.")
+# when this process started (cli imports this module before torch): the grace of wait_for counts from it
+_STARTED = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,15 @@ class Volume:
         return self.model_dir / f".{role}.lock"
 
 
+# folders inside the root that we write into: a symlink there would carry our writes out of the volume
+_WRITTEN_INTO = ("data", "model")
+
+
 def ensure_dir(path: Path) -> Path:
+    if path.name in _WRITTEN_INTO and path.is_symlink():
+        raise PipelineError(
+            f"{path} is a symbolic link; the pipeline never writes through one: make it a real folder"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -104,11 +121,37 @@ def _write_failed(path: Path, exc: OSError) -> PipelineError:
     return PipelineError(f"cannot write {path}: {exc.strerror}; {hint} (the previous file is unchanged)")
 
 
+def _claim(path: str, fd: int) -> bool:
+    """flock our new temp `path` for as long as it is ours; False if a sweeper removed it before we could."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def temp_file(folder: Path, name: str) -> Tuple[int, str]:
-    """A new temp file beside its final place `folder/name`, readable by every service's user."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}.", dir=folder)
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a container running as another user
-    return fd, tmp
+    """A new temp file beside its final place `folder/name`, readable by every service's user.
+
+    The caller keeps the descriptor open (it holds the flock) until the file is renamed into place.
+    """
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}.{name}.", dir=folder)
+        if _claim(tmp, fd):
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a container running as another user
+            return fd, tmp
+        os.close(fd)
+
+
+def temp_dir(folder: Path, name: str) -> Tuple[int, Path]:
+    """temp_file's twin for a folder: (a descriptor holding its flock, its path)."""
+    while True:
+        path = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}.{name}.", dir=folder)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        if _claim(path, fd):
+            os.chmod(path, 0o755)
+            return fd, Path(path)
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes, fault_point: Optional[str] = None) -> None:
@@ -117,10 +160,11 @@ def atomic_write_bytes(path: Path, data: bytes, fault_point: Optional[str] = Non
     `fault_point`: the MNIST_FAULT name that kills the process just before the rename (tests).
     """
     ensure_dir(path.parent)
-    tmp = None
+    remove_dead_temps(path.parent)  # what a killed writer left here
+    fd = tmp = None
     try:
         fd, tmp = temp_file(path.parent, path.name)
-        with os.fdopen(fd, "wb") as f:
+        with open(fd, "wb", closefd=False) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -135,57 +179,136 @@ def atomic_write_bytes(path: Path, data: bytes, fault_point: Optional[str] = Non
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        if fd is not None:
+            os.close(fd)
 
 
-def atomic_write_json(path: Path, value: object) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+def atomic_write_json(path: Path, value: object, fault_point: Optional[str] = None) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode(), fault_point)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the entries `a` and `b` in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    False where the C library, the kernel or the file system cannot: the caller falls back to two renames.
+    """
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def replace_dir(target: Path, fill: Callable[[Path], T]) -> T:
     """Fill a fresh folder with `fill(folder)`, then put it in place of `target`.
 
-    A folder cannot be renamed over a non-empty one, so the old one is first
-    renamed aside: a kill -9 in between leaves no `target` at all (never a
-    partial one), and the leftover is cleaned up by the next call.
+    One atomic exchange where the kernel has it. Elsewhere the old folder is first renamed aside:
+    a kill -9 in between leaves no `target` for a moment, and the next call (or recover_dir) puts
+    the old one back.
     """
     parent = ensure_dir(target.parent)
-    remove_stale_temps(parent)
-    staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}.new.", dir=parent))
-    staging.chmod(0o755)
+    fds = []
+    staging = None
     try:
+        recover_dir(target)
+        fd, staging = temp_dir(parent, f"{target.name}.new")
+        fds.append(fd)
         result = fill(staging)
         for entry in staging.iterdir():
             with open(entry, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(staging)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}.old.", dir=parent))
-            os.replace(target, old / target.name)
-        os.replace(staging, target)
-        _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(target) and _exchange(staging, target):
+            crash_point("results-between-renames")  # the old folder waits under the temp name
+            _fsync_dir(parent)
+            _remove(staging)  # now the old folder
+        else:
+            old = None
+            if os.path.lexists(target):
+                fd, old = temp_dir(parent, f"{target.name}.old")
+                fds.append(fd)
+                os.replace(target, old / target.name)
+                crash_point("results-between-renames")
+            os.replace(staging, target)
+            _fsync_dir(parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        staging = None
         return result
     except OSError as exc:
         raise _write_failed(target, exc) from None
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        for fd in fds:
+            os.close(fd)
 
 
-def remove_stale_temps(folder: Path, min_age_s: float = 60.0) -> None:
-    """Remove temp files a killed process left behind (old enough not to be in use)."""
-    now = time.time()
+def recover_dir(target: Path) -> None:
+    """Undo a replace_dir that a kill -9 cut between its two renames, then sweep its dead temps."""
+    parent = target.parent
+    if not os.path.lexists(target):
+        for aside in sorted(parent.glob(f"{TEMP_PREFIX}*.{target.name}.old.*")):
+            with _if_writer_dead(aside) as dead:
+                if dead and os.path.lexists(aside / target.name):
+                    try:
+                        os.replace(aside / target.name, target)
+                    except OSError as exc:
+                        raise _write_failed(target, exc) from None
+                    break
+    remove_dead_temps(parent)
+
+
+@contextlib.contextmanager
+def _if_writer_dead(path: Path) -> Iterator[bool]:
+    """Yield whether `path` is one of our temps whose writer has died (holding its flock meanwhile)."""
+    if not _TEMP_NAME.match(path.name):
+        yield False
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone, or a symlink: not ours
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except OSError:  # BlockingIOError: its writer is alive
+        same = False
+    try:
+        yield same
+    finally:
+        os.close(fd)
+
+
+def remove_dead_temps(folder: Path) -> None:
+    """Remove the temp files and folders in `folder` whose writer has died, whatever their age.
+
+    Only names this program creates (TEMP_PREFIX and a pid) are touched, never a user's file.
+    """
     with contextlib.suppress(OSError):
-        for entry in folder.glob(TEMP_PREFIX + "*"):
-            with contextlib.suppress(OSError):
-                if now - entry.lstat().st_mtime < min_age_s:
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+        for entry in sorted(folder.glob(TEMP_PREFIX + "*")):
+            with contextlib.suppress(OSError), _if_writer_dead(entry) as dead:
+                if dead:
+                    if stat.S_ISDIR(entry.lstat().st_mode):
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
 
 
 def _holder_description(path: Path) -> str:
@@ -199,8 +322,13 @@ def _holder_description(path: Path) -> str:
 def _open_lock(path: Path) -> int:
     ensure_dir(path.parent)
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+        # O_NOFOLLOW: a symlink planted here must not make us create or overwrite a file elsewhere
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o664)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PipelineError(
+                f"{path} is a symbolic link; the pipeline never writes through one: remove it (`rm {path}`)"
+            ) from None
         raise _write_failed(path, exc) from None
 
 
@@ -217,10 +345,20 @@ def _try_flock(fd: int, kind: int, patience_s: float) -> bool:
             time.sleep(0.05)
 
 
+_HELD: Dict[str, int] = {}  # lock file -> descriptor: the exclusive locks this process holds
+
+
 @contextlib.contextmanager
 def exclusive_lock(volume: Volume, role: str) -> Iterator[None]:
-    """Hold the `role` lock of this volume, or raise Busy naming its holder."""
+    """Hold the `role` lock of this volume, or raise Busy naming its holder.
+
+    Re-entrant within a process: cli takes train's lock before importing torch, train.run again.
+    """
     path = volume.lock_path(role)
+    key = os.path.abspath(path)
+    if key in _HELD:
+        yield
+        return
     fd = _open_lock(path)
     try:
         if not _try_flock(fd, fcntl.LOCK_EX, patience_s=2.0):
@@ -235,8 +373,10 @@ def exclusive_lock(volume: Volume, role: str) -> Iterator[None]:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
+        _HELD[key] = fd
         yield
     finally:
+        _HELD.pop(key, None)
         os.close(fd)  # closing drops the flock
 
 
@@ -266,7 +406,7 @@ def is_running(volume: Volume, role: str) -> bool:
     """Whether any process holds the `role` lock right now."""
     path = volume.lock_path(role)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:
@@ -286,19 +426,33 @@ def wait_for(
     on_timeout: Callable[[], PipelineError],
     log: Callable[[str], None],
     poll_s: float = 0.5,
+    grace_s: float = 0.0,
+    needs_grace: Callable[[T], bool] = lambda _value: True,
 ) -> T:
     """Poll `ready()` until it returns a value.
 
     Gives up after `wait_s` seconds, but not while a producer is still at work:
     a train that is running will deliver, one that crashed has dropped its lock.
+    A value for which `needs_grace(value)` holds (work already done once) is taken only
+    `grace_s` seconds after this process started: `docker compose up` starts every
+    service at once, and a train starting beside us must get the time to take its lock.
     """
     deadline = time.monotonic() + wait_s
+    graced = _STARTED + grace_s
     next_log = time.monotonic()
+    told = False
     while True:
         value = ready()
-        if value is not None:
-            return value
         now = time.monotonic()
+        if value is not None:
+            if now >= graced or not needs_grace(value):
+                return value
+            if not told:
+                log(f"{what} is already there; giving a train that may be starting {graced - now:.1f} s "
+                    f"to take its lock (--grace / MNIST_GRACE)")
+                told = True
+            time.sleep(min(poll_s, graced - now))
+            continue
         busy = producers_running()
         if now >= deadline and not busy:
             raise on_timeout()
