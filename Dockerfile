@@ -10,13 +10,16 @@ FROM ${BASE_IMAGE} AS deps
 # --no-deps: requirements-docker.txt is the complete, pinned list; it leaves out torch dependencies
 # the services never load. A CUDA build drops --no-deps (see docker-compose.yml).
 ARG PIP_INSTALL_OPTS="--no-deps --extra-index-url https://download.pytorch.org/whl/cpu"
-# binutils for `strip`: this stage only; the runtime stage copies nothing but the venv
-RUN apt-get update -qq \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends binutils >/dev/null \
- && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/venv
-# empty but for a README unless scripts/offline-prep.sh filled it
+# empty but for a README unless scripts/offline-prep.sh filled it (wheels, and binutils' .debs)
 COPY wheelhouse/ /wheels/
+# binutils for `strip`, in this stage only (the runtime stage copies nothing but the venv): offline
+# from the wheelhouse's .debs, online from the base image's Debian sources
+RUN if ls /wheels/debs/*.deb >/dev/null 2>&1; then dpkg -i /wheels/debs/*.deb >/dev/null; \
+    else apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends binutils >/dev/null \
+      && rm -rf /var/lib/apt/lists/*; fi \
+ && strip --version >/dev/null
+RUN python3 -m venv /opt/venv
 COPY requirements-docker.txt docker/slim_venv.py /tmp/build/
 # slim_venv.py drops torch's tests, headers and tools and sympy's and mpmath's tests, strips torch's
 # libraries (binutils), and fails the build unless torch still trains a step (bench/image_bench.py
