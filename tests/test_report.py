@@ -246,9 +246,10 @@ def test_history_skips_unreadable_or_incomplete_lines(tmp_path, caplog):
     assert "skipped 3 unreadable line" in caplog.text
 
 
-def test_the_report_opens_in_a_browser_with_every_image_loaded(reported, browser):
+def assert_the_page_shows_every_image(browser, url: str, screenshot: str) -> None:
+    """Every image loaded, the chart drawn, no console error; a screenshot of the whole page for people."""
     browser.get_log("browser")  # drop what earlier pages logged
-    browser.get((reported / "model" / "report" / "index.html").as_uri())
+    browser.get(url)
     assert browser.execute_script("return document.readyState") == "complete"
     images = browser.execute_script("return [...document.images].map(i => [i.alt, i.complete, i.naturalWidth])")
     assert len(images) == 2 + 5 and all(done and width > 0 for _, done, width in images), images
@@ -256,9 +257,18 @@ def test_the_report_opens_in_a_browser_with_every_image_loaded(reported, browser
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
     height = browser.execute_script("return document.documentElement.scrollHeight")
-    browser.set_window_size(1100, height + 150)  # the whole page in one screenshot
-    assert browser.save_screenshot(str(SCREENSHOTS / "report.png"))
+    browser.set_window_size(1100, height + 150)
+    assert browser.save_screenshot(str(SCREENSHOTS / screenshot))
     browser.set_window_size(1000, 1000)
+
+
+def test_the_report_opens_in_a_browser_with_every_image_loaded(reported, browser):
+    assert_the_page_shows_every_image(browser, (reported / "model" / "report" / "index.html").as_uri(), "report.png")
+
+
+def test_serve_shows_the_report_at_slash_report(reported, browser, serve):
+    served = serve(reported)
+    assert_the_page_shows_every_image(browser, served.url + "/report", "report-served.png")
 
 
 def test_history_summary_places_each_epoch_after_the_steps_of_the_earlier_ones():

@@ -333,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
             from mnist_pipeline import evaluate, infer, report, runtime, train
 
             cpus = runtime.available_cpus()
-            if values["threads"] is not None and values["threads"] > cpus:
+            if values.get("threads") is not None and values["threads"] > cpus:
                 parser.error(f"--threads / MNIST_THREADS {values['threads']}: this process may use {cpus} CPUs; "
                              f"pass at most {cpus}")
             if args.command == "serve":

@@ -381,6 +381,7 @@ def _page(evaluation: Dict[str, Any], summary: Dict[str, Any], chart: str,
     wrong = evaluation["total"] - evaluation["correct"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <title>MNIST model report: epoch {checkpoint['epoch']}, accuracy {evaluation['accuracy']:.2%}</title>
 <style>{STYLE}</style></head><body>
 <h1>MNIST model report</h1>
