@@ -98,16 +98,19 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path):
     assert_one_line_error(result, 1, "cuda")
 
 
-def all_settings() -> dict:
-    return {s.env: s for settings in cli.COMMANDS.values() for s in settings}
+def all_settings(*commands: str) -> dict:
+    """The settings of `commands` (all commands when none is named) by their MNIST_* name."""
+    return {s.env: s for command in commands or cli.COMMANDS for s in cli.COMMANDS[command]}
 
 
 def test_compose_passes_on_every_setting_of_the_cli():
     import yaml
 
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    batch = all_settings("train", "evaluate", "infer", "pipeline", "report")
     for name in ("train", "evaluate", "infer"):
-        assert set(compose["services"][name]["environment"]) == set(all_settings()), name
+        assert set(compose["services"][name]["environment"]) == set(batch), name
+    assert set(compose["services"]["serve"]["environment"]) == set(all_settings("serve"))
 
 
 def test_the_readme_settings_table_matches_the_cli():
@@ -128,9 +131,10 @@ def test_the_cli_defaults_are_the_config_dataclasses_defaults():
     """Each default lives in its dataclass; the CLI's copy of it must agree (one source of truth)."""
     from mnist_pipeline.evaluate import EvaluateConfig
     from mnist_pipeline.infer import InferConfig
+    from mnist_pipeline.report import ReportConfig
     from mnist_pipeline.train import TrainConfig
 
     root = Path("r")
     configs = cli._configs("pipeline", {**settings(["pipeline"], {}), "root": root})
     assert configs == {"train": TrainConfig(root=root), "evaluate": EvaluateConfig(root=root),
-                       "infer": InferConfig(root=root)}
+                       "infer": InferConfig(root=root), "report": ReportConfig(root=root)}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from mnist_pipeline import checkpoint, follow
 from mnist_pipeline.model import MEAN, STD, MnistCNN, normalize
+from mnist_pipeline.train import Recipe
 from mnist_pipeline.volume import Volume, atomic_write_json
 
 
@@ -14,7 +17,7 @@ def write_checkpoint(volume: Volume, epoch: int, model_config=None) -> str:
     checkpoint.save(volume.checkpoint, {
         "epoch": epoch, "step": 0, "loss_sum": 0.0, "model": model.state_dict(),
         "model_config": model.config if model_config is None else model_config,
-        "optimizer": {}, "rng": torch.get_rng_state(), "train_config": {},
+        "optimizer": {}, "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(Recipe()),
     })
     return checkpoint.load(volume.checkpoint).sha256
 

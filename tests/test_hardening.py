@@ -432,6 +432,9 @@ class _Fixed(torch.nn.Module):
         super().__init__()
         self.logits = torch.tensor(logits, dtype=torch.float32)
 
+    def normalize(self, images):
+        return images.float().unsqueeze(1)
+
     def forward(self, x):
         return self.logits[: len(x)]
 
@@ -479,7 +482,7 @@ def data_root(test_data, tmp_path, mirror) -> Path:
 def test_mnist_pipeline_trains_evaluates_and_infers_in_one_process(data_root):
     result = run_mnist("pipeline", "--root", str(data_root), "--max-steps", "20", "--threshold", "0")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["train", "evaluate", "infer"]
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["train", "evaluate", "infer", "report"]
     sha = hashlib.sha256((data_root / "model" / "mnist_cnn.pt").read_bytes()).hexdigest()
     assert json.loads((data_root / "model" / "eval_results.json").read_text())["checkpoint"]["sha256"] == sha
     predictions = json.loads((data_root / "results" / "predictions.json").read_text())
