@@ -98,19 +98,22 @@ def test_two_one_epoch_runs_equal_one_two_epoch_run(second_epoch_root, trained_r
     assert result.returncode == 0, result.stderr[-3000:]
     two_at_once, one_by_one = load(root / "model" / "mnist_cnn.pt"), load(second_epoch_root / "model" / "mnist_cnn.pt")
     assert two_at_once["epoch"] == one_by_one["epoch"] == 2
-    for key in ("model", "optimizer", "rng"):
-        assert_same_tensors(two_at_once[key], one_by_one[key], key)
+    assert ("cuda_rng" in two_at_once) == ("cuda_rng" in one_by_one)  # present when trained on CUDA
+    for key in ("model", "optimizer", "rng", "cuda_rng"):
+        if key in two_at_once:
+            assert_same_tensors(two_at_once[key], one_by_one[key], key)
 
 
 def test_kill_9_during_train_never_leaves_a_broken_checkpoint_or_partial_data(tmp_path, trained_root):
     root = tmp_path / "volume"
     rng = random.Random(7)
-    # from an empty volume first (kills land in the fetch), then from a trained one (kills land in training)
+    # from an empty volume first (kills land in the fetch), then from a trained one (kills land in training;
+    # on CPU, whose epoch lasts long enough for that)
     for round_, delay in enumerate([0.3, 1.0, 2.0, 3.0, 6.0, 9.0]):
         if round_ == 3:
             shutil.rmtree(root)
             shutil.copytree(trained_root, root)
-        train = start_mnist("train", "--root", str(root))
+        train = start_mnist("train", "--root", str(root), "--device", "cpu")
         with contextlib.suppress(subprocess.TimeoutExpired):
             train.wait(timeout=delay + rng.random())
         train.kill()
@@ -147,7 +150,8 @@ def test_kill_9_during_infer_never_leaves_a_partial_results_folder(trained_copy)
 
 
 def test_a_second_train_refuses_naming_the_holder_and_a_crashed_one_blocks_nobody(trained_copy):
-    first = start_mnist("train", "--root", str(trained_copy))
+    # on CPU: a GPU could finish the epoch before the second train starts
+    first = start_mnist("train", "--root", str(trained_copy), "--device", "cpu")
     try:
         read_until(first, TRAINING_STARTED)
         assert lock_holder(trained_copy) == first.pid
@@ -223,7 +227,8 @@ def test_a_full_disk_is_a_clear_error_and_the_checkpoint_stays(trained_root, tmp
         # fill the disk, leaving less room than a checkpoint needs
         free = shutil.disk_usage(model).free
         (model / "filler").write_bytes(b"\0" * max(0, free - len(before) // 4))
-        train = start_mnist("train", "--root", str(root))
+        # on CPU: a GPU could finish the epoch before the signal lands
+        train = start_mnist("train", "--root", str(root), "--device", "cpu")
         read_until(train, TRAINING_STARTED)
         train.send_signal(signal.SIGTERM)  # its progress save now meets the full disk
         _, err = train.communicate(timeout=60)
