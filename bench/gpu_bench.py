@@ -50,10 +50,11 @@ def mnist(mirror: str, *args: str) -> tuple[float, str]:
 def train_and_score(mirror: str, root: Path, *flags: str) -> dict:
     train_s, log = mnist(mirror, "train", "--root", str(root), *flags)
     epoch = EPOCH_LINE.search(log)
-    mnist(mirror, "evaluate", "--root", str(root), "--wait", "0", *flags[:2])
+    evaluate_s, _ = mnist(mirror, "evaluate", "--root", str(root), "--wait", "0", *flags[:2])
     evaluation = json.loads((root / "model" / "eval_results.json").read_text())
     return {"train_s": round(train_s, 3), "epoch_s": float(epoch.group(1)) if epoch else None,
-            "accuracy": evaluation["accuracy"]}
+            "accuracy": evaluation["accuracy"], "evaluate_s": round(evaluate_s, 3),
+            "evaluate_compute_s": evaluation["compute_seconds"]}
 
 
 def breakdown(mirror: str, root: Path, flags: list) -> dict:
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['train_s']:.1f} s | {r['accuracy']:.4f} |")
     print(f"| median / min accuracy | | | {report['accuracy_median']:.4f} / {report['accuracy_min']:.4f} |")
     print(f"| seed {args.seeds[0]}, data already in the volume | | {data_present_s:.1f} s | |")
+    first = runs[args.seeds[0]]
+    print(f"| `mnist evaluate --device {args.device}`, whole process / compute | | {first['evaluate_s']:.1f} s / "
+          f"{first['evaluate_compute_s']:.2f} s | |")
     for entry, r in sweep.items():
         batch, lr = entry.split(":")
         print(f"| seed {args.seeds[0]}, batch {batch}, lr {lr} | {r['epoch_s']:.2f} s | {r['train_s']:.1f} s | "

@@ -111,7 +111,7 @@ def test_kill_9_during_train_never_leaves_a_broken_checkpoint_or_partial_data(tm
     # on CPU, whose epoch lasts long enough for that)
     for round_, delay in enumerate([0.3, 1.0, 2.0, 3.0, 6.0, 9.0]):
         if round_ == 3:
-            shutil.rmtree(root)
+            shutil.rmtree(root, ignore_errors=True)  # absent where the kills all came before train made it
             shutil.copytree(trained_root, root)
         train = start_mnist("train", "--root", str(root), "--device", "cpu")
         with contextlib.suppress(subprocess.TimeoutExpired):

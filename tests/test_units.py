@@ -184,8 +184,9 @@ def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
 
 
 def test_train_never_imports_torch_dynamo(tmp_path, mirror):
-    """torch.optim.Optimizer's methods import torch._dynamo: seconds of every train process's start."""
-    code = ("import sys; from mnist_pipeline import cli; "
+    """torch.optim.Optimizer's methods and torch.use_deterministic_algorithms import torch._dynamo: seconds of
+    every process's start. The CUDA settings are made here too, which needs no GPU."""
+    code = ("import sys; from mnist_pipeline import cli, runtime; runtime.deterministic_cuda(); "
             f"code = cli.main(['train', '--root', {str(tmp_path)!r}, '--mirror', {str(mirror)!r}, '--device', 'cpu', "
             "'--max-steps', '2']); print(code, 'torch._dynamo' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

@@ -80,7 +80,14 @@ def deterministic_cuda() -> None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
     torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing, so a run's sums could differ
     torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True)  # an op without a deterministic kernel raises instead of drifting
+    # an op without a deterministic kernel raises instead of drifting. Not through
+    # torch.use_deterministic_algorithms: it also sets torch.compile's switch, whose import pulls in
+    # torch._dynamo, 2 to 4 s of every process's start (measured); nothing here compiles
+    set_mode = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_mode is None:
+        torch.use_deterministic_algorithms(True)
+    else:
+        set_mode(True, warn_only=False)
     # that mode also fills every new tensor with NaN, a debugging aid costing a kernel launch per allocation;
     # nothing here reads memory before writing it
     torch.utils.deterministic.fill_uninitialized_memory = False
