@@ -191,3 +191,11 @@ def test_train_never_imports_torch_dynamo(tmp_path, mirror):
             "'--max-steps', '2']); print(code, 'torch._dynamo' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.stdout.split()[-2:] == ["0", "False"], result.stderr[-2000:]
+
+
+def test_gpu_bench_without_a_gpu_says_so_and_exits_0():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the bench would run")
+    bench = Path(__file__).resolve().parents[1] / "bench" / "gpu_bench.py"
+    result = subprocess.run([sys.executable, str(bench)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "sees no CUDA GPU" in result.stdout, result.stderr[-2000:]

@@ -40,7 +40,7 @@ class Recipe:
     """Hyper-parameters. Saved in the checkpoint; a resumed run keeps the saved ones."""
 
     seed: int = 0
-    # the same on every device: 256 and 512 lose accuracy in one epoch (bench/ has the figures); a GPU
+    # the same on every device: 256 and 512 lose accuracy in one epoch (README, Speed and size); a GPU
     # makes 128 fast by replaying each step's kernels as one CUDA graph instead
     batch_size: int = 128
     peak_lr: float = 0.4
@@ -215,7 +215,7 @@ class NesterovSGD:
     """torch.optim.SGD(nesterov=True): its arithmetic (torch.optim.sgd.sgd, the functional form) and state_dict.
 
     Not the class itself: torch.optim.Optimizer's methods import torch._dynamo on first use, about
-    800 modules and 1.5 to 3 s of every train process's start, longer than a GPU's whole epoch.
+    800 modules and 2 to 4 s of every train process's start (measured), far longer than a GPU's epoch.
     """
 
     def __init__(self, params, recipe: Recipe):
