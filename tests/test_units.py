@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_pipeline import runtime, train
+from mnist_pipeline import runtime, signals, train
 from mnist_pipeline.infer import _file_names, png_grayscale
 from mnist_pipeline.model import MnistCNN
 
@@ -125,6 +125,7 @@ def test_progress_reads_the_loss_only_when_it_shows_it(monkeypatch):
 
 def test_the_training_loop_reads_the_device_only_at_saves_and_epoch_ends(tmp_path, mirror, monkeypatch):
     """A host read (.item(), float(), bool() of a tensor) waits for the GPU: none may happen per step."""
+    monkeypatch.setattr(signals, "_received", None)  # one that another in-process test recorded would stop the run
     reads = []
     for name in ("item", "__float__", "__bool__", "tolist"):
         original = getattr(torch.Tensor, name)
