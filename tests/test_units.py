@@ -1,14 +1,20 @@
-"""The small pure pieces: thread count under cgroup limits, the LR cycle, data order, PNG, progress lines."""
+"""The small pure pieces: thread count under cgroup limits, deterministic CUDA settings, the LR cycle, data
+order, PNG, progress lines, warm-up steps, and a training loop that does not wait on the device each step."""
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
-from mnist_pipeline import runtime, train
+from mnist_pipeline import runtime, signals, train
 from mnist_pipeline.infer import _file_names, png_grayscale
 from mnist_pipeline.model import MnistCNN
 
@@ -24,6 +30,31 @@ def test_thread_count_follows_the_cgroup_quota_not_the_host(tmp_path, monkeypatc
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000")  # cgroup v1, --cpus 1
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
     assert runtime.available_cpus(tmp_path) == 1
+
+
+@pytest.fixture
+def global_torch_settings(monkeypatch):
+    """Restore the process-wide switches deterministic_cuda() turns."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.utils.deterministic.fill_uninitialized_memory)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+    torch.utils.deterministic.fill_uninitialized_memory = saved[4]
+
+
+@pytest.mark.parametrize("before, after", [(None, ":4096:8"), (":16:8", ":16:8"), (":0:0", ":4096:8")])
+def test_cuda_is_made_deterministic(global_torch_settings, monkeypatch, before, after):
+    if before is not None:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", before)
+    torch.backends.cudnn.benchmark = True
+    runtime.deterministic_cuda()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == after  # a setting that does not make cuBLAS exact is replaced
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.utils.deterministic.fill_uninitialized_memory
 
 
 def test_learning_rate_cycles_within_each_epoch_and_decays_across_epochs():
@@ -69,7 +100,7 @@ def test_progress_is_plain_log_lines_when_stderr_is_not_a_terminal(caplog, monke
     caplog.set_level(logging.INFO)
     report = train._Progress(epoch=1, total=10, done=0, every_s=0.0)
     for step in range(1, 11):
-        report.update(step, 0.5)
+        report.update(step, lambda: 0.5)
     report.close()
     assert report.bar is None
     assert "epoch 1: step 10/10 (100%), loss 0.5000" in caplog.text
@@ -78,6 +109,94 @@ def test_progress_is_plain_log_lines_when_stderr_is_not_a_terminal(caplog, monke
 def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
     monkeypatch.setattr(train.sys.stderr, "isatty", lambda: True, raising=False)
     report = train._Progress(epoch=2, total=10, done=4, every_s=0.0)
-    report.update(5, 0.5)
+    report.update(5, lambda: 0.5)
     assert report.bar is not None and report.bar.n == 5 and report.bar.desc == "epoch 2"
     report.close()
+
+
+def test_progress_reads_the_loss_only_when_it_shows_it(monkeypatch):
+    monkeypatch.setattr(train.sys.stderr, "isatty", lambda: False, raising=False)
+    reads = []
+    report = train._Progress(epoch=1, total=100, done=0, every_s=3600.0)
+    for step in range(1, 101):
+        report.update(step, lambda: reads.append(1) or 0.5)
+    assert reads == []
+
+
+def test_the_training_loop_reads_the_device_only_at_saves_and_epoch_ends(tmp_path, mirror, monkeypatch):
+    """A host read (.item(), float(), bool() of a tensor) waits for the GPU: none may happen per step."""
+    monkeypatch.setattr(signals, "_received", None)  # one that another in-process test recorded would stop the run
+    reads = []
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: reads.append(_n) or _f(self, *a))
+
+    def host_reads(steps: int, root: Path) -> int:
+        reads.clear()
+        config = train.TrainConfig(root=root, mirror=str(mirror), device="cpu", threads=1, save_every_s=0,
+                                   recipe=train.Recipe(max_steps=steps))
+        assert train.run(config).epoch == 1
+        return len(reads)
+
+    few, many = host_reads(3, tmp_path / "a"), host_reads(12, tmp_path / "b")
+    assert few == many, (few, many)
+
+
+def test_warm_up_steps_run_the_network_and_leave_model_and_generator_untouched(monkeypatch):
+    torch.manual_seed(0)
+    model = MnistCNN()
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    forward, batches = MnistCNN.forward, []
+    monkeypatch.setattr(MnistCNN, "forward", lambda self, x: batches.append(len(x)) or forward(self, x))
+    train.warm_up_steps(model, train.Recipe(batch_size=8))
+    assert batches == [8, 8]  # forward and backward of the training batch size, on a copy
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
+    torch.manual_seed(1)
+    ours, theirs = MnistCNN(), MnistCNN()
+    theirs.load_state_dict(ours.state_dict())
+    recipe = train.Recipe()
+    optimizer = train.NesterovSGD(ours.parameters(), recipe)
+    reference = torch.optim.SGD(theirs.parameters(), lr=recipe.peak_lr, momentum=recipe.momentum, nesterov=True,
+                                weight_decay=recipe.weight_decay)
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for lr in (0.1, 0.4, 0.2):
+        for model, opt in ((ours, optimizer), (theirs, reference)):
+            opt.param_groups[0]["lr"] = lr
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(),
+                                                strict=True))
+    mine, torchs = optimizer.state_dict(), reference.state_dict()
+    assert mine["param_groups"][0].keys() >= torchs["param_groups"][0].keys() - {"initial_lr"}
+    assert mine["state"].keys() == torchs["state"].keys()
+    assert all(torch.equal(mine["state"][i]["momentum_buffer"], torchs["state"][i]["momentum_buffer"])
+               for i in mine["state"])
+    # a checkpoint written by torch.optim.SGD loads, and one of another network does not
+    again = train.NesterovSGD(MnistCNN().parameters(), recipe)
+    again.load_state_dict(torchs)
+    assert all(torch.equal(a, b) for a, b in zip(again.momentum_buffers, optimizer.momentum_buffers, strict=True))
+    with pytest.raises(ValueError):
+        train.NesterovSGD(MnistCNN(channels=(8, 8, 8)).parameters(), recipe).load_state_dict(torchs)
+
+
+def test_train_never_imports_torch_dynamo(tmp_path, mirror):
+    """torch.optim.Optimizer's methods and torch.use_deterministic_algorithms import torch._dynamo: seconds of
+    every process's start. The CUDA settings are made here too, which needs no GPU."""
+    code = ("import sys; from mnist_pipeline import cli, runtime; runtime.deterministic_cuda(); "
+            f"code = cli.main(['train', '--root', {str(tmp_path)!r}, '--mirror', {str(mirror)!r}, '--device', 'cpu', "
+            "'--max-steps', '2']); print(code, 'torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.stdout.split()[-2:] == ["0", "False"], result.stderr[-2000:]
+
+
+def test_gpu_bench_without_a_gpu_says_so_and_exits_0():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the bench would run")
+    bench = Path(__file__).resolve().parents[1] / "bench" / "gpu_bench.py"
+    result = subprocess.run([sys.executable, str(bench)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "sees no CUDA GPU" in result.stdout, result.stderr[-2000:]

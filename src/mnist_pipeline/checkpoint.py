@@ -12,6 +12,7 @@ reads it and a crafted pickle cannot run code:
   optimizer       the optimizer's state_dict
   rng             torch's CPU generator state (dropout-free today, but any
                   randomness added later resumes exactly)
+  cuda_rng        the GPU's generator state; only in checkpoints of a CUDA run
   train_config    the training hyper-parameters, seed included (the data order
                   and learning rate are pure functions of them, epoch and step)
 """

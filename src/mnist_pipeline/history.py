@@ -72,8 +72,8 @@ def _write(volume: Volume, records: List[Dict[str, Any]]) -> None:
 class Recorder:
     """train's side: collect points as steps go by, save them beside each checkpoint.
 
-    Per step it only adds the loss tensor to a running sum on the device; the value is read
-    (`.item()`, a sync on a GPU) once per point.
+    Per step it only adds the loss tensor to a running sum on the device; the points' values are
+    read (`.item()`, which makes the host wait for a GPU) only when the history is saved.
     """
 
     def __init__(self, volume: Volume, epoch: int, step: int, device: torch.device):
@@ -108,6 +108,9 @@ class Recorder:
 
     def save(self, epoch: int, step: int) -> None:
         """Write the file, to match a checkpoint of `epoch` completed epochs and `step` batches into the next."""
+        for record in self.records:
+            if isinstance(record.get("loss"), torch.Tensor):  # a point's sum, still on the device
+                record["loss"] = record["loss"].item() / record.pop("count")
         pending = [{"kind": "window", "epoch": epoch + 1, "step": step, "loss_sum": self.window.item(),
                     "count": self.count}] if self.count else []
         with brief_lock(self.volume, LOCK):
@@ -115,9 +118,10 @@ class Recorder:
             _write(self.volume, self.records + evaluations + pending)
 
     def _point(self, epoch: int, step: int) -> None:
-        loss = self.window.item() / self.count
-        self.records.append({"kind": "step", "epoch": epoch, "step": step, "loss": loss, "lr": self.lr})
-        self.window.zero_()
+        # the sum stays on the device until save(): a new tensor takes up the next window's sum
+        self.records.append({"kind": "step", "epoch": epoch, "step": step, "loss": self.window, "count": self.count,
+                             "lr": self.lr})
+        self.window = torch.zeros_like(self.window)
         self.count = 0
 
 

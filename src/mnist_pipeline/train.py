@@ -4,28 +4,32 @@ Resuming is exact: the data order and the learning rate are pure functions of
 (seed, epoch, step), and the rest of the state (weights, BatchNorm statistics,
 optimizer moments, RNG) is in the checkpoint. So two one-epoch runs give the
 same weights as one two-epoch run, and an epoch cut short by SIGTERM and
-finished later equals an uninterrupted one (same thread count assumed: float
-sums are grouped per thread).
+finished later equals an uninterrupted one. Assumed: the same device type,
+thread count and torch build on each run (float sums are grouped per thread
+and per kernel; runtime.setup makes CUDA's kernels deterministic).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd as sgd_arithmetic
 
 from mnist_pipeline import checkpoint, data, faults, history, runtime, signals
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import MnistCNN
+from mnist_pipeline.model import IMAGE_SIZE, MnistCNN
 from mnist_pipeline.volume import Volume, exclusive_lock, remove_dead_temps
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,8 @@ class Recipe:
     """Hyper-parameters. Saved in the checkpoint; a resumed run keeps the saved ones."""
 
     seed: int = 0
+    # the same on every device: 256 and 512 lose accuracy in one epoch (README, Speed and size); a GPU
+    # makes 128 fast by replaying each step's kernels as one CUDA graph instead
     batch_size: int = 128
     peak_lr: float = 0.4
     momentum: float = 0.9
@@ -98,26 +104,74 @@ def run(config: TrainConfig) -> TrainResult:
             _move_aside(volume)
         device = runtime.setup(config.device, config.threads)
         state = _starting_point(volume, config.recipe, device)
+        warm_up = _start_warm_up(state)
         train_set = data.load_split(volume.data_dir, "train", config.mirror)
         # the test files too: evaluate and infer may run without network
         data.ensure(volume.data_dir, config.mirror, splits=("test",))
+        _finish_warm_up(warm_up)
         return _train(volume, config, state, train_set, device)
+
+
+def _start_warm_up(state: "_TrainingState") -> Optional[threading.Thread]:
+    """On CUDA, run two throwaway steps in the background while the data is read and verified.
+
+    A process's first CUDA step waits for cuDNN and cuBLAS to start and for each kernel to load;
+    done here, that overlaps the data's reading and hashing instead of delaying the epoch.
+    """
+    if state.device.type != "cuda":
+        return None
+    thread = threading.Thread(target=warm_up_steps, args=(state.model, state.recipe), name="cuda-warm-up",
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+def _finish_warm_up(thread: Optional[threading.Thread]) -> None:
+    if thread is not None:
+        thread.join()
+
+
+def warm_up_steps(model: nn.Module, recipe: Recipe) -> None:
+    """Two training steps on a copy of `model`, of one batch of zeros: the same kernels, no state touched.
+
+    The model, the optimizer and every random generator stay as they were; on a failure the real
+    first step meets the same error and reports it.
+    """
+    try:
+        twin = copy.deepcopy(model)
+        device = next(twin.parameters()).device
+        optimizer = NesterovSGD(twin.parameters(), recipe)
+        images = torch.zeros(recipe.batch_size, 1, IMAGE_SIZE, IMAGE_SIZE, device=device)
+        labels = torch.zeros(recipe.batch_size, dtype=torch.long, device=device)
+        twin.train()
+        for _ in range(2):  # the optimizer's first step differs from the later ones
+            loss = nn.functional.cross_entropy(twin(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - only a head start; the real step raises what matters
+        log.debug("warm-up step failed: %s", exc)
 
 
 class _TrainingState:
     """Everything an exact resume needs, to and from a checkpoint dict."""
 
     def __init__(self, recipe: Recipe, model: MnistCNN, device: torch.device):
-        self.recipe, self.model = recipe, model.to(device)
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=recipe.peak_lr, momentum=recipe.momentum, nesterov=True,
-            weight_decay=recipe.weight_decay,
-        )
-        self.epoch, self.step, self.loss_sum = 0, 0, 0.0
+        self.recipe, self.model, self.device = recipe, model.to(device), device
+        self.optimizer = NesterovSGD(model.parameters(), recipe)
+        self.epoch, self.step = 0, 0
+        self.reset_loss()
+
+    def reset_loss(self, value: float = 0.0) -> None:
+        # summed on the device, in float64 as Python floats were: reading it waits for the GPU, so the
+        # loop reads it only for progress lines, saves and the epoch's end
+        self.loss_sum = torch.tensor(value, dtype=torch.float64, device=self.device)
 
     @classmethod
     def fresh(cls, recipe: Recipe, device: torch.device) -> "_TrainingState":
-        torch.manual_seed(recipe.seed)
+        torch.manual_seed(recipe.seed)  # the CPU's generator and every GPU's
         return cls(recipe, MnistCNN(), device)
 
     @classmethod
@@ -129,23 +183,85 @@ class _TrainingState:
         self = cls(recipe, saved.build_model(), device)
         try:
             self.optimizer.load_state_dict(saved.state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
             raise saved.invalid(f"its optimizer state does not fit ({exc})") from None
         torch.set_rng_state(saved.state["rng"])
-        self.epoch, self.step, self.loss_sum = saved.epoch, saved.state["step"], saved.state["loss_sum"]
+        if device.type == "cuda":
+            cuda_rng = saved.state.get("cuda_rng")
+            if isinstance(cuda_rng, torch.Tensor):
+                torch.cuda.set_rng_state(cuda_rng, device)
+            else:  # saved by a CPU run: a state derived from the seed, the same on every resume
+                torch.cuda.manual_seed(recipe.seed)
+        self.epoch, self.step = saved.epoch, saved.state["step"]
+        self.reset_loss(saved.state["loss_sum"])
         return self
 
     def snapshot(self) -> Dict[str, Any]:
-        return {
+        state = {
             "epoch": self.epoch,
             "step": self.step,
-            "loss_sum": self.loss_sum,
+            "loss_sum": float(self.loss_sum),
             "model": self.model.state_dict(),
             "model_config": self.model.config,
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
             "train_config": dataclasses.asdict(self.recipe),
         }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+
+class NesterovSGD:
+    """torch.optim.SGD(nesterov=True): its arithmetic (torch.optim.sgd.sgd, the functional form) and state_dict.
+
+    Not the class itself: torch.optim.Optimizer's methods import torch._dynamo on first use, about
+    800 modules and 2 to 4 s of every train process's start (measured), far longer than a GPU's epoch.
+    """
+
+    def __init__(self, params, recipe: Recipe):
+        self.params = list(params)
+        self.param_groups = [{"lr": recipe.peak_lr, "momentum": recipe.momentum, "dampening": 0.0,
+                              "weight_decay": recipe.weight_decay, "nesterov": True, "maximize": False,
+                              "foreach": None, "differentiable": False, "fused": None}]
+        self.momentum_buffers: list = [None] * len(self.params)
+
+    def zero_grad(self) -> None:
+        """As set_to_none=True."""
+        for param in self.params:
+            param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        group = self.param_groups[0]
+        live = [i for i, param in enumerate(self.params) if param.grad is not None]
+        buffers = [self.momentum_buffers[i] for i in live]
+        sgd_arithmetic([self.params[i] for i in live], [self.params[i].grad for i in live], buffers,
+                       weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                       dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
+        for i, buffer in zip(live, buffers, strict=True):  # the first step creates them
+            self.momentum_buffers[i] = buffer
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "state": {i: {"momentum_buffer": b} for i, b in enumerate(self.momentum_buffers) if b is not None},
+            "param_groups": [{**self.param_groups[0], "params": list(range(len(self.params)))}],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Raises ValueError or KeyError where `state` does not fit these parameters."""
+        groups = state["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
+            raise ValueError(f"it has {len(groups)} parameter groups, not 1 of {len(self.params)} parameters")
+        position = {index: i for i, index in enumerate(groups[0]["params"])}
+        buffers: list = [None] * len(self.params)
+        for index, entry in state["state"].items():
+            param, buffer = self.params[position[index]], entry["momentum_buffer"]
+            if not isinstance(buffer, torch.Tensor) or buffer.shape != param.shape:
+                raise ValueError(f"the momentum of parameter {index} does not have its shape {tuple(param.shape)}")
+            buffers[position[index]] = buffer.to(device=param.device, dtype=param.dtype)
+        self.momentum_buffers = buffers
+        self.param_groups[0].update({k: v for k, v in groups[0].items() if k != "params"})
 
 
 def _starting_point(volume: Volume, recipe: Recipe, device: torch.device) -> _TrainingState:
@@ -204,23 +320,25 @@ def _set_aside(path: Path, why: str) -> None:
 
 def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set: data.Split,
            device: torch.device) -> TrainResult:
-    recipe, model, optimizer = state.recipe, state.model, state.optimizer
-    loss_fn = nn.CrossEntropyLoss()
-    images = model.normalize(train_set.images).to(device)
+    recipe, optimizer = state.recipe, state.optimizer
+    # uint8 to the device, normalised there: a quarter of the bytes to copy, and a GPU's arithmetic
+    images = state.model.normalize(train_set.images.to(device))
     labels = train_set.labels.to(device)
     steps_per_epoch = recipe.steps_per_epoch(len(labels))
     target_epoch = state.epoch + config.epochs
     fault_step, fault_signal = faults.signal_at_step()
     started = time.monotonic()
     recorder = history.Recorder(volume, state.epoch, state.step, device)  # the curves of the report
-    model.train()
+    state.model.train()
+    train_step = _step_function(state, images, labels)
     with signals.deferred():  # a signal is acted on at the next step boundary
         while state.epoch < target_epoch:
             order = epoch_order(recipe.seed, state.epoch, len(labels)).to(device)
             log.info("epoch %d: training from step %d of %d (batch %d, %s, %d threads)", state.epoch + 1,
                      state.step, steps_per_epoch, recipe.batch_size, device, torch.get_num_threads())
             report = _Progress(state.epoch + 1, steps_per_epoch, state.step, config.progress_every_s)
-            next_save = time.monotonic() + config.save_every_s
+            epoch_started = time.monotonic()
+            next_save = epoch_started + config.save_every_s
             while state.step < steps_per_epoch:
                 if state.step == fault_step:
                     os.kill(os.getpid(), fault_signal)
@@ -233,29 +351,82 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(recipe, state.epoch, state.step, steps_per_epoch)
                 batch = order[state.step * recipe.batch_size:(state.step + 1) * recipe.batch_size]
-                loss = loss_fn(model(images[batch]), labels[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                state.loss_sum += loss.item()
+                loss = train_step(batch)
+                state.loss_sum += loss  # no .item(): the host never waits for the GPU here
                 state.step += 1
                 recorder.add(state.epoch + 1, state.step, loss, optimizer.param_groups[0]["lr"])
-                report.update(state.step, state.loss_sum / state.step)
+                report.update(state.step, lambda: float(state.loss_sum) / state.step)
                 if config.save_every_s and time.monotonic() >= next_save and state.step < steps_per_epoch:
                     _save_progress(volume, state, recorder)
                     next_save = time.monotonic() + config.save_every_s
             report.close()
-            _check_finite(state)
-            epoch_loss = state.loss_sum / steps_per_epoch
+            _check_finite(state)  # reads the loss: waits for the epoch's last step
+            epoch_seconds = time.monotonic() - epoch_started
+            epoch_loss = float(state.loss_sum) / steps_per_epoch
             recorder.end_epoch(state.epoch + 1, steps_per_epoch, epoch_loss)
-            state.epoch, state.step, state.loss_sum = state.epoch + 1, 0, 0.0
+            state.epoch, state.step = state.epoch + 1, 0
+            state.reset_loss()
             recorder.save(state.epoch, state.step)  # before the checkpoint: never behind it
             checkpoint.save(volume.checkpoint, state.snapshot(), fault_point="checkpoint-before-rename")
             if volume.progress.exists():  # (a kill -9 just before this leaves it stale: the next train sets it aside)
                 volume.progress.unlink()
-            log.info("epoch %d done: train loss %.4f; saved %s", state.epoch, epoch_loss, volume.checkpoint)
+            log.info("epoch %d done in %.2f s: train loss %.4f; saved %s", state.epoch, epoch_seconds, epoch_loss,
+                     volume.checkpoint)
     return TrainResult(epoch=state.epoch, train_loss=epoch_loss, seconds=time.monotonic() - started,
                        checkpoint=volume.checkpoint)
+
+
+def _step_function(state: _TrainingState, images: torch.Tensor, labels: torch.Tensor,
+                   cuda_graph: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """step(batch indices) -> the batch's loss, after the forward, backward and optimizer step.
+
+    On CUDA the forward and backward are captured once as a CUDA graph and replayed each step:
+    one launch for some fifty kernels, whose launching on the host otherwise takes longer than the
+    GPU's work on 128 images. The same kernels in the same order, so the same results; where the
+    capture fails (or without `cuda_graph`: bench/gpu_bench.py compares), eager steps instead.
+    """
+    model, optimizer, loss_fn = state.model, state.optimizer, nn.CrossEntropyLoss()
+
+    def eager(batch: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    if state.device.type != "cuda" or not cuda_graph:
+        return eager
+    try:
+        return _graphed_step(state, images, labels, loss_fn)
+    except RuntimeError as exc:
+        log.warning("could not capture the training step as a CUDA graph (%s); running it step by step",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return eager
+
+
+def _graphed_step(state: _TrainingState, images: torch.Tensor, labels: torch.Tensor,
+                  loss_fn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    model, optimizer, device = state.model, state.optimizer, state.device
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # this thread's and stream's handles and workspaces exist before the capture
+        warm_up_steps(model, state.recipe)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    batch = torch.zeros(state.recipe.batch_size, dtype=torch.long, device=device)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad()  # the capture allocates the gradients; each replay rewrites them
+    with torch.cuda.graph(graph, stream=stream):  # records, runs nothing: no state changes here
+        loss = loss_fn(model(images[batch]), labels[batch])
+        loss.backward()
+    log.debug("training step captured as a CUDA graph")
+
+    def replay(indices: torch.Tensor) -> torch.Tensor:
+        batch.copy_(indices)
+        graph.replay()
+        optimizer.step()  # eager: its learning rate changes every step
+        return loss.detach()
+
+    return replay
 
 
 def _save_progress(volume: Volume, state: _TrainingState, recorder: history.Recorder) -> None:
@@ -267,8 +438,8 @@ def _save_progress(volume: Volume, state: _TrainingState, recorder: history.Reco
 
 def _check_finite(state: _TrainingState) -> None:
     """A diverged run must not replace the last good checkpoint or progress with NaN weights."""
-    weights_finite = all(bool(torch.isfinite(p).all()) for p in state.model.parameters())
-    if not (math.isfinite(state.loss_sum) and weights_finite):
+    weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in state.model.parameters()]).all())
+    if not (math.isfinite(float(state.loss_sum)) and weights_finite):
         raise PipelineError(
             f"training diverged: the loss or the weights became non-finite in epoch {state.epoch + 1} by step "
             f"{state.step} (peak learning rate {state.recipe.peak_lr}); nothing of it from there was saved: "
@@ -288,14 +459,15 @@ class _Progress:
 
             self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", unit="batch", leave=False)
 
-    def update(self, step: int, mean_loss: float) -> None:
+    def update(self, step: int, mean_loss: Callable[[], float]) -> None:
+        """`mean_loss` is called only when shown: reading the loss waits for the GPU."""
         if self.bar is not None:
             self.bar.update(1)
             if step % 20 == 0:
-                self.bar.set_postfix(loss=f"{mean_loss:.4f}")
+                self.bar.set_postfix(loss=f"{mean_loss():.4f}")
         elif time.monotonic() >= self.next_line:
             log.info("epoch %d: step %d/%d (%d%%), loss %.4f", self.epoch, step, self.total,
-                     100 * step // self.total, mean_loss)
+                     100 * step // self.total, mean_loss())
             self.next_line = time.monotonic() + self.every_s
 
     def close(self) -> None:
