@@ -298,6 +298,7 @@ def test_evaluate_and_infer_on_a_root_that_does_not_exist_create_nothing(stage, 
     (lambda s: s["train_config"].pop("seed"), "no 'seed'"),
     (lambda s: s.update(rng=torch.zeros(7, dtype=torch.uint8)), "rng"),
     (lambda s: s.update(rng=s["rng"].float()), "rng"),
+    (lambda s: s.update(cuda_rng=torch.zeros(3, 3)), "cuda_rng"),
     (lambda s: s.update(loss_sum=float("nan")), "loss_sum"),
     (lambda s: s.update(step=-3), "negative"),
 ])

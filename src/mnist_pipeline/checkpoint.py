@@ -147,6 +147,10 @@ def _state_problem(state: Dict[str, Any]) -> Optional[str]:
     rng, expected = state["rng"], torch.get_rng_state()
     if rng.dtype != expected.dtype or rng.shape != expected.shape:
         return f"its rng is a {rng.dtype} tensor of shape {list(rng.shape)}, not torch's CPU generator state"
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng is not None and not (isinstance(cuda_rng, torch.Tensor) and cuda_rng.dtype == torch.uint8
+                                     and cuda_rng.dim() == 1):
+        return "its cuda_rng is not a GPU generator state (a 1-D uint8 tensor)"
     try:
         limits.check_train_config(state["train_config"])
     except ValueError as exc:
