@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from mnist_pipeline import faults, signals
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline import distributed, faults, signals
+from mnist_pipeline.errors import PipelineError, UsageError
 
 # Before torch loads: idle OpenMP threads sleep instead of spinning. Spinning threads made a
 # 2-thread epoch ten times slower whenever anything else ran on a 2-core machine.
@@ -127,6 +127,10 @@ TRAIN = [
             "seconds between progress saves within an epoch, so a kill -9 loses at most that (0: only on SIGTERM)",
             "SECONDS"),
 ]
+# train only (not pipeline): evaluate and infer run in one process
+NPROC_PER_NODE = Setting("--nproc-per-node", _positive_int, 1,
+                         "processes training together (data parallel) through torchrun's elastic agent; "
+                         "ignored inside torchrun", "N")
 EVALUATE = [WAIT]
 INFER = [
     WAIT,
@@ -134,7 +138,7 @@ INFER = [
     Setting("--count", _positive_int, 5, "how many random test images to label", "N"),
 ]
 COMMANDS: Dict[str, List[Setting]] = {
-    "train": COMMON + TRAIN,
+    "train": COMMON + TRAIN + [NPROC_PER_NODE],
     "evaluate": COMMON + EVALUATE,
     "infer": COMMON + INFER,
     "pipeline": COMMON + TRAIN + INFER,
@@ -234,9 +238,18 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
     parser = build_parser()
     args = parser.parse_args(argv)
     values = resolve(parser, args, dict(os.environ) if env is None else env)
+    world = distributed.world()
+    if world.size > 1 and args.command != "train":
+        parser.error(f"only `mnist train` runs as a torchrun group, not `mnist {args.command}`: run it in one process")
+    if values.get("nproc_per_node", 1) > 1 and not distributed.launched():
+        try:
+            distributed.check_batch_size(values["batch_size"], values["nproc_per_node"])
+        except UsageError as exc:
+            parser.error(str(exc))
+        return distributed.launch(values["nproc_per_node"], sys.argv[1:] if argv is None else argv)
     signals.install()  # recorded only, until the stages run: torch's import is not interrupted
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
     )
     try:
@@ -246,7 +259,8 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
         for stage, config in _configs(args.command, values).items():
             with signals.interruptible():
                 result = stages[stage](config)
-            _report(stage, result)
+            if world.is_main:  # one summary per group
+                _report(stage, result)
             if signals.received() is not None:  # arrived after the stage's last save: nothing is lost
                 raise signals.interrupted(f"after {stage} finished and saved its results")
     except PipelineError as exc:

@@ -10,6 +10,7 @@ sums are grouped per thread).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -23,7 +24,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from mnist_pipeline import checkpoint, data, faults, runtime, signals
+from mnist_pipeline import checkpoint, data, distributed, faults, runtime, signals
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import MnistCNN
 from mnist_pipeline.volume import Volume, exclusive_lock, remove_stale_temps
@@ -91,16 +92,22 @@ def run(config: TrainConfig) -> TrainResult:
     if config.epochs < 1:
         raise PipelineError(f"--epochs / MNIST_EPOCHS must be at least 1, got {config.epochs}")
     volume = Volume(config.root)
-    with exclusive_lock(volume, "train"):
-        remove_stale_temps(volume.model_dir)  # left by a kill -9 mid-write
-        if config.fresh:
-            _move_aside(volume)
-        device = runtime.setup(config.device, config.threads)
-        state = _starting_point(volume, config.recipe, device)
-        train_set = data.load_split(volume.data_dir, "train", config.mirror)
-        # the test files too: evaluate and infer may run without network
-        data.ensure(volume.data_dir, config.mirror, splits=("test",))
-        return _train(volume, config, state, train_set, device)
+    world = distributed.world()  # one process, or a rank of a torchrun group
+    distributed.check_batch_size(config.recipe.batch_size, world.size)
+    device = runtime.setup(config.device, distributed.threads(world, config.threads))
+    with distributed.process_group(world, device) as device, distributed.lost_peers_reported(world), \
+            contextlib.ExitStack() as held:
+        with distributed.main_first(world):  # rank 0 alone writes; the others then read what it prepared
+            if world.is_main:
+                held.enter_context(exclusive_lock(volume, "train"))
+                remove_stale_temps(volume.model_dir)  # left by a kill -9 mid-write
+                if config.fresh:
+                    _move_aside(volume)
+            state = _starting_point(volume, config.recipe, device)
+            train_set = data.load_split(volume.data_dir, "train", config.mirror)
+            # the test files too: evaluate and infer may run without network
+            data.ensure(volume.data_dir, config.mirror, splits=("test",))
+        return _train(volume, config, state, train_set, device, world)
 
 
 class _TrainingState:
@@ -202,8 +209,9 @@ def _set_aside(path: Path, why: str) -> None:
 
 
 def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set: data.Split,
-           device: torch.device) -> TrainResult:
+           device: torch.device, world: distributed.World) -> TrainResult:
     recipe, model, optimizer = state.recipe, state.model, state.optimizer
+    model = distributed.wrap(world, model)  # DDP in a group; state.model, saved, stays the plain network
     loss_fn = nn.CrossEntropyLoss()
     images = data.normalize(train_set.images).to(device)
     labels = train_set.labels.to(device)
@@ -222,32 +230,37 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
             while state.step < steps_per_epoch:
                 if state.step == fault_step:
                     os.kill(os.getpid(), fault_signal)
-                if signals.received() is not None:
+                if distributed.stop_agreed(world, signals.received() is not None):  # all ranks stop at one step
                     report.close()
-                    _save_progress(volume, state)
+                    if world.is_main:
+                        _save_progress(volume, state)
+                    distributed.barrier(world)  # the others leave once the progress is saved
                     raise signals.interrupted(
                         f"at epoch {state.epoch + 1}, step {state.step}/{steps_per_epoch}; progress saved to "
                         f"{volume.progress}: run `mnist train` again to continue")
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(recipe, state.epoch, state.step, steps_per_epoch)
                 batch = order[state.step * recipe.batch_size:(state.step + 1) * recipe.batch_size]
+                batch = distributed.shard(world, batch)
                 loss = loss_fn(model(images[batch]), labels[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                state.loss_sum += loss.item()
+                state.loss_sum += distributed.average(world, loss).item()  # the same sum on every rank
                 state.step += 1
                 report.update(state.step, state.loss_sum / state.step)
-                if config.save_every_s and time.monotonic() >= next_save and state.step < steps_per_epoch:
+                if (world.is_main and config.save_every_s and time.monotonic() >= next_save
+                        and state.step < steps_per_epoch):
                     _save_progress(volume, state)
                     next_save = time.monotonic() + config.save_every_s
             report.close()
             _check_finite(state)
             epoch_loss = state.loss_sum / steps_per_epoch
             state.epoch, state.step, state.loss_sum = state.epoch + 1, 0, 0.0
-            checkpoint.save(volume.checkpoint, state.snapshot(), fault_point="checkpoint-before-rename")
-            if volume.progress.exists():  # (a kill -9 just before this leaves it stale: the next train sets it aside)
-                volume.progress.unlink()
+            if world.is_main:
+                checkpoint.save(volume.checkpoint, state.snapshot(), fault_point="checkpoint-before-rename")
+                if volume.progress.exists():  # (a kill -9 just before leaves it stale: the next train sets it aside)
+                    volume.progress.unlink()
             log.info("epoch %d done: train loss %.4f; saved %s", state.epoch, epoch_loss, volume.checkpoint)
     return TrainResult(epoch=state.epoch, train_loss=epoch_loss, seconds=time.monotonic() - started,
                        checkpoint=volume.checkpoint)
