@@ -133,6 +133,8 @@ services:
   train: *offline
   evaluate: *offline
   infer: *offline
+  ddp-leader: *offline
+  ddp-worker: *offline
 EOF
 )
 if [ -f "$OVERRIDE" ] && [ "$(cat "$OVERRIDE")" = "$new" ]; then
