@@ -19,6 +19,7 @@ import torch
 
 from conftest import mnist_command, mnist_env, run_mnist
 from mnist_pipeline import data, distributed
+from mnist_pipeline.volume import Volume, exclusive_lock
 from test_interrupts import assert_same_state, litter, load
 
 TIMEOUT = 120  # seconds for one run: generous on a busy 2-core machine; a hang fails the test
@@ -157,6 +158,25 @@ def test_a_world_size_that_does_not_divide_the_batch_is_a_usage_error(volume):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "128 does not split evenly over 3 processes" in result.stderr
     assert not (volume / "model").exists()
+
+    # a resumed run keeps the checkpoint's batch size: that one is checked, by every rank
+    assert run_mnist("train", "--root", str(volume), "--batch-size", "127", "--max-steps", "2").returncode == 0
+    checkpoint = volume / "model" / "mnist_cnn.pt"
+    before = checkpoint.read_bytes()
+    result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT)
+    assert result.returncode == 2 and "127 does not split evenly over 2 processes" in result.stderr, \
+        result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and checkpoint.read_bytes() == before
+
+
+def test_a_busy_volume_stops_every_rank_with_exit_4(volume):
+    """Rank 0 finds the train lock taken; the others stop with its exit code instead of waiting for it."""
+    with exclusive_lock(Volume(volume), "train"):
+        result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "error: another train is running" in result.stderr
+    assert "error: rank 0 stopped before training (exit 4)" in result.stderr
+    assert not (volume / "model" / "mnist_cnn.pt").exists()
 
 
 def test_only_train_runs_as_a_group(volume):

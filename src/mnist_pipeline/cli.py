@@ -237,11 +237,12 @@ def _report(stage: str, result: Any) -> None:
 def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    values = resolve(parser, args, dict(os.environ) if env is None else env)
-    world = distributed.world()
+    env = dict(os.environ) if env is None else env
+    values = resolve(parser, args, env)
+    world = distributed.world(env)  # a rank of a torchrun group, or a world of one
     if world.size > 1 and args.command != "train":
         parser.error(f"only `mnist train` runs as a torchrun group, not `mnist {args.command}`: run it in one process")
-    if values.get("nproc_per_node", 1) > 1 and not distributed.launched():
+    if values.get("nproc_per_node", 1) > 1 and not distributed.launched(env):
         try:
             distributed.check_batch_size(values["batch_size"], values["nproc_per_node"])
         except UsageError as exc:

@@ -93,7 +93,6 @@ def run(config: TrainConfig) -> TrainResult:
         raise PipelineError(f"--epochs / MNIST_EPOCHS must be at least 1, got {config.epochs}")
     volume = Volume(config.root)
     world = distributed.world()  # one process, or a rank of a torchrun group
-    distributed.check_batch_size(config.recipe.batch_size, world.size)
     device = runtime.setup(config.device, distributed.threads(world, config.threads))
     with distributed.process_group(world, device) as device, distributed.lost_peers_reported(world), \
             contextlib.ExitStack() as held:
@@ -211,6 +210,7 @@ def _set_aside(path: Path, why: str) -> None:
 def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set: data.Split,
            device: torch.device, world: distributed.World) -> TrainResult:
     recipe, model, optimizer = state.recipe, state.model, state.optimizer
+    distributed.check_batch_size(recipe.batch_size, world.size)  # the checkpoint's batch size when resuming
     model = distributed.wrap(world, model)  # DDP in a group; state.model, saved, stays the plain network
     loss_fn = nn.CrossEntropyLoss()
     images = data.normalize(train_set.images).to(device)
