@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
@@ -25,8 +24,6 @@ from mnist_pipeline.errors import PipelineError, UsageError
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger(__name__)
 
 # While rank 0 takes the lock and fetches MNIST (minutes over a slow network) the others wait.
 PREPARE_TIMEOUT = datetime.timedelta(minutes=30)
