@@ -60,10 +60,10 @@ def volume(data_volume, tmp_path) -> Path:
     return root
 
 
-def torchrun(root: Path, *flags: str, env=None, nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               *mnist_command("train", "--root", str(root), *flags)[1:]]
-    return subprocess.run(command, env=mnist_env(env), capture_output=True, text=True, timeout=TIMEOUT)
+def torchrun(root: Path, *flags: str, env=None, torchrun_flags=(), timeout: float = TIMEOUT):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               *torchrun_flags, *mnist_command("train", "--root", str(root), *flags)[1:]]
+    return subprocess.run(command, env=mnist_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def rank_fault(fault: str, rank: int = 1) -> dict:
@@ -132,14 +132,21 @@ def test_a_rank_killed_with_kill_9_ends_the_run_with_a_clear_error_and_the_check
     checkpoint = volume / "model" / "mnist_cnn.pt"
     before = checkpoint.read_bytes()
     # the subprocess timeout is the promise: the surviving rank does not hang
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         *mnist_command("train", "--root", str(volume), "--save-every", "0")[1:]],
-        env=mnist_env(rank_fault("sigkill-at-step:5")), capture_output=True, text=True, timeout=60)
+    result = torchrun(volume, "--save-every", "0", env=rank_fault("sigkill-at-step:5"), timeout=60)
     assert result.returncode != 0
     assert "error: rank 0 of 2 lost its process group: another rank died" in result.stderr, result.stderr[-3000:]
     assert checkpoint.read_bytes() == before
     assert not (volume / "model" / "train_progress.pt").exists() and not litter(volume)
+
+
+def test_torchrun_max_restarts_restarts_the_group_from_the_saved_progress(volume):
+    # --save-every that small saves after every step; the fault kills rank 1 in the first start only
+    result = torchrun(volume, "--max-steps", "20", "--save-every", "0.000001",
+                      env={**rank_fault("sigkill-at-step:5"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+                      torchrun_flags=("--max-restarts", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lost its process group" in result.stderr and "continuing epoch 1 at step 5" in result.stderr
+    assert load(volume / "model" / "mnist_cnn.pt")["epoch"] == 1 and not litter(volume)
 
 
 def test_mnist_train_nproc_per_node_starts_the_group_itself(volume):

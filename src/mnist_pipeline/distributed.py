@@ -222,6 +222,9 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads(World(local_size=nproc), None)))  # quiets torchrun
+    # torch 2.13's agent otherwise lends its store to the workers, and a restarted group can read the
+    # dead group's addresses from it (pytorch/pytorch#135712)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = torchrun.parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "mnist_pipeline",
                                 *argv])
     try:

@@ -7,7 +7,8 @@ from outside. Unset (always, outside tests) each check is one dictionary lookup.
   sigterm:<point>       SIGTERM at `point`, as `docker stop` would
   <signal>-at-step:N    train sends itself sigterm, sigint or sigkill just before step N of an epoch
 
-Under torchrun every rank inherits MNIST_FAULT; MNIST_FAULT_RANK=R arms it in rank R alone.
+Under torchrun every rank inherits MNIST_FAULT; MNIST_FAULT_RANK=R arms it in rank R alone, and
+only in the group's first start, so a group that torchrun --max-restarts starts again runs clean.
 
 Points: <file>-before-rename (the new copy written, not yet in place: checkpoint, progress, data,
 eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit.
@@ -44,6 +45,7 @@ def signal_at_step() -> Tuple[Optional[int], Optional[int]]:
 
 def _fault() -> Optional[str]:
     only_rank = os.environ.get(RANK_ENV)
-    if only_rank is not None and only_rank != os.environ.get("RANK", "0"):
+    if only_rank is not None and (only_rank != os.environ.get("RANK", "0")
+                                  or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
         return None
     return os.environ.get(ENV)

@@ -94,7 +94,7 @@ def run(config: TrainConfig) -> TrainResult:
     volume = Volume(config.root)
     world = distributed.world()  # one process, or a rank of a torchrun group
     device = runtime.setup(config.device, distributed.threads(world, config.threads))
-    with distributed.process_group(world, device) as device, distributed.lost_peers_reported(world), \
+    with distributed.lost_peers_reported(world), distributed.process_group(world, device) as device, \
             contextlib.ExitStack() as held:
         with distributed.main_first(world):  # rank 0 alone writes; the others then read what it prepared
             if world.is_main:
