@@ -102,6 +102,11 @@ def process_group(world: World, device: "torch.device") -> Iterator["torch.devic
 def _cuda_device(world: World) -> "torch.device":
     import torch
 
+    if world.local_rank >= torch.cuda.device_count():  # one GPU per rank: NCCL refuses to share one
+        raise UsageError(
+            f"local rank {world.local_rank} has no GPU of its own: this machine shows {torch.cuda.device_count()}; "
+            f"start at most that many processes per machine, or train on the CPU (--device cpu)"
+        )
     torch.cuda.set_device(world.local_rank)
     return torch.device("cuda", world.local_rank)
 
