@@ -5,7 +5,7 @@ Resuming is exact: the data order and the learning rate are pure functions of
 optimizer moments, RNG) is in the checkpoint. So two one-epoch runs give the
 same weights as one two-epoch run, and an epoch cut short by SIGTERM and
 finished later equals an uninterrupted one (same thread count assumed: float
-sums are grouped per thread).
+sums are grouped per thread; under torchrun, the same world size too).
 """
 
 from __future__ import annotations
