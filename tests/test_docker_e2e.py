@@ -2,10 +2,10 @@
 
 Builds the images with scripts/offline-prep.sh's override (these machines reach no registry), runs
 train, evaluate, infer one after another in a project of its own, looks into the volume, brings
-`serve` up and predicts from the host, trains again to check it resumes, and removes what it made.
-Slow (two trainings per flavor): deselect with -m "not docker". Skipped where no Docker engine
-answers or offline-prep cannot run; under CI (CI set) those are failures instead, and both Compose
-flavors must be present.
+`serve` up and predicts from the host, trains again to check it resumes, trains once more with
+the `ddp` profile (two containers, one rank each), and removes what it made. Slow (three trainings
+per flavor): deselect with -m "not docker". Skipped where no Docker engine answers or offline-prep
+cannot run; under CI (CI set) those are failures instead, and both Compose flavors must be present.
 """
 
 from __future__ import annotations
@@ -56,19 +56,19 @@ print(json.dumps(found))
 TORCH_VERSION = "import pkg_resources; print(pkg_resources.get_distribution('torch').version)"
 
 
-def docker_env(project: str = "", extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """No stray MNIST_* settings; /usr/bin first, since Compose v1 runs whichever `docker` comes first."""
+def docker_env(project: str = "", settings: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Only the MNIST_* `settings`; /usr/bin first, since Compose v1 runs whichever `docker` comes first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
+    env.update(settings or {})
     env["PATH"] = "/usr/bin:" + env.get("PATH", "")
     if project:
         env["COMPOSE_PROJECT_NAME"] = project
-    env.update(extra or {})
     return env
 
 
 def run(cmd: List[str], project: str = "", timeout: float = 120, check: bool = True,
-        env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO, env=docker_env(project, env), stdin=subprocess.DEVNULL,
+        settings: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=docker_env(project, settings), stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, (
@@ -138,7 +138,7 @@ def http(url: str, body: Optional[bytes] = None, headers: Optional[Dict[str, str
 def check_serve(compose: List[str], project: str, image: str) -> None:
     """`compose up -d serve` (named, as its profile needs), ready from the host, one prediction, down."""
     port = free_port()
-    run(compose + ["up", "-d", "serve"], project, timeout=1200, env={"MNIST_PORT": str(port)})
+    run(compose + ["up", "-d", "serve"], project, timeout=1200, settings={"MNIST_PORT": str(port)})
     size = int(run(["docker", "image", "inspect", "--format", "{{.Size}}", image]).stdout)
     assert size <= MAX_IMAGE_BYTES, f"{image} is {size / 1e6:.0f} MB, over 990 MB"
     container = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
@@ -210,9 +210,17 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
 
         service("train")
         assert inspect_volume()["epoch"] == 2, "a second train must resume from the checkpoint in the volume"
+
+        # profile ddp: two containers, one rank each, meet over the Compose network and train one epoch
+        # (one thread each: they share this machine's cores)
+        ddp = run(compose + ["--profile", "ddp", "up", "ddp-leader", "ddp-worker"], project, timeout=1800,
+                  settings={"MNIST_THREADS": "1"})
+        assert (ddp.stdout + ddp.stderr).count("exited with code 0") == 2, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+        assert inspect_volume()["epoch"] == 3, "the ddp profile must train one more epoch on the same volume"
     finally:
         run(compose + ["rm", "-s", "-f", "serve"], project, timeout=120, check=False)
-        run(compose + ["down", "--volumes", "--remove-orphans"], project, timeout=300, check=False)
+        run(compose + ["--profile", "ddp", "down", "--volumes", "--remove-orphans"], project, timeout=300,
+            check=False)
         run(["docker", "volume", "rm", "-f", volume], check=False)
         # --no-prune keeps the cached build layers, so the next run builds in seconds
         run(["docker", "rmi", "--no-prune", *images.values(), f"{project}_serve"], check=False)

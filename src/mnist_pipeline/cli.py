@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from mnist_pipeline import faults, limits, signals
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline import distributed, faults, limits, signals
+from mnist_pipeline.errors import PipelineError, UsageError
 from mnist_pipeline.volume import Volume, exclusive_lock
 
 # Before torch loads: idle OpenMP threads sleep instead of spinning, which slows everything else
@@ -163,6 +163,10 @@ TRAIN = [
             "seconds between progress saves within an epoch, so a kill -9 loses at most that (0: only on SIGTERM)",
             "SECONDS"),
 ]
+# train only (not pipeline): evaluate and infer run in one process
+NPROC_PER_NODE = Setting("--nproc-per-node", _positive_int, 1,
+                         "processes training together (data parallel) through torchrun's elastic agent; "
+                         "ignored inside torchrun", "N")
 EVALUATE = [WAIT, GRACE]
 INFER = [
     WAIT,
@@ -176,7 +180,7 @@ SERVE = PREDICT + [
     Setting("--port", _port, 8000, "TCP port to listen on (0: any free one, logged)", "PORT"),
 ]
 COMMANDS: Dict[str, List[Setting]] = {
-    "train": COMMON + TRAIN,
+    "train": COMMON + TRAIN + [NPROC_PER_NODE],
     "evaluate": COMMON + EVALUATE,
     "infer": COMMON + INFER,
     "pipeline": COMMON + TRAIN + INFER,
@@ -312,10 +316,20 @@ def _predict(values: Dict[str, Any], images: List[Path], as_json: bool) -> int:
 def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    values = resolve(parser, args, dict(os.environ) if env is None else env)
+    env = dict(os.environ) if env is None else env
+    values = resolve(parser, args, env)
+    world = distributed.world(env)  # a rank of a torchrun group, or a world of one
+    if world.size > 1 and args.command != "train":
+        parser.error(f"only `mnist train` runs as a torchrun group, not `mnist {args.command}`: run it in one process")
+    if values.get("nproc_per_node", 1) > 1 and not distributed.launched(env):
+        try:
+            distributed.check_batch_size(values["batch_size"], values["nproc_per_node"])
+        except UsageError as exc:
+            parser.error(str(exc))
+        return distributed.launch(values["nproc_per_node"], sys.argv[1:] if argv is None else argv)
     signals.install()  # recorded only, until the stages run: torch's import is not interrupted
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
     )
     volume = Volume(values["root"])
@@ -326,9 +340,11 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
                 f"or fix --root / MNIST_ROOT"
             )
         with contextlib.ExitStack() as train_lock:
-            if args.command in ("train", "pipeline"):
+            if args.command in ("train", "pipeline") and world.size == 1:
                 # before torch loads (a second or two): a train started beside an evaluate and an infer
-                # (`docker compose up`) holds its lock long before they would use the old checkpoint
+                # (`docker compose up`) holds its lock long before they would use the old checkpoint.
+                # In a torchrun group rank 0 takes it once the group has formed: a busy volume then
+                # stops every rank at once instead of leaving the others waiting for rank 0.
                 train_lock.enter_context(exclusive_lock(volume, "train"))
             from mnist_pipeline import evaluate, infer, report, runtime, train
 
@@ -348,7 +364,8 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
             for stage, config in _configs(args.command, values).items():
                 with signals.interruptible():
                     result = stages[stage](config)
-                _report(stage, result)
+                if world.is_main:  # one summary per group
+                    _report(stage, result)
                 if stage == "train":
                     train_lock.close()  # pipeline: its evaluate must not wait for its own train
                 if signals.received() is not None:  # arrived after the stage's last save: nothing is lost

@@ -11,6 +11,12 @@ class PipelineError(Exception):
     exit_code = 1
 
 
+class UsageError(PipelineError):
+    """Settings that cannot work together, found after parsing (e.g. a batch that does not split over the ranks)."""
+
+    exit_code = 2
+
+
 class BelowThreshold(PipelineError):
     """infer: the evaluated accuracy does not pass the gate, so no results are written."""
 

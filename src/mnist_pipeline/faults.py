@@ -7,6 +7,9 @@ from outside. Unset (always, outside tests) each check is one dictionary lookup.
   sigterm:<point>       SIGTERM at `point`, as `docker stop` would
   <signal>-at-step:N    train sends itself sigterm, sigint or sigkill just before step N of an epoch
 
+Under torchrun every rank inherits MNIST_FAULT; MNIST_FAULT_RANK=R arms it in rank R alone, and
+only in the group's first start, so a group that torchrun --max-restarts starts again runs clean.
+
 Points: <file>-before-rename (the new copy written, not yet in place: checkpoint, progress, data,
 eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit.
 """
@@ -18,12 +21,13 @@ import signal
 from typing import Optional, Tuple
 
 ENV = "MNIST_FAULT"
+RANK_ENV = "MNIST_FAULT_RANK"
 AT_STEP = {"sigterm-at-step:": signal.SIGTERM, "sigint-at-step:": signal.SIGINT, "sigkill-at-step:": signal.SIGKILL}
 
 
 def crash_point(point: str) -> None:
     """SIGKILL this process if MNIST_FAULT=`point`; SIGTERM it if MNIST_FAULT=sigterm:`point`."""
-    fault = os.environ.get(ENV)
+    fault = _fault()
     if fault == point:
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault == f"sigterm:{point}":
@@ -32,8 +36,16 @@ def crash_point(point: str) -> None:
 
 def signal_at_step() -> Tuple[Optional[int], Optional[int]]:
     """(step, signal) of MNIST_FAULT=<signal>-at-step:N, else (None, None)."""
-    fault = os.environ.get(ENV, "")
+    fault = _fault() or ""
     for prefix, signum in AT_STEP.items():
         if fault.startswith(prefix):
             return int(fault[len(prefix):]), signum
     return None, None
+
+
+def _fault() -> Optional[str]:
+    only_rank = os.environ.get(RANK_ENV)
+    if only_rank is not None and (only_rank != os.environ.get("RANK", "0")
+                                  or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+        return None
+    return os.environ.get(ENV)

@@ -6,11 +6,13 @@ optimizer moments, RNG) is in the checkpoint. So two one-epoch runs give the
 same weights as one two-epoch run, and an epoch cut short by SIGTERM and
 finished later equals an uninterrupted one. Assumed: the same device type,
 thread count and torch build on each run (float sums are grouped per thread
-and per kernel; runtime.setup makes CUDA's kernels deterministic).
+and per kernel; runtime.setup makes CUDA's kernels deterministic), and under
+torchrun the same world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd as sgd_arithmetic
 
-from mnist_pipeline import checkpoint, data, faults, history, runtime, signals
+from mnist_pipeline import checkpoint, data, distributed, faults, history, runtime, signals
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import IMAGE_SIZE, MnistCNN
 from mnist_pipeline.volume import Volume, exclusive_lock, remove_dead_temps
@@ -97,19 +99,24 @@ def run(config: TrainConfig) -> TrainResult:
     if config.epochs < 1:
         raise PipelineError(f"--epochs / MNIST_EPOCHS must be at least 1, got {config.epochs}")
     volume = Volume(config.root)
-    with exclusive_lock(volume, "train"):
-        for folder in (volume.model_dir, volume.data_dir):
-            remove_dead_temps(folder)  # left by a kill -9 mid-write, whatever their age
-        if config.fresh:
-            _move_aside(volume)
-        device = runtime.setup(config.device, config.threads)
-        state = _starting_point(volume, config.recipe, device)
-        warm_up = _start_warm_up(state)
-        train_set = data.load_split(volume.data_dir, "train", config.mirror)
-        # the test files too: evaluate and infer may run without network
-        data.ensure(volume.data_dir, config.mirror, splits=("test",))
-        _finish_warm_up(warm_up)
-        return _train(volume, config, state, train_set, device)
+    world = distributed.world()  # one process, or a rank of a torchrun group
+    device = runtime.setup(config.device, distributed.threads(world, config.threads))
+    with distributed.lost_peers_reported(world), distributed.process_group(world, device) as device, \
+            contextlib.ExitStack() as held:
+        with distributed.main_first(world):  # rank 0 alone writes; the others then read what it prepared
+            if world.is_main:
+                held.enter_context(exclusive_lock(volume, "train"))
+                for folder in (volume.model_dir, volume.data_dir):
+                    remove_dead_temps(folder)  # left by a kill -9 mid-write, whatever their age
+                if config.fresh:
+                    _move_aside(volume)
+            state = _starting_point(volume, config.recipe, device)
+            warm_up = _start_warm_up(state)
+            train_set = data.load_split(volume.data_dir, "train", config.mirror)
+            # the test files too: evaluate and infer may run without network
+            data.ensure(volume.data_dir, config.mirror, splits=("test",))
+            _finish_warm_up(warm_up)
+        return _train(volume, config, state, train_set, device, world)
 
 
 def _start_warm_up(state: "_TrainingState") -> Optional[threading.Thread]:
@@ -319,8 +326,9 @@ def _set_aside(path: Path, why: str) -> None:
 
 
 def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set: data.Split,
-           device: torch.device) -> TrainResult:
+           device: torch.device, world: distributed.World) -> TrainResult:
     recipe, optimizer = state.recipe, state.optimizer
+    distributed.check_batch_size(recipe.batch_size, world.size)  # the checkpoint's batch size when resuming
     # uint8 to the device, normalised there: a quarter of the bytes to copy, and a GPU's arithmetic
     images = state.model.normalize(train_set.images.to(device))
     labels = train_set.labels.to(device)
@@ -330,7 +338,7 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
     started = time.monotonic()
     recorder = history.Recorder(volume, state.epoch, state.step, device)  # the curves of the report
     state.model.train()
-    train_step = _step_function(state, images, labels)
+    train_step = _step_function(state, images, labels, world)
     with signals.deferred():  # a signal is acted on at the next step boundary
         while state.epoch < target_epoch:
             order = epoch_order(recipe.seed, state.epoch, len(labels)).to(device)
@@ -342,21 +350,25 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
             while state.step < steps_per_epoch:
                 if state.step == fault_step:
                     os.kill(os.getpid(), fault_signal)
-                if signals.received() is not None:
+                if distributed.stop_agreed(world, signals.received() is not None):  # all ranks stop at one step
                     report.close()
-                    _save_progress(volume, state, recorder)
+                    if world.is_main:
+                        _save_progress(volume, state, recorder)
+                    distributed.barrier(world)  # the others leave once the progress is saved
                     raise signals.interrupted(
                         f"at epoch {state.epoch + 1}, step {state.step}/{steps_per_epoch}; progress saved to "
                         f"{volume.progress}: run `mnist train` again to continue")
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(recipe, state.epoch, state.step, steps_per_epoch)
                 batch = order[state.step * recipe.batch_size:(state.step + 1) * recipe.batch_size]
-                loss = train_step(batch)
+                batch = distributed.shard(world, batch)
+                loss = distributed.average(world, train_step(batch))  # the same loss on every rank
                 state.loss_sum += loss  # no .item(): the host never waits for the GPU here
                 state.step += 1
                 recorder.add(state.epoch + 1, state.step, loss, optimizer.param_groups[0]["lr"])
                 report.update(state.step, lambda: float(state.loss_sum) / state.step)
-                if config.save_every_s and time.monotonic() >= next_save and state.step < steps_per_epoch:
+                if (world.is_main and config.save_every_s and time.monotonic() >= next_save
+                        and state.step < steps_per_epoch):
                     _save_progress(volume, state, recorder)
                     next_save = time.monotonic() + config.save_every_s
             report.close()
@@ -366,10 +378,11 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
             recorder.end_epoch(state.epoch + 1, steps_per_epoch, epoch_loss)
             state.epoch, state.step = state.epoch + 1, 0
             state.reset_loss()
-            recorder.save(state.epoch, state.step)  # before the checkpoint: never behind it
-            checkpoint.save(volume.checkpoint, state.snapshot(), fault_point="checkpoint-before-rename")
-            if volume.progress.exists():  # (a kill -9 just before this leaves it stale: the next train sets it aside)
-                volume.progress.unlink()
+            if world.is_main:
+                recorder.save(state.epoch, state.step)  # before the checkpoint: never behind it
+                checkpoint.save(volume.checkpoint, state.snapshot(), fault_point="checkpoint-before-rename")
+                if volume.progress.exists():  # (a kill -9 just before leaves it stale: the next train sets it aside)
+                    volume.progress.unlink()
             log.info("epoch %d done in %.2f s: train loss %.4f; saved %s", state.epoch, epoch_seconds, epoch_loss,
                      volume.checkpoint)
     return TrainResult(epoch=state.epoch, train_loss=epoch_loss, seconds=time.monotonic() - started,
@@ -377,15 +390,19 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
 
 
 def _step_function(state: _TrainingState, images: torch.Tensor, labels: torch.Tensor,
+                   world: Optional[distributed.World] = None,
                    cuda_graph: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """step(batch indices) -> the batch's loss, after the forward, backward and optimizer step.
 
     On CUDA the forward and backward are captured once as a CUDA graph and replayed each step:
     one launch for some fifty kernels, whose launching on the host otherwise takes longer than the
     GPU's work on 128 images. The same kernels in the same order, so the same results; where the
-    capture fails (or without `cuda_graph`: bench/gpu_bench.py compares), eager steps instead.
+    capture fails (or without `cuda_graph`: bench/gpu_bench.py compares), eager steps instead. In a
+    torchrun group, eager steps of the DistributedDataParallel wrapper, whose all-reduce a graph
+    would not capture; `state.model`, saved, stays the plain network.
     """
-    model, optimizer, loss_fn = state.model, state.optimizer, nn.CrossEntropyLoss()
+    world = world or distributed.world()
+    model, optimizer, loss_fn = distributed.wrap(world, state.model), state.optimizer, nn.CrossEntropyLoss()
 
     def eager(batch: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(model(images[batch]), labels[batch])
@@ -394,7 +411,7 @@ def _step_function(state: _TrainingState, images: torch.Tensor, labels: torch.Te
         optimizer.step()
         return loss.detach()
 
-    if state.device.type != "cuda" or not cuda_graph:
+    if state.device.type != "cuda" or not cuda_graph or world.size > 1:
         return eager
     try:
         return _graphed_step(state, images, labels, loss_fn)

@@ -1,0 +1,191 @@
+"""Data-parallel training under torchrun (gloo, 2 processes on this machine's CPUs).
+
+Each run is a real torchrun (or `mnist train --nproc-per-node`) with a subprocess timeout, so a hang
+fails the test instead of stalling it; interruptions come from fault points (MNIST_FAULT, limited to
+one rank by MNIST_FAULT_RANK), never from timed signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import mnist_command, mnist_env, run_mnist
+from mnist_pipeline import data, distributed
+from mnist_pipeline.volume import Volume, exclusive_lock
+from test_interrupts import assert_same_state, litter, load
+
+TIMEOUT = 120  # seconds for one run: generous on a busy 2-core machine; a hang fails the test
+
+# Installed as sitecustomize in every rank: logs each file-system write (open for writing, create,
+# rename, delete, mkdir) to <AUDIT_DIR>/rank<R>.log, so a test sees which rank wrote what.
+AUDIT_HOOK = '''
+import os, sys
+if "RANK" in os.environ and "AUDIT_DIR" in os.environ:
+    _log = open(os.path.join(os.environ["AUDIT_DIR"], "rank" + os.environ["RANK"] + ".log"), "a", buffering=1)
+    _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def _hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & _WRITE_FLAGS)
+        else:
+            path, writes = (args[0] if args else None), event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir")
+        if writes and isinstance(path, (str, bytes, os.PathLike)):
+            _log.write(event + " " + os.path.abspath(os.fsdecode(path)) + "\\n")
+
+    sys.addaudithook(_hook)
+'''
+
+
+@pytest.fixture(scope="session")
+def data_volume(tmp_path_factory, mirror) -> Path:
+    """A volume holding only the verified MNIST files (copy before use)."""
+    root = tmp_path_factory.mktemp("ddp-data") / "volume"
+    data.ensure(root / "data", str(mirror))
+    return root
+
+
+@pytest.fixture
+def volume(data_volume, tmp_path) -> Path:
+    root = tmp_path / "volume"
+    shutil.copytree(data_volume, root)
+    return root
+
+
+def torchrun(root: Path, *flags: str, env=None, torchrun_flags=(), timeout: float = TIMEOUT):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               *torchrun_flags, *mnist_command("train", "--root", str(root), *flags)[1:]]
+    return subprocess.run(command, env=mnist_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def rank_fault(fault: str, rank: int = 1) -> dict:
+    return {"MNIST_FAULT": fault, "MNIST_FAULT_RANK": str(rank)}
+
+
+def test_each_rank_takes_a_disjoint_slice_of_the_global_batch():
+    batch = torch.arange(128)
+    slices = [distributed.shard(distributed.World(rank=r, size=4), batch) for r in range(4)]
+    assert all(len(s) == 32 for s in slices)
+    assert torch.equal(torch.cat(slices), batch)
+
+
+def test_a_two_process_epoch_saves_a_plain_checkpoint_that_evaluates_and_only_rank_0_writes(volume, tmp_path):
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(AUDIT_HOOK)
+    path = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))
+    env = {"AUDIT_DIR": str(audit), "PYTHONPATH": path}
+    shutil.rmtree(volume / "data")  # rank 0 fetches it while rank 1 waits
+    result = torchrun(volume, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("train: epoch 1") == 1  # one summary per group
+
+    state = torch.load(volume / "model" / "mnist_cnn.pt", weights_only=True)
+    assert state["epoch"] == 1 and not any(key.startswith("module.") for key in state["model"])
+    evaluated = run_mnist("evaluate", "--root", str(volume))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    accuracy = json.loads((volume / "model" / "eval_results.json").read_text())["accuracy"]
+    assert accuracy >= 0.985
+
+    writes = {rank: [line for line in (audit / f"rank{rank}.log").read_text().splitlines()
+                     if str(volume.resolve()) in line] for rank in (0, 1)}
+    assert any("mnist_cnn.pt" in line for line in writes[0]) and any("/data/" in line for line in writes[0])
+    assert writes[1] == [], writes[1]
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_the_resumed_epoch_is_bit_identical(volume, tmp_path):
+    reference = tmp_path / "reference"
+    shutil.copytree(volume, reference)
+    assert torchrun(reference, "--max-steps", "30").returncode == 0
+
+    result = torchrun(volume, "--max-steps", "30", env=rank_fault("sigterm-at-step:12"))
+    assert result.returncode != 0
+    # both ranks stopped at step 12, though only rank 1 got the signal
+    assert result.stderr.count("error: stopped by SIGTERM at epoch 1, step 12/30; progress saved") == 2, \
+        result.stderr[-3000:]
+    assert load(volume / "model" / "train_progress.pt")["step"] == 12
+    assert not (volume / "model" / "mnist_cnn.pt").exists()
+    other_world = tmp_path / "other-world"
+    shutil.copytree(volume, other_world)
+
+    result = torchrun(volume)
+    assert result.returncode == 0 and "from step 12" in result.stderr, result.stderr[-3000:]
+    assert_same_state(load(volume / "model" / "mnist_cnn.pt"), load(reference / "model" / "mnist_cnn.pt"))
+    assert not (volume / "model" / "train_progress.pt").exists() and not litter(volume)
+
+    # one process continues what two began (not bit-identical: the batch statistics differ)
+    result = run_mnist("train", "--root", str(other_world))
+    assert result.returncode == 0 and "from step 12" in result.stderr, result.stderr[-3000:]
+    assert load(other_world / "model" / "mnist_cnn.pt")["epoch"] == 1
+
+
+def test_a_rank_killed_with_kill_9_ends_the_run_with_a_clear_error_and_the_checkpoint_intact(volume):
+    assert run_mnist("train", "--root", str(volume), "--max-steps", "10").returncode == 0
+    checkpoint = volume / "model" / "mnist_cnn.pt"
+    before = checkpoint.read_bytes()
+    # the subprocess timeout is the promise: the surviving rank does not hang
+    result = torchrun(volume, "--save-every", "0", env=rank_fault("sigkill-at-step:5"), timeout=60)
+    assert result.returncode != 0
+    assert "error: rank 0 of 2 lost its process group: another rank died" in result.stderr, result.stderr[-3000:]
+    assert checkpoint.read_bytes() == before
+    assert not (volume / "model" / "train_progress.pt").exists() and not litter(volume)
+
+
+def test_torchrun_max_restarts_restarts_the_group_from_the_saved_progress(volume):
+    # --save-every that small saves after every step; the fault kills rank 1 in the first start only
+    result = torchrun(volume, "--max-steps", "20", "--save-every", "0.000001",
+                      env={**rank_fault("sigkill-at-step:5"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+                      torchrun_flags=("--max-restarts", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lost its process group" in result.stderr and "continuing epoch 1 at step 5" in result.stderr
+    assert load(volume / "model" / "mnist_cnn.pt")["epoch"] == 1 and not litter(volume)
+
+
+def test_mnist_train_nproc_per_node_starts_the_group_itself(volume):
+    result = run_mnist("train", "--root", str(volume), "--max-steps", "20",
+                       env={"MNIST_NPROC_PER_NODE": "2", **rank_fault("sigterm-at-step:7")}, timeout=TIMEOUT)
+    # rank 1 exists (it took the SIGTERM), and the command exits as a single train would
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert load(volume / "model" / "train_progress.pt")["step"] == 7
+    result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT)
+    assert result.returncode == 0 and "from step 7" in result.stderr, result.stderr[-3000:]
+    assert "train: epoch 1" in result.stdout
+
+
+def test_a_world_size_that_does_not_divide_the_batch_is_a_usage_error(volume):
+    result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "3", "--batch-size", "128")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "128 does not split evenly over 3 processes" in result.stderr
+    assert not (volume / "model").exists()
+
+    # a resumed run keeps the checkpoint's batch size: that one is checked, by every rank
+    assert run_mnist("train", "--root", str(volume), "--batch-size", "127", "--max-steps", "2").returncode == 0
+    checkpoint = volume / "model" / "mnist_cnn.pt"
+    before = checkpoint.read_bytes()
+    result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT)
+    assert result.returncode == 2 and "127 does not split evenly over 2 processes" in result.stderr, \
+        result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and checkpoint.read_bytes() == before
+
+
+def test_a_busy_volume_stops_every_rank_with_exit_4(volume):
+    """Rank 0 finds the train lock taken; the others stop with its exit code instead of waiting for it."""
+    with exclusive_lock(Volume(volume), "train"):
+        result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "error: another train is running" in result.stderr
+    assert "error: rank 0 stopped before training (exit 4)" in result.stderr
+    assert not (volume / "model" / "mnist_cnn.pt").exists()
+
+
+def test_only_train_runs_as_a_group(volume):
+    result = run_mnist("evaluate", "--root", str(volume), env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert result.returncode == 2 and "only `mnist train` runs as a torchrun group" in result.stderr
