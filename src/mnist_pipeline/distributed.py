@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
-from mnist_pipeline.errors import PipelineError, UsageError
+from mnist_pipeline.errors import PipelineError, UsageError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -199,7 +199,7 @@ def lost_peers_reported(world: World) -> Iterator[None]:
             raise
         raise PipelineError(
             f"rank {world.rank} of {world.size} lost its process group: another rank died or stopped answering "
-            f"({_first_line(exc)}); the checkpoint holds the last finished epoch, the progress file what was saved "
+            f"({first_line(exc, 300)}); the checkpoint holds the last finished epoch, the progress file what was saved "
             f"before: run train again (torchrun --max-restarts N does so by itself)"
         ) from None
 
@@ -209,11 +209,6 @@ def _is_collective_error(exc: RuntimeError) -> bool:
 
     text = str(exc)
     return isinstance(exc, dist.DistError) or any(word in text for word in ("gloo", "NCCL", "Connection closed"))
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:

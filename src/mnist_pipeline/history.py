@@ -108,9 +108,11 @@ class Recorder:
 
     def save(self, epoch: int, step: int) -> None:
         """Write the file, to match a checkpoint of `epoch` completed epochs and `step` batches into the next."""
-        for record in self.records:
-            if isinstance(record.get("loss"), torch.Tensor):  # a point's sum, still on the device
-                record["loss"] = record["loss"].item() / record.pop("count")
+        on_device = [r for r in self.records if isinstance(r.get("loss"), torch.Tensor)]  # points' sums
+        if on_device:
+            sums = torch.stack([r["loss"] for r in on_device]).tolist()  # one read of the device for all
+            for record, loss_sum in zip(on_device, sums, strict=True):
+                record["loss"] = loss_sum / record.pop("count")
         pending = [{"kind": "window", "epoch": epoch + 1, "step": step, "loss_sum": self.window.item(),
                     "count": self.count}] if self.count else []
         with brief_lock(self.volume, LOCK):
