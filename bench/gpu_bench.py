@@ -139,11 +139,11 @@ def phases_child(report: str, argv: list) -> None:
 
 def step_times(data_dir: Path, device_name: str, steps: int = 300) -> dict:
     """Milliseconds per training step once warm, eager and replayed from a CUDA graph (in this process)."""
-    from mnist_pipeline import data, runtime, train
+    from mnist_pipeline import data, model, runtime, train
 
     device = runtime.setup(device_name, None)
     split = data.load_split(data_dir, "train", None)
-    images, labels = data.normalize(split.images.to(device)), split.labels.to(device)
+    images, labels = model.normalize(split.images.to(device)), split.labels.to(device)
     order = train.epoch_order(0, 0, len(labels)).to(device)
     times = {}
     for name, graphed in (("eager", False), ("CUDA graph", True)):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import mnist_command, mnist_env, run_mnist
+import conftest
+from conftest import mnist_command
 from mnist_pipeline import data, distributed
 from mnist_pipeline.volume import Volume, exclusive_lock
 from test_interrupts import assert_same_state, litter, load
@@ -43,6 +44,19 @@ if "RANK" in os.environ and "AUDIT_DIR" in os.environ:
 
     sys.addaudithook(_hook)
 '''
+
+
+# Two ranks on this machine's CPUs (gloo), said explicitly: on a machine with one GPU, device auto
+# would give each rank a GPU it does not have.
+ON_CPU = {"MNIST_DEVICE": "cpu"}
+
+
+def mnist_env(env=None) -> dict:
+    return conftest.mnist_env({**ON_CPU, **(env or {})})
+
+
+def run_mnist(*args: str, env=None, timeout: float = 600):
+    return conftest.run_mnist(*args, env={**ON_CPU, **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

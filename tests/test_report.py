@@ -106,10 +106,11 @@ def test_confusion_matrix_picture_shows_the_counts_of_eval_results(reported):
 def test_mistakes_grid_shows_the_most_confident_mistakes_first(reported):
     model = checkpoint.load(reported / "model" / "mnist_cnn.pt").build_model()
     test_set = data.load_split(reported / "data", "test", None)
-    probabilities = predict(model, test_set.images, torch.device("cpu"))
+    evaluation = evaluation_of(reported)  # recomputed on the device evaluate used: the same kernels, the same sums
+    probabilities = predict(model.to(evaluation["device"]), test_set.images, torch.device(evaluation["device"]))
     confidence, predicted = probabilities.max(dim=1)
     wrong = set((predicted != test_set.labels).nonzero().flatten().tolist())
-    mistakes = evaluation_of(reported)["mistakes"]
+    mistakes = evaluation["mistakes"]
     assert len(wrong) > MISTAKES_KEPT, "the test needs more mistakes than the grid shows"
     assert len(mistakes) == MISTAKES_KEPT
     shown = [m["test_index"] for m in mistakes]
