@@ -3,7 +3,8 @@
 Builds the images with scripts/offline-prep.sh's override (these machines reach no registry), runs
 train, evaluate, infer one after another in a project of its own, looks into the volume, brings
 `serve` up and predicts from the host, trains again to check it resumes, trains once more with
-the `ddp` profile (two containers, one rank each), and removes what it made. Slow (three trainings
+the `ddp` profile (two containers, one rank each), then `up` (all three at once: evaluate and infer
+must use the new epoch), and removes what it made. Slow (four trainings
 per flavor): deselect with -m "not docker". Skipped where no Docker engine answers or offline-prep
 cannot run; under CI (CI set) those are failures instead, and both Compose flavors must be present.
 """
@@ -39,7 +40,7 @@ COMPOSE = {"v1": ["docker-compose"], "v2": ["docker", "compose"]}
 INSPECT_VOLUME = r"""
 import json, os, torch
 root = "/opt/mount"
-found = {"results": None, "png_magic": [], "epoch": None, "accuracy": None}
+found = {"results": None, "png_magic": [], "epoch": None, "accuracy": None, "evaluated": None, "inferred": None}
 if os.path.isdir(f"{root}/results"):
     found["results"] = sorted(os.listdir(f"{root}/results"))
     for name in found["results"]:
@@ -50,7 +51,12 @@ if os.path.exists(f"{root}/model/mnist_cnn.pt"):
     found["epoch"] = torch.load(f"{root}/model/mnist_cnn.pt", weights_only=True)["epoch"]
 if os.path.exists(f"{root}/model/eval_results.json"):
     with open(f"{root}/model/eval_results.json") as f:
-        found["accuracy"] = json.load(f)["accuracy"]
+        evaluation = json.load(f)
+    found["accuracy"] = evaluation["accuracy"]
+    found["evaluated"] = evaluation["checkpoint"]["epoch"]
+if os.path.exists(f"{root}/results/predictions.json"):
+    with open(f"{root}/results/predictions.json") as f:
+        found["inferred"] = json.load(f)["checkpoint"]["epoch"]
 print(json.dumps(found))
 """
 TORCH_VERSION = "import pkg_resources; print(pkg_resources.get_distribution('torch').version)"
@@ -217,6 +223,13 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
                   settings={"MNIST_THREADS": "1"})
         assert (ddp.stdout + ddp.stderr).count("exited with code 0") == 2, ddp.stdout[-3000:] + ddp.stderr[-3000:]
         assert inspect_volume()["epoch"] == 3, "the ddp profile must train one more epoch on the same volume"
+
+        # `up` starts train, evaluate and infer at once on a volume whose checkpoint is already evaluated:
+        # evaluate and infer must wait for the new epoch, not use the old one (train's early lock, --grace)
+        up = run(compose + ["up"], project, timeout=1800)
+        assert (up.stdout + up.stderr).count("exited with code 0") == 3, up.stdout[-3000:] + up.stderr[-3000:]
+        found = inspect_volume()
+        assert (found["epoch"], found["evaluated"], found["inferred"]) == (4, 4, 4), found
     finally:
         run(compose + ["rm", "-s", "-f", "serve"], project, timeout=120, check=False)
         run(compose + ["--profile", "ddp", "down", "--volumes", "--remove-orphans"], project, timeout=300,
