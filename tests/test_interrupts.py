@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, litter, run_here, run_mnist
+from conftest import IN_PROCESS_FAULTS, assert_one_line_error, litter, run_here, run_mnist
 from mnist_pipeline import signals
 from mnist_pipeline.errors import Interrupted
 
@@ -58,8 +58,8 @@ def data_root(trained_root, tmp_path) -> Path:
 def train(root: Path, *flags: str, fault: str = "", extra_env=None):
     env = {"MNIST_FAULT": fault} if fault else {}
     env.update(extra_env or {})
-    # a fault kills its process: only those need one of their own
-    run = run_mnist if fault else run_here
+    # a SIGKILL fault kills its process: only those need one of their own
+    run = run_here if not fault or fault.startswith(IN_PROCESS_FAULTS) else run_mnist
     return run("train", "--root", str(root), *flags, env=env)
 
 
