@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_mnist
+from conftest import REPO, assert_one_line_error, run_here, run_mnist
 from mnist_pipeline import cli
 
 
@@ -94,7 +94,7 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    result = run_mnist("train", "--root", str(tmp_path), "--device", "cuda")
+    result = run_here("train", "--root", str(tmp_path), "--device", "cuda")
     assert_one_line_error(result, 1, "cuda")
 
 

@@ -10,14 +10,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, read_until, run_here, run_mnist, start_mnist
+from conftest import assert_one_line_error, read_until, run_here, start_mnist
 from mnist_pipeline.volume import TEMP_PREFIX, Volume, exclusive_lock
 
 TRAINING_STARTED = "training from step"
@@ -99,7 +98,7 @@ def test_a_second_train_refuses_naming_the_holder_and_a_crashed_one_blocks_nobod
     try:
         read_until(first, TRAINING_STARTED)
         assert lock_holder(trained_copy) == first.pid
-        second = run_mnist("train", "--root", str(trained_copy))
+        second = run_here("train", "--root", str(trained_copy))
         assert_one_line_error(second, 4, "another train", f"pid {first.pid}")
     finally:
         first.kill()
@@ -158,7 +157,7 @@ def test_a_read_only_volume_is_a_clear_error_and_the_checkpoint_stays(trained_ro
         before = (model / "mnist_cnn.pt").read_bytes()
         subprocess.run(["mount", "-o", "remount,ro", str(model)], check=True)
         for stage in ("train", "evaluate"):
-            result = run_mnist(stage, "--root", str(root))
+            result = run_here(stage, "--root", str(root))
             assert_one_line_error(result, 1, "Read-only file system", "read-write")
         assert (model / "mnist_cnn.pt").read_bytes() == before
 
@@ -172,11 +171,9 @@ def test_a_full_disk_is_a_clear_error_and_the_checkpoint_stays(trained_root, tmp
         # fill the disk, leaving less room than a checkpoint needs
         free = shutil.disk_usage(model).free
         (model / "filler").write_bytes(b"\0" * max(0, free - len(before) // 4))
-        # on CPU: a GPU could finish the epoch before the signal lands
-        train = start_mnist("train", "--root", str(root), "--device", "cpu")
-        read_until(train, TRAINING_STARTED)
-        train.send_signal(signal.SIGTERM)  # its progress save now meets the full disk
-        _, err = train.communicate(timeout=60)
+        # its progress save, at step 5, meets the full disk
+        train = run_here("train", "--root", str(root), env={"MNIST_FAULT": "sigterm-at-step:5"})
+        err = train.stderr
         assert train.returncode == 1, err[-3000:]
         assert "No space left on device" in err and "free some space" in err and "Traceback" not in err
         assert (model / "mnist_cnn.pt").read_bytes() == before

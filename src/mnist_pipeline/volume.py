@@ -434,18 +434,19 @@ def wait_for(
     Gives up after `wait_s` seconds, but not while a producer is still at work:
     a train that is running will deliver, one that crashed has dropped its lock.
     A value for which `needs_grace(value)` holds (work already done once) is taken only
-    `grace_s` seconds after this process started: `docker compose up` starts every
-    service at once, and a train starting beside us must get the time to take its lock.
+    `grace_s` seconds after this process started: `docker compose up` starts every service
+    at once, and a train starting beside us must get the time to take its lock. Once a poll
+    has found nothing, what comes later is new work, taken at once.
     """
     deadline = time.monotonic() + wait_s
     graced = _STARTED + grace_s
     next_log = time.monotonic()
-    told = False
+    told = found_nothing = False
     while True:
         value = ready()
         now = time.monotonic()
         if value is not None:
-            if now >= graced or not needs_grace(value):
+            if now >= graced or found_nothing or not needs_grace(value):
                 return value
             if not told:
                 log(f"{what} is already there; giving a train that may be starting {graced - now:.1f} s "
@@ -453,6 +454,7 @@ def wait_for(
                 told = True
             time.sleep(min(poll_s, graced - now))
             continue
+        found_nothing = True
         busy = producers_running()
         if now >= deadline and not busy:
             raise on_timeout()
