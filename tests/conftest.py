@@ -180,7 +180,7 @@ def short_trained_root(tmp_path_factory, mirror) -> Path:
     """A volume after one `mnist train --max-steps 20`. The limit is saved with the checkpoint, so a
     train resumed from it is as short (shared: copy before changing)."""
     root = tmp_path_factory.mktemp("short") / "volume"
-    result = run_mnist("train", "--root", str(root), "--max-steps", "20")
+    result = run_here("train", "--root", str(root), "--max-steps", "20")
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
