@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
 from mnist_pipeline import checkpoint, data, history, report, runtime
+from mnist_pipeline.config import EvaluateConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import MnistCNN, predict
 from mnist_pipeline.volume import Volume, atomic_write_json, is_running, shared_lock, wait_for
@@ -19,16 +18,6 @@ from mnist_pipeline.volume import Volume, atomic_write_json, is_running, shared_
 log = logging.getLogger(__name__)
 
 MISTAKES_KEPT = 40  # the most confident mistakes listed in eval_results.json (the report shows them)
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    root: Path
-    mirror: Optional[str] = None
-    wait_s: float = 30.0
-    grace_s: float = 5.0  # see volume.wait_for
-    device: str = "auto"
-    threads: Optional[int] = None
 
 
 def run(config: EvaluateConfig) -> Dict[str, Any]:

@@ -13,31 +13,18 @@ import struct
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from mnist_pipeline import checkpoint, data, runtime
+from mnist_pipeline.config import InferConfig
 from mnist_pipeline.errors import NotEvaluated, PipelineError
 from mnist_pipeline.model import predict
 from mnist_pipeline.volume import Volume, is_running, recover_dir, replace_dir, wait_for
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InferConfig:
-    root: Path
-    mirror: Optional[str] = None
-    wait_s: float = 30.0
-    grace_s: float = 5.0  # see volume.wait_for
-    threshold: float = 0.95
-    count: int = 5
-    seed: Optional[int] = None  # None: a different pick every run
-    device: str = "auto"
-    threads: Optional[int] = None
 
 
 def run(config: InferConfig) -> Dict[str, Any]:

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 import torch
 
 from mnist_pipeline import checkpoint, preprocess, runtime
+from mnist_pipeline.config import PredictConfig
 from mnist_pipeline.model import describe, predict
 from mnist_pipeline.volume import Volume
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    root: Path
-    images: Tuple[Path, ...]
-    threshold: float = 0.95
-    device: str = "auto"
-    threads: Optional[int] = None
 
 
 def run(config: PredictConfig) -> List[Dict[str, Any]]:

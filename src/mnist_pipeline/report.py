@@ -19,7 +19,6 @@ import html
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -27,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mnist_pipeline import data, history
+from mnist_pipeline.config import ReportConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.volume import Volume, replace_dir
 
@@ -46,12 +46,6 @@ DIGIT_OFFSET = ((TILE[0] - 28 * SCALE) // 2, 6)  # of the digit inside its tile
 
 INK, MUTED, GRID_LINE = (17, 24, 39), (107, 114, 128), (209, 213, 219)
 BLUE, RED, WHITE = (37, 99, 235), (220, 38, 38), (255, 255, 255)
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    root: Path
-    mirror: Optional[str] = None
 
 
 def run(config: ReportConfig) -> Path:

@@ -11,9 +11,8 @@ import contextlib
 import logging
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any, AsyncIterator, Dict, List
 
 import torch
 from fastapi import FastAPI, Request
@@ -27,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mnist_pipeline import preprocess, runtime
+from mnist_pipeline.config import ServeConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.follow import Follower, Live
 from mnist_pipeline.model import describe
@@ -40,16 +40,6 @@ MAX_FILES = 64
 MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
 DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
 ROUTES = ("/", "/predict", "/healthz", "/readyz", "/metrics", "/report", "/static")
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    root: Path
-    threshold: float = 0.95
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    threads: Optional[int] = None
 
 
 class ClientError(Exception):

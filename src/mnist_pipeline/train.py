@@ -30,45 +30,12 @@ from torch import nn
 from torch.optim.sgd import sgd as sgd_arithmetic
 
 from mnist_pipeline import checkpoint, data, distributed, faults, history, runtime, signals
+from mnist_pipeline.config import Recipe, TrainConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import IMAGE_SIZE, MnistCNN
 from mnist_pipeline.volume import Volume, exclusive_lock, remove_dead_temps
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Hyper-parameters. Saved in the checkpoint; a resumed run keeps the saved ones."""
-
-    seed: int = 0
-    # the same on every device: 256 and 512 lose accuracy in one epoch (README, Speed and size); a GPU
-    # makes 128 fast by replaying each step's kernels as one CUDA graph instead
-    batch_size: int = 128
-    peak_lr: float = 0.4
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_fraction: float = 0.2  # of each epoch, rising linearly from 0 to the peak
-    epoch_decay: float = 0.5  # each later epoch peaks at this fraction of the previous one
-    max_steps: int = 0  # batches per epoch, 0: the whole training set (a limit keeps tests fast)
-
-    def steps_per_epoch(self, samples: int) -> int:
-        """The last partial batch is dropped; the learning-rate cycle spans these steps."""
-        full = samples // self.batch_size
-        return min(full, self.max_steps) if self.max_steps else full
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    root: Path
-    mirror: Optional[str] = None
-    epochs: int = 1
-    recipe: Recipe = Recipe()
-    fresh: bool = False
-    device: str = "auto"
-    threads: Optional[int] = None
-    save_every_s: float = 60.0  # progress saved this often mid-epoch, so a kill -9 loses at most this much; 0: never
-    progress_every_s: float = 10.0  # plain progress lines when stderr is no terminal
 
 
 @dataclass(frozen=True)
