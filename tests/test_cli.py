@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_here, run_mnist
-from mnist_pipeline import cli
+from mnist_pipeline import cli, config
 
 
 def settings(argv, env):
@@ -127,14 +130,53 @@ def test_the_readme_settings_table_matches_the_cli():
         assert re.match(rf"`?{re.escape(shown)}\b", default.strip()), (env, default)
 
 
-def test_the_cli_defaults_are_the_config_dataclasses_defaults():
-    """Each default lives in its dataclass; the CLI's copy of it must agree (one source of truth)."""
-    from mnist_pipeline.evaluate import EvaluateConfig
-    from mnist_pipeline.infer import InferConfig
-    from mnist_pipeline.report import ReportConfig
-    from mnist_pipeline.train import TrainConfig
+def test_the_cli_defaults_build_each_stage_config_with_its_own_defaults():
+    """Nothing set: every command's configs are the dataclasses' defaults (each flag reads the right field)."""
+    values = {command: settings([command, "x.png"] if command == "predict" else [command], {})
+              for command in cli.COMMANDS}
+    root = config.DEFAULT_ROOT
+    assert values["train"]["root"] == root
+    expected = {"train": config.TrainConfig(root=root), "evaluate": config.EvaluateConfig(root=root),
+                "infer": config.InferConfig(root=root), "report": config.ReportConfig(root=root)}
+    assert cli._configs("pipeline", values["pipeline"]) == expected
+    for command in ("train", "evaluate", "infer", "report"):
+        assert cli._configs(command, values[command]) == {command: expected[command]}
+    assert config.ServeConfig(**values["serve"]) == config.ServeConfig(root=root)
+    assert config.PredictConfig(images=(), **values["predict"]) == config.PredictConfig(root=root, images=())
 
-    root = Path("r")
-    configs = cli._configs("pipeline", {**settings(["pipeline"], {}), "root": root})
-    assert configs == {"train": TrainConfig(root=root), "evaluate": EvaluateConfig(root=root),
-                       "infer": InferConfig(root=root), "report": ReportConfig(root=root)}
+
+def literal_defaults(source: str, call: str) -> list:
+    """(name, default) of each literal default (None aside) in `source`: `call(flag, parse, default, ...)`
+    arguments when `call` is given, else the fields of its classes."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if call and isinstance(node, ast.Call) and getattr(node.func, "id", None) == call:
+            name, default = node.args[0], node.args[2]
+        elif not call and isinstance(node, ast.ClassDef):
+            found += [(field.target.id, field.value.value) for field in node.body
+                      if isinstance(field, ast.AnnAssign) and isinstance(field.value, ast.Constant)
+                      and field.value.value is not None]
+            continue
+        else:
+            continue
+        if isinstance(default, ast.Constant) and default.value is not None:
+            found.append((name.value, default.value))
+    return found
+
+
+def test_each_default_is_written_once_in_config_py():
+    """cli.py's settings take their defaults from config.py, which writes each one in a single field or constant."""
+    assert literal_defaults(Path(cli.__file__).read_text(), "Setting") == []
+    fields = [name for name, _ in literal_defaults(Path(config.__file__).read_text(), "")]
+    assert sorted(name for name in set(fields) if fields.count(name) > 1) == []
+    assert {"epochs", "batch_size", "peak_lr", "save_every_s", "count", "host", "port"} <= set(fields)
+
+
+def test_the_cli_builds_its_parser_and_answers_help_and_usage_errors_without_torch():
+    """config.py holds no torch: `mnist --help` and a bad flag answer at once, before torch's seconds of import."""
+    code = ("import sys\nfrom mnist_pipeline import cli\n"
+            "for argv in (['train', '--help'], ['infer', '--count', '0']):\n"
+            "    try:\n        cli.main(argv, env={})\n    except SystemExit as exc:\n        print(exc.code)\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split()[-3:] == ["0", "2", "False"], result.stderr[-2000:]

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from mnist_pipeline import distributed, faults, limits, signals
+from mnist_pipeline import config, distributed, faults, limits, signals
+from mnist_pipeline.config import (
+    DEFAULT_ROOT, EvaluateConfig, InferConfig, PredictConfig, Recipe, ReportConfig, ServeConfig, TrainConfig,
+    default_of,
+)
 from mnist_pipeline.errors import PipelineError, UsageError
 from mnist_pipeline.volume import Volume, exclusive_lock
 
@@ -27,7 +31,6 @@ from mnist_pipeline.volume import Volume, exclusive_lock
 # down on a machine with few cores (bench/ has the figures).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-DEFAULT_ROOT = Path("mnist-volume")  # beside where you run it, named after the Compose volume
 EPILOG = ("Exit codes: 0 ok, 1 error, 2 usage error, 3 accuracy not above threshold (predict: or not evaluated), "
           "4 volume busy, 130/143 interrupted.")
 
@@ -138,33 +141,34 @@ ROOT = Setting("--root", _root, DEFAULT_ROOT,
 MIRROR = Setting("--mirror", _mirror, None,
                  "MNIST source: a folder or http(s) base URL with the four files (.gz or raw); "
                  "unset: the public mirrors", "DIR_OR_URL")
-DEVICE = Setting("--device", _device, "auto", "auto (CUDA when present), cpu or cuda", "DEVICE")
+DEVICE = Setting("--device", _device, config.DEVICE, "auto (CUDA when present), cpu or cuda", "DEVICE")
 THREADS = Setting("--threads", _positive_int, None, "CPU threads (default: the CPUs this process may use)", "N")
 SEED = Setting("--seed", _seed, None,
-               "train: seed for weights and data order (default 0, kept in the checkpoint); "
-               "infer: seed for the image pick (default: a new pick every run)", "N")
-WAIT = Setting("--wait", _non_negative_float, 30.0,
+               f"train: seed for weights and data order (default {default_of(Recipe, 'seed')}, "
+               "kept in the checkpoint); infer: seed for the image pick (default: a new pick every run)", "N")
+WAIT = Setting("--wait", _non_negative_float, config.WAIT_S,
                "seconds to wait for the input (longer while its producer is still running)", "SECONDS")
 
-THRESHOLD = Setting("--threshold", _fraction, 0.95, "accuracy the model must exceed", "FRACTION")
-GRACE = Setting("--grace", _non_negative_float, 5.0,
+THRESHOLD = Setting("--threshold", _fraction, config.THRESHOLD, "accuracy the model must exceed", "FRACTION")
+GRACE = Setting("--grace", _non_negative_float, config.GRACE_S,
                 "seconds after start during which work already done is not used yet: a train started "
                 "at the same time (`docker compose up`) takes its lock first", "SECONDS")
 
 COMMON = [ROOT, MIRROR, DEVICE, THREADS, SEED]
 TRAIN = [
-    Setting("--epochs", _epochs, 1, "epochs to train on top of the checkpoint", "N"),
-    Setting("--batch-size", _batch_size, 128, "training batch size", "N"),
-    Setting("--lr", _learning_rate, 0.4, "peak learning rate of each epoch's cycle", "LR"),
-    Setting("--fresh", _boolean, False, "move an existing checkpoint aside and start from scratch"),
-    Setting("--max-steps", _non_negative_int, 0,
+    Setting("--epochs", _epochs, default_of(TrainConfig, "epochs"), "epochs to train on top of the checkpoint", "N"),
+    Setting("--batch-size", _batch_size, default_of(Recipe, "batch_size"), "training batch size", "N"),
+    Setting("--lr", _learning_rate, default_of(Recipe, "peak_lr"), "peak learning rate of each epoch's cycle", "LR"),
+    Setting("--fresh", _boolean, default_of(TrainConfig, "fresh"),
+            "move an existing checkpoint aside and start from scratch"),
+    Setting("--max-steps", _non_negative_int, default_of(Recipe, "max_steps"),
             "batches per epoch, the learning-rate cycle included (0: the whole training set); for quick trials", "N"),
-    Setting("--save-every", _non_negative_float, 60.0,
+    Setting("--save-every", _non_negative_float, default_of(TrainConfig, "save_every_s"),
             "seconds between progress saves within an epoch, so a kill -9 loses at most that (0: only on SIGTERM)",
             "SECONDS"),
 ]
 # train only (not pipeline): evaluate and infer run in one process
-NPROC_PER_NODE = Setting("--nproc-per-node", _positive_int, 1,
+NPROC_PER_NODE = Setting("--nproc-per-node", _positive_int, config.NPROC_PER_NODE,
                          "processes training together (data parallel) through torchrun's elastic agent; "
                          "ignored inside torchrun", "N")
 EVALUATE = [WAIT, GRACE]
@@ -172,12 +176,13 @@ INFER = [
     WAIT,
     GRACE,
     THRESHOLD,
-    Setting("--count", _positive_int, 5, "how many random test images to label", "N"),
+    Setting("--count", _positive_int, default_of(InferConfig, "count"), "how many random test images to label", "N"),
 ]
 PREDICT = [ROOT, DEVICE, THREADS, THRESHOLD]
 SERVE = PREDICT + [
-    Setting("--host", _host, "127.0.0.1", "address to listen on (the image: 0.0.0.0)", "HOST"),
-    Setting("--port", _port, 8000, "TCP port to listen on (0: any free one, logged)", "PORT"),
+    Setting("--host", _host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
+    Setting("--port", _port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
+            "PORT"),
 ]
 COMMANDS: Dict[str, List[Setting]] = {
     "train": COMMON + TRAIN + [NPROC_PER_NODE],
@@ -256,18 +261,14 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace, env: Dict
 
 
 def _configs(command: str, v: Dict[str, Any]):
-    # imported here so that `mnist --help` and usage errors answer before torch loads
-    from mnist_pipeline.evaluate import EvaluateConfig
-    from mnist_pipeline.infer import InferConfig
-    from mnist_pipeline.report import ReportConfig
-    from mnist_pipeline.train import Recipe, TrainConfig
-
     if command == "report":  # reads files only: no device, threads or seed
         return {"report": ReportConfig(root=v["root"], mirror=v["mirror"])}
     common = {"root": v["root"], "mirror": v["mirror"], "device": v["device"], "threads": v["threads"]}
     configs = {}
     if command in ("train", "pipeline"):
-        recipe = Recipe(seed=v["seed"] or 0, batch_size=v["batch_size"], peak_lr=v["lr"], max_steps=v["max_steps"])
+        # --seed is unset (None) by default: infer then picks anew each run, and train uses the recipe's seed
+        seed = default_of(Recipe, "seed") if v["seed"] is None else v["seed"]
+        recipe = Recipe(seed=seed, batch_size=v["batch_size"], peak_lr=v["lr"], max_steps=v["max_steps"])
         configs["train"] = TrainConfig(epochs=v["epochs"], recipe=recipe, fresh=v["fresh"],
                                        save_every_s=v["save_every"], **common)
     if command in ("evaluate", "pipeline"):
@@ -302,7 +303,7 @@ def _predict(values: Dict[str, Any], images: List[Path], as_json: bool) -> int:
 
     from mnist_pipeline import predict
 
-    results = predict.run(predict.PredictConfig(images=tuple(images), **values))
+    results = predict.run(PredictConfig(images=tuple(images), **values))
     for result in results:
         if "error" in result:
             print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
@@ -321,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
     world = distributed.world(env)  # a rank of a torchrun group, or a world of one
     if world.size > 1 and args.command != "train":
         parser.error(f"only `mnist train` runs as a torchrun group, not `mnist {args.command}`: run it in one process")
-    if values.get("nproc_per_node", 1) > 1 and not distributed.launched(env):
+    if args.command == "train" and values["nproc_per_node"] > 1 and not distributed.launched(env):
         try:
             distributed.check_batch_size(values["batch_size"], values["nproc_per_node"])
         except UsageError as exc:
@@ -355,7 +356,7 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
             if args.command == "serve":
                 from mnist_pipeline import serve
 
-                serve.run(serve.ServeConfig(**values))  # uvicorn handles SIGTERM itself: a graceful shutdown
+                serve.run(ServeConfig(**values))  # uvicorn handles SIGTERM itself: a graceful shutdown
                 return 0
             if args.command == "predict":
                 with signals.interruptible():

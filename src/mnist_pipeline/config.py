@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 DEFAULT_ROOT = Path("mnist-volume")  # beside where you run it, named after the Compose volume
+NPROC_PER_NODE = 1  # train's processes: one, no torchrun
 
 # defaults that several stages share (None, where a field has it, means "not set")
 DEVICE = "auto"  # CUDA when torch sees a GPU
