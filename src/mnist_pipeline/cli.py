@@ -362,9 +362,9 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
                 with signals.interruptible():
                     return _predict(values, args.images, args.json)
             stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run, "report": report.run}
-            for stage, config in _configs(args.command, values).items():
+            for stage, stage_config in _configs(args.command, values).items():
                 with signals.interruptible():
-                    result = stages[stage](config)
+                    result = stages[stage](stage_config)
                 if world.is_main:  # one summary per group
                     _report(stage, result)
                 if stage == "train":

@@ -80,7 +80,7 @@ def below_one(value: Any) -> float:
     return float(value)
 
 
-# the saved hyper-parameters (train.Recipe's fields): a checkpoint's are checked at load
+# the saved hyper-parameters (config.Recipe's fields): a checkpoint's are checked at load
 TRAIN_CONFIG: Dict[str, Callable[[Any], Any]] = {
     "seed": seed,
     "batch_size": batch_size,
