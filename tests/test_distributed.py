@@ -234,5 +234,5 @@ def test_a_busy_volume_stops_every_rank_with_exit_4(volume):
 
 
 def test_only_train_runs_as_a_group(volume):
-    result = run_mnist("evaluate", "--root", str(volume), env={"WORLD_SIZE": "2", "RANK": "0"})
+    result = run_here("evaluate", "--root", str(volume), env={"WORLD_SIZE": "2", "RANK": "0"})
     assert result.returncode == 2 and "only `mnist train` runs as a torchrun group" in result.stderr
