@@ -234,6 +234,9 @@ def test_hot_reload_switches_to_the_next_evaluated_epoch_without_a_failed_reques
             started = time.monotonic()
             status, body = served.json("POST", "/predict", digits[2][1], png)
             answers.append((status, body.get("checkpoint", {}).get("epoch"), time.monotonic() - started))
+            # a breath between requests: still hundreds across the swap, but a client that never pauses
+            # starves train and evaluate (in this process, on a shared machine) of CPU and of the GIL
+            stop.wait(0.005)
 
     thread = threading.Thread(target=client)
     thread.start()
