@@ -259,6 +259,33 @@ def serve() -> Iterator:
         assert "Traceback" not in log, log[-5000:]
 
 
+PATIENCE_S = 120  # how long a test waits for a server to notice a change on the volume
+
+
+def wait_until(condition, what: str):
+    """Poll condition() until it returns something truthy (a generous limit catches a hang, not slowness)."""
+    deadline = time.monotonic() + PATIENCE_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"gave up after {PATIENCE_S} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def served_trained(trained_root, tmp_path_factory) -> Iterator[Tuple[Served, Path]]:
+    """One ready `mnist serve` of a copy of trained_root's model/ (all serve reads), and that root:
+    one server start for test_serve's API tests and test_page. A test that changes the volume puts it back."""
+    root = tmp_path_factory.mktemp("served") / "volume"
+    shutil.copytree(trained_root / "model", root / "model")
+    served = Served(root)
+    wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
+    yield served, root
+    log = served.stop()
+    assert "Traceback" not in log, log[-5000:]
+
+
 def multipart(files: List[Tuple[str, bytes]], field: str = "file") -> Tuple[bytes, Dict[str, str]]:
     """A multipart/form-data body with one `field` per (filename, content)."""
     boundary = "mnist-test-boundary-7d3f"

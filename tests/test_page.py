@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 
-from conftest import SCREENSHOTS, Served
+from conftest import SCREENSHOTS
 
 # strokes in pad pixels (the pad is 280x280, its centre is 0,0 for Selenium's offsets)
 STROKES = {
@@ -20,17 +19,13 @@ STROKES = {
 
 
 @pytest.fixture(scope="module")
-def page(trained_root, tmp_path_factory, browser):
+def page(served_trained, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    root = tmp_path_factory.mktemp("page") / "volume"
-    shutil.copytree(trained_root, root)
-    served = Served(root)
+    served, _ = served_trained
     browser.get(served.url + "/")
     WebDriverWait(browser, 60).until(lambda b: "epoch 1" in b.find_element("id", "model").text)
-    yield browser
-    log = served.stop()
-    assert "Traceback" not in log, log[-5000:]
+    return browser
 
 
 def draw(browser, strokes) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_mnist
+from conftest import assert_one_line_error, run_here
 from mnist_pipeline import data
 from mnist_pipeline.infer import png_grayscale
 
@@ -31,7 +32,7 @@ def images(trained_root, mirror, tmp_path_factory):
 
 
 def test_one_line_per_file_in_argument_order(trained_root, images):
-    result = run_mnist("predict", "--root", str(trained_root), *[str(path) for path, _ in images])
+    result = run_here("predict", "--root", str(trained_root), *[str(path) for path, _ in images])
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert len(lines) == len(images)
@@ -43,7 +44,7 @@ def test_json_and_an_unreadable_file_among_good_ones(trained_root, images, tmp_p
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     args = [str(images[0][0]), str(broken), str(tmp_path / "missing.png"), str(images[1][0])]
-    result = run_mnist("predict", "--root", str(trained_root), "--json", *args)
+    result = run_here("predict", "--root", str(trained_root), "--json", *args)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -55,13 +56,15 @@ def test_json_and_an_unreadable_file_among_good_ones(trained_root, images, tmp_p
     assert len(listed[0]["probabilities"]) == 10 and listed[0]["confidence"] == max(listed[0]["probabilities"])
 
 
-def test_gate_not_passed_exits_3_saying_what_to_run(trained_copy, images, tmp_path):
+def test_gate_not_passed_exits_3_saying_what_to_run(trained_root, images, tmp_path):
     image = str(images[0][0])
-    result = run_mnist("predict", "--root", str(tmp_path / "empty"), image)
+    trained_copy = tmp_path / "volume"  # predict reads only model/: no copy of data/
+    shutil.copytree(trained_root / "model", trained_copy / "model")
+    result = run_here("predict", "--root", str(tmp_path / "empty"), image)
     assert_one_line_error(result, 3, "no checkpoint", "mnist train")
-    result = run_mnist("predict", "--root", str(trained_copy), "--threshold", "0.9999", image)
+    result = run_here("predict", "--root", str(trained_copy), "--threshold", "0.9999", image)
     assert_one_line_error(result, 3, "not above the threshold 0.9999")
     (trained_copy / "model" / "eval_results.json").unlink()
-    result = run_mnist("predict", "--root", str(trained_copy), image)
+    result = run_here("predict", "--root", str(trained_copy), image)
     assert_one_line_error(result, 3, "mnist evaluate")
     assert result.stdout == ""

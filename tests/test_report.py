@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SCREENSHOTS, assert_one_line_error, run_mnist
+from conftest import SCREENSHOTS, assert_one_line_error, run_here, run_mnist
 from test_safety import tmpfs
 from mnist_pipeline import checkpoint, cli, data, history, report
 from mnist_pipeline.evaluate import MISTAKES_KEPT
 from mnist_pipeline.model import predict
 from mnist_pipeline.volume import Volume
 
-STEPS_PER_EPOCH = 60
+STEPS_PER_EPOCH = 35
 STEPS = ("--max-steps", str(STEPS_PER_EPOCH))  # a real curve in seconds
 POINTS = [*range(history.EVERY, STEPS_PER_EPOCH + 1, history.EVERY)] + (
     [STEPS_PER_EPOCH] if STEPS_PER_EPOCH % history.EVERY else [])  # each epoch's points, at these steps
@@ -33,7 +33,7 @@ def reported(tmp_path_factory, mirror) -> Path:
     root = tmp_path_factory.mktemp("reported") / "volume"
     for args in (("train", *STEPS), ("evaluate",), ("train", *STEPS), ("evaluate",),
                  ("infer", "--threshold", "0", "--seed", "1"), ("report",)):
-        result = run_mnist(*args, "--root", str(root))
+        result = run_here(*args, "--root", str(root))
         assert result.returncode == 0, (args, result.stderr[-3000:])
     return root
 
@@ -146,11 +146,11 @@ def test_history_holds_both_epochs_without_gaps_or_duplicates(reported):
 
 def test_an_epoch_stopped_by_sigterm_and_finished_later_gives_the_same_history(reported, tmp_path):
     root = str(tmp_path / "volume")
-    stopped = run_mnist("train", "--root", root, "--epochs", "2", *STEPS, env={"MNIST_FAULT": "sigterm-at-step:17"})
+    stopped = run_here("train", "--root", root, "--epochs", "2", *STEPS, env={"MNIST_FAULT": "sigterm-at-step:17"})
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     partial = history.read(Volume(tmp_path / "volume"))
     assert [(r["kind"], r["step"]) for r in partial] == [("step", 10), ("window", 17)]
-    resumed = run_mnist("train", "--root", root, "--epochs", "2", *STEPS)
+    resumed = run_here("train", "--root", root, "--epochs", "2", *STEPS)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # bit-exact resume: the same points as train + train (resumed) in one go, float for float
     assert train_records(tmp_path / "volume") == train_records(reported)
@@ -164,14 +164,14 @@ def test_a_kill_9_leaves_a_history_that_resumes_exactly(reported, tmp_path, faul
     root = str(tmp_path / "volume")
     killed = run_mnist("train", "--root", root, "--epochs", "2", *STEPS, *flags, env={"MNIST_FAULT": fault})
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = run_mnist("train", "--root", root, "--epochs", "2", *STEPS)
+    resumed = run_here("train", "--root", root, "--epochs", "2", *STEPS)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert train_records(tmp_path / "volume") == train_records(reported)
 
 
 def test_fresh_moves_the_history_aside_and_starts_a_new_one(reported_copy):
     old = (reported_copy / "model" / "history.jsonl").read_bytes()
-    result = run_mnist("train", "--root", str(reported_copy), "--fresh", *STEPS)
+    result = run_here("train", "--root", str(reported_copy), "--fresh", *STEPS)
     assert result.returncode == 0, result.stderr[-2000:]
     aside = list((reported_copy / "model").glob("history.jsonl.*.aside"))
     assert len(aside) == 1 and aside[0].read_bytes() == old
@@ -183,7 +183,7 @@ def test_report_rebuilds_the_whole_folder_and_leaves_results_alone(reported_copy
     folder = reported_copy / "model" / "report"
     (folder / "stale.txt").write_text("from an older report")
     results = {p.name: p.read_bytes() for p in (reported_copy / "results").iterdir()}
-    result = run_mnist("report", "--root", str(reported_copy))
+    result = run_here("report", "--root", str(reported_copy))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"report: {folder / 'index.html'}"
     assert sorted(p.name for p in folder.iterdir()) == sorted(report.FILES)
@@ -191,12 +191,12 @@ def test_report_rebuilds_the_whole_folder_and_leaves_results_alone(reported_copy
 
 
 def test_report_before_any_evaluate_or_from_an_older_one_is_a_one_line_error(tmp_path):
-    result = run_mnist("report", "--root", str(tmp_path))
+    result = run_here("report", "--root", str(tmp_path))
     assert_one_line_error(result, 1, "eval_results.json", "mnist evaluate")
     assert not (tmp_path / "model" / "report").exists()
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "eval_results.json").write_text('{"accuracy": 0.99}')  # an earlier version's, say
-    result = run_mnist("report", "--root", str(tmp_path))
+    result = run_here("report", "--root", str(tmp_path))
     assert_one_line_error(result, 1, "eval_results.json", "lacks test_loss", "mnist evaluate")
 
 
@@ -229,13 +229,13 @@ def test_a_full_disk_fails_the_report_but_not_eval_results(reported, tmp_path):
             shutil.copy(reported / "model" / name, model / name)
         # room for eval_results.json and the history (a few kB each), not for the pictures
         (model / "filler").write_bytes(b"\0" * (shutil.disk_usage(model).free - 40_000))
-        result = run_mnist("evaluate", "--root", str(root))
+        result = run_here("evaluate", "--root", str(root))
         assert_one_line_error(result, 1, "eval_results.json is written, but not the report", "No space left",
                               "mnist report")
         assert evaluation_of(root)["confusion_matrix"] == evaluation_of(reported)["confusion_matrix"]
         assert not (model / "report").exists() and not list(model.glob(".tmp-*"))
         (model / "filler").unlink()
-        assert run_mnist("report", "--root", str(root)).returncode == 0  # once there is room
+        assert run_here("report", "--root", str(root)).returncode == 0  # once there is room
         assert sorted(p.name for p in (model / "report").iterdir()) == sorted(report.FILES)
 
 
@@ -287,7 +287,7 @@ def test_history_summary_places_each_epoch_after_the_steps_of_the_earlier_ones()
 
 
 def test_pipeline_ends_with_a_report_that_shows_its_infer_images(tmp_path):
-    result = run_mnist("pipeline", "--root", str(tmp_path), *STEPS, "--threshold", "0", "--seed", "2")
+    result = run_here("pipeline", "--root", str(tmp_path), *STEPS, "--threshold", "0", "--seed", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-1] == f"report: {tmp_path / 'model' / 'report' / 'index.html'}"
     page = (tmp_path / "model" / "report" / "index.html").read_text()
@@ -300,7 +300,7 @@ def test_a_broken_results_folder_is_left_out_of_the_report(reported_copy):
     summary = json.loads(predictions.read_text())
     summary["predictions"][0]["file"] = "../model/mnist_cnn.pt"  # never read outside results/
     predictions.write_text(json.dumps(summary))
-    result = run_mnist("report", "--root", str(reported_copy))
+    result = run_here("report", "--root", str(reported_copy))
     assert result.returncode == 0, result.stderr
     assert "leaves out results/" in result.stderr and "is not a file name in results/" in result.stderr
     page = (reported_copy / "model" / "report" / "index.html").read_text()
