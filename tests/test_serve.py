@@ -15,7 +15,7 @@ from typing import List
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, bomb_png, multipart, run_here, wait_until
+from conftest import assert_one_line_error, bomb_png, multipart, run_here, run_mnist, wait_until
 from mnist_pipeline import data
 from mnist_pipeline.infer import png_grayscale
 from mnist_pipeline.volume import atomic_write_bytes
@@ -73,7 +73,8 @@ def test_a_taken_port_is_one_error_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_here("serve", "--root", str(tmp_path), "--port", str(port))
+        # its own process, with a timeout: a serve that did start would never return
+        result = run_mnist("serve", "--root", str(tmp_path), "--port", str(port), timeout=120)
     assert_one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}", "--port")
 
 
