@@ -48,14 +48,19 @@ def write_checkpoint(path: Path, state: dict) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def write_evaluated(root: Path, state: dict) -> None:
+    """`state` as the checkpoint, with an evaluation that names it as passing."""
+    sha = write_checkpoint(root / "model" / "mnist_cnn.pt", state)
+    evaluation = {"accuracy": 0.99, "checkpoint": {"sha256": sha, "epoch": state["epoch"]}}
+    (root / "model" / "eval_results.json").write_text(json.dumps(evaluation))
+
+
 @pytest.fixture
 def evaluated_root(tmp_path, test_data) -> Path:
     """A volume with test data, an (untrained) checkpoint and an evaluation that names it as passing."""
     root = tmp_path / "volume"
     shutil.copytree(test_data, root / "data")
-    sha = write_checkpoint(root / "model" / "mnist_cnn.pt", untrained_state())
-    evaluation = {"accuracy": 0.99, "checkpoint": {"sha256": sha, "epoch": 0}}
-    (root / "model" / "eval_results.json").write_text(json.dumps(evaluation))
+    write_evaluated(root, untrained_state())
     return root
 
 
@@ -527,8 +532,12 @@ def test_train_evaluate_and_infer_started_at_once_end_with_the_new_checkpoint(ev
     The grace is long, as on a slow machine; the new checkpoint and its evaluation are new work,
     taken at once (a wait for the whole grace would end in the timeout)."""
     data.ensure(evaluated_root / "data", str(mirror), splits=("train",))
+    # a resumed train keeps its checkpoint's recipe: a 20-step one, so that the new epoch is short
+    state = untrained_state()
+    state["train_config"]["max_steps"] = 20
+    write_evaluated(evaluated_root, state)
     root = str(evaluated_root)
-    processes = [start_mnist("train", "--root", root, "--max-steps", "20"),
+    processes = [start_mnist("train", "--root", root),
                  start_mnist("evaluate", "--root", root, "--grace", "600"),
                  start_mnist("infer", "--root", root, "--grace", "600", "--threshold", "0")]
     try:

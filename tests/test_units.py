@@ -40,7 +40,8 @@ def global_torch_settings(monkeypatch):
              torch.utils.deterministic.fill_uninitialized_memory)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    # the private switch runtime uses: the public one imports torch._dynamo (a second, for nothing here)
+    torch._C._set_deterministic_algorithms(saved[0], warn_only=saved[1])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
     torch.utils.deterministic.fill_uninitialized_memory = saved[4]
 
