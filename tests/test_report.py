@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SCREENSHOTS, assert_one_line_error, run_here, run_mnist
+from conftest import SCREENSHOTS, assert_one_line_error, litter, run_here, run_mnist
 from test_safety import tmpfs
 from mnist_pipeline import checkpoint, cli, data, history, report
 from mnist_pipeline.evaluate import MISTAKES_KEPT
@@ -233,7 +233,7 @@ def test_a_full_disk_fails_the_report_but_not_eval_results(reported, tmp_path):
         assert_one_line_error(result, 1, "eval_results.json is written, but not the report", "No space left",
                               "mnist report")
         assert evaluation_of(root)["confusion_matrix"] == evaluation_of(reported)["confusion_matrix"]
-        assert not (model / "report").exists() and not list(model.glob(".tmp-*"))
+        assert not (model / "report").exists() and not litter(root)
         (model / "filler").unlink()
         assert run_here("report", "--root", str(root)).returncode == 0  # once there is room
         assert sorted(p.name for p in (model / "report").iterdir()) == sorted(report.FILES)
