@@ -77,6 +77,14 @@ def test_env_values_that_do_not_apply_to_the_command_are_ignored():
     assert settings(["infer"], {"MNIST_EPOCHS": "x"})["count"] == 5
 
 
+def test_evaluate_takes_no_seed_it_would_ignore(capsys):
+    """Scoring draws nothing at random: a --seed there would be accepted and silently do nothing."""
+    with pytest.raises(SystemExit) as exit_info:
+        settings(["evaluate", "--seed", "3"], {})
+    assert exit_info.value.code == 2 and "--seed" in capsys.readouterr().err
+    assert settings(["evaluate"], {"MNIST_SEED": "3"})["wait"] == 30  # Compose passes it to every service
+
+
 def test_epochs_minus_one_from_the_shell_exits_2_without_traceback(tmp_path):
     result = run_mnist("train", "--root", str(tmp_path), "--epochs", "-1")
     assert result.returncode == 2 and "Traceback" not in result.stderr

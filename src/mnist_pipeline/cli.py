@@ -154,7 +154,7 @@ GRACE = Setting("--grace", _non_negative_float, config.GRACE_S,
                 "seconds after start during which work already done is not used yet: a train started "
                 "at the same time (`docker compose up`) takes its lock first", "SECONDS")
 
-COMMON = [ROOT, MIRROR, DEVICE, THREADS, SEED]
+COMMON = [ROOT, MIRROR, DEVICE, THREADS]
 TRAIN = [
     Setting("--epochs", _epochs, default_of(TrainConfig, "epochs"), "epochs to train on top of the checkpoint", "N"),
     Setting("--batch-size", _batch_size, default_of(Recipe, "batch_size"), "training batch size", "N"),
@@ -185,10 +185,10 @@ SERVE = PREDICT + [
             "PORT"),
 ]
 COMMANDS: Dict[str, List[Setting]] = {
-    "train": COMMON + TRAIN + [NPROC_PER_NODE],
-    "evaluate": COMMON + EVALUATE,
-    "infer": COMMON + INFER,
-    "pipeline": COMMON + TRAIN + INFER,
+    "train": COMMON + [SEED] + TRAIN + [NPROC_PER_NODE],
+    "evaluate": COMMON + EVALUATE,  # no --seed: scoring draws nothing at random
+    "infer": COMMON + [SEED] + INFER,
+    "pipeline": COMMON + [SEED] + TRAIN + INFER,
     "report": [ROOT, MIRROR],
     "predict": PREDICT,
     "serve": SERVE,
