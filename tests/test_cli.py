@@ -153,29 +153,26 @@ def test_the_cli_defaults_build_each_stage_config_with_its_own_defaults():
     assert config.PredictConfig(images=(), **values["predict"]) == config.PredictConfig(root=root, images=())
 
 
-def literal_defaults(source: str, call: str) -> list:
-    """(name, default) of each literal default (None aside) in `source`: `call(flag, parse, default, ...)`
-    arguments when `call` is given, else the fields of its classes."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if call and isinstance(node, ast.Call) and getattr(node.func, "id", None) == call:
-            name, default = node.args[0], node.args[2]
-        elif not call and isinstance(node, ast.ClassDef):
-            found += [(field.target.id, field.value.value) for field in node.body
-                      if isinstance(field, ast.AnnAssign) and isinstance(field.value, ast.Constant)
-                      and field.value.value is not None]
-            continue
-        else:
-            continue
-        if isinstance(default, ast.Constant) and default.value is not None:
-            found.append((name.value, default.value))
-    return found
+def _literal(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and node.value is not None
+
+
+def literal_setting_defaults(source: str) -> list:
+    """The literal defaults (None aside) written into `Setting(flag, parse, default, ...)` calls in `source`."""
+    return [call.args[2].value for call in ast.walk(ast.parse(source))
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "Setting" and _literal(call.args[2])]
+
+
+def fields_with_literal_defaults(source: str) -> list:
+    """The names of the class fields in `source` whose default is a literal (None aside), once per class."""
+    return [field.target.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ClassDef)
+            for field in node.body if isinstance(field, ast.AnnAssign) and _literal(field.value)]
 
 
 def test_each_default_is_written_once_in_config_py():
     """cli.py's settings take their defaults from config.py, which writes each one in a single field or constant."""
-    assert literal_defaults(Path(cli.__file__).read_text(), "Setting") == []
-    fields = [name for name, _ in literal_defaults(Path(config.__file__).read_text(), "")]
+    assert literal_setting_defaults(Path(cli.__file__).read_text()) == []
+    fields = fields_with_literal_defaults(Path(config.__file__).read_text())
     assert sorted(name for name in set(fields) if fields.count(name) > 1) == []
     assert {"epochs", "batch_size", "peak_lr", "save_every_s", "count", "host", "port"} <= set(fields)
 
