@@ -67,8 +67,10 @@ def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float =
     return subprocess.run(mnist_command(*args), env=mnist_env(env), capture_output=True, text=True, timeout=timeout)
 
 
-# faults that only signal (SIGTERM, SIGINT) and that main() itself reaches: the process survives them
-IN_PROCESS_FAULTS = ("sigterm:", "sigterm-at-step:", "sigint-at-step:")
+def fault_survivable(fault: Optional[str]) -> bool:
+    """No fault, or one that only signals (SIGTERM, SIGINT) where main() itself handles it: run_here can run it."""
+    return fault is None or (fault.startswith(("sigterm:", "sigterm-at-step:", "sigint-at-step:"))
+                             and fault != "sigterm:exit")  # (exit: after main() returned)
 
 
 def run_here(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
@@ -79,8 +81,7 @@ def run_here(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Com
 
     environment = mnist_env(env)
     fault = environment.get(faults.ENV)
-    assert fault is None or (fault.startswith(IN_PROCESS_FAULTS) and fault != "sigterm:exit"), \
-        f"MNIST_FAULT={fault} would kill the test process or never fire here: use run_mnist"
+    assert fault_survivable(fault), f"MNIST_FAULT={fault} would kill the test process or never fire here: use run_mnist"
     out, err = io.StringIO(), io.StringIO()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     saved_fault = os.environ.pop(faults.ENV, None)
@@ -185,19 +186,21 @@ def short_trained_root(tmp_path_factory, mirror) -> Path:
     return root
 
 
+def private_copy(shared: Path, tmp_path: Path) -> Path:
+    """A copy of a shared (session or module) volume for one test to change."""
+    root = tmp_path / "volume"
+    shutil.copytree(shared, root)
+    return root
+
+
 @pytest.fixture
 def short_trained_copy(short_trained_root, tmp_path) -> Path:
-    root = tmp_path / "volume"
-    shutil.copytree(short_trained_root, root)
-    return root
+    return private_copy(short_trained_root, tmp_path)
 
 
 @pytest.fixture
 def trained_copy(trained_root, tmp_path) -> Path:
-    """A private copy of trained_root to change."""
-    root = tmp_path / "volume"
-    shutil.copytree(trained_root, root)
-    return root
+    return private_copy(trained_root, tmp_path)
 
 
 class Served:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import IN_PROCESS_FAULTS, assert_one_line_error, litter, run_here, run_mnist
+from conftest import assert_one_line_error, fault_survivable, litter, run_here, run_mnist
 from mnist_pipeline import signals
 from mnist_pipeline.errors import Interrupted
 
@@ -59,7 +59,7 @@ def train(root: Path, *flags: str, fault: str = "", extra_env=None):
     env = {"MNIST_FAULT": fault} if fault else {}
     env.update(extra_env or {})
     # a SIGKILL fault kills its process: only those need one of their own
-    run = run_here if not fault or fault.startswith(IN_PROCESS_FAULTS) else run_mnist
+    run = run_here if fault_survivable(fault or None) else run_mnist
     return run("train", "--root", str(root), *flags, env=env)
 
 
