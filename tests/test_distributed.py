@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import conftest
-from conftest import mnist_command
+from conftest import mnist_command, private_copy
 from mnist_pipeline import data, distributed
 from mnist_pipeline.volume import Volume, exclusive_lock
 from test_interrupts import assert_same_state, litter, load
@@ -79,9 +79,7 @@ def data_volume(tmp_path_factory, mirror) -> Path:
 
 @pytest.fixture
 def volume(data_volume, tmp_path) -> Path:
-    root = tmp_path / "volume"
-    shutil.copytree(data_volume, root)
-    return root
+    return private_copy(data_volume, tmp_path)
 
 
 def torchrun(root: Path, *flags: str, env=None, torchrun_flags=(), timeout: float = TIMEOUT):

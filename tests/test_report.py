@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SCREENSHOTS, assert_one_line_error, litter, run_here, run_mnist
+from conftest import SCREENSHOTS, assert_one_line_error, litter, private_copy, run_here, run_mnist
 from test_safety import tmpfs
 from mnist_pipeline import checkpoint, cli, data, history, report
 from mnist_pipeline.evaluate import MISTAKES_KEPT
@@ -40,9 +40,7 @@ def reported(tmp_path_factory, mirror) -> Path:
 
 @pytest.fixture
 def reported_copy(reported, tmp_path) -> Path:
-    root = tmp_path / "volume"
-    shutil.copytree(reported, root)
-    return root
+    return private_copy(reported, tmp_path)
 
 
 def evaluation_of(root: Path) -> dict:
