@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 import conftest
 from conftest import mnist_command, private_copy
@@ -30,6 +31,7 @@ TIMEOUT = 120  # seconds for one run: generous on a busy 2-core machine; a hang 
 # A step-limited epoch: it trains (about 0.96 accuracy) in a third of a full epoch's time.
 STEPS = 150
 STOP_AT = STEPS - 20  # late in the epoch, so the runs that resume from it are short
+KILL_AT = 5  # early in an epoch's warm-up: small steps, so one process's float sums stay close to two ranks'
 
 # Installed as sitecustomize in every rank: logs each file-system write (open for writing, create,
 # rename, delete, mkdir) to <AUDIT_DIR>/rank<R>.log, so a test sees which rank wrote what.
@@ -172,17 +174,82 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_the_resumed_epoch_
     assert load(other_world / "model" / "mnist_cnn.pt")["epoch"] == 1
 
 
-def test_a_rank_killed_with_kill_9_ends_the_run_with_a_clear_error_and_the_checkpoint_intact(two_rank_run, tmp_path):
-    volume = tmp_path / "volume"
+@pytest.fixture(scope="module")
+def killed_run(two_rank_run, tmp_path_factory) -> SimpleNamespace:
+    """Two ranks train the next epoch of two_rank_run's checkpoint, saving progress after every step,
+    until rank 1 is killed (kill -9) at step KILL_AT. Shared: the kill -9 test checks how the run ended,
+    the gradient test what the ranks had computed by then (the progress rank 0 saved)."""
+    volume = tmp_path_factory.mktemp("killed") / "volume"
     shutil.copytree(two_rank_run.volume, volume)  # a checkpoint: the killed run trains its next epoch
-    checkpoint = volume / "model" / "mnist_cnn.pt"
-    before = checkpoint.read_bytes()
+    before = (volume / "model" / "mnist_cnn.pt").read_bytes()
     # the subprocess timeout is the promise: the surviving rank does not hang
-    result = torchrun(volume, "--save-every", "0", env=rank_fault("sigkill-at-step:5"), timeout=60)
+    result = torchrun(volume, "--save-every", "0.000001", env=rank_fault(f"sigkill-at-step:{KILL_AT}"), timeout=60)
+    return SimpleNamespace(volume=volume, result=result, checkpoint_before=before)
+
+
+def test_a_rank_killed_with_kill_9_ends_the_run_with_a_clear_error_and_the_checkpoint_intact(killed_run):
+    volume, result = killed_run.volume, killed_run.result
     assert result.returncode != 0
     assert "error: rank 0 of 2 lost its process group: another rank died" in result.stderr, result.stderr[-3000:]
-    assert checkpoint.read_bytes() == before
-    assert not (volume / "model" / "train_progress.pt").exists() and not litter(volume)
+    assert (volume / "model" / "mnist_cnn.pt").read_bytes() == killed_run.checkpoint_before
+    # rank 0 saved progress after the last step both ranks finished, and nothing half-written
+    assert load(volume / "model" / "train_progress.pt")["step"] == KILL_AT and not litter(volume)
+
+
+class HalvesAveraged(nn.Module):
+    """What two DDP ranks compute, in one process: each half of the global batch goes through the network
+    on its own (train-mode BatchNorm normalises each by its own statistics) and the loss is the mean of
+    the two halves' losses, so the gradient is the average of the two ranks' gradients. Only the first
+    half (rank 0's) updates BatchNorm's running statistics: rank 0's buffers are the ones DDP keeps and
+    rank 0 saves."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        half = len(images) // 2
+        first = self.model(images[:half])
+        for norm in self.norms:
+            norm.track_running_stats = False
+        try:
+            second = self.model(images[half:])
+        finally:
+            for norm in self.norms:
+                norm.track_running_stats = True
+        return torch.cat([first, second])
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    """The largest ||a - b|| / ||a|| over the tensors of two model states (step counters left out)."""
+    return max(((a[k].double() - b[k].double()).norm() / a[k].double().norm()).item()
+               for k in a if not k.endswith("num_batches_tracked"))
+
+
+def test_the_ranks_average_their_gradients(killed_run, tmp_path, monkeypatch):
+    """The two ranks' progress equals one process that averages the two halves' gradients, and is far from
+    rank 0 training alone on its half (what a missing all-reduce would give): the accuracy bar of the
+    plain-checkpoint test would pass either way."""
+    ddp = load(killed_run.volume / "model" / "train_progress.pt")
+
+    def one_process(name: str) -> dict:
+        volume = tmp_path / name
+        shutil.copytree(killed_run.volume, volume)
+        (volume / "model" / "train_progress.pt").unlink()  # from the checkpoint, as the killed run began
+        result = run_here("train", "--root", str(volume), env={"MNIST_FAULT": f"sigterm-at-step:{ddp['step']}"})
+        assert result.returncode == 143, result.stderr[-3000:]
+        return load(volume / "model" / "train_progress.pt")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(distributed, "wrap", lambda world, model: HalvesAveraged(model))
+        averaged = one_process("averaged")
+    with monkeypatch.context() as patched:
+        patched.setattr(distributed, "shard", lambda world, batch: batch[:len(batch) // 2])
+        alone = one_process("alone")
+    # float sums in another order (all-reduce, 1 thread a rank): measured 5e-6 against 2e-3 for `alone`
+    assert relative_distance(ddp["model"], averaged["model"]) < 1e-4
+    assert relative_distance(ddp["model"], alone["model"]) > 5e-4
 
 
 def test_torchrun_max_restarts_restarts_the_group_from_the_saved_progress(volume):
