@@ -24,6 +24,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
+import forked
+
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "mnist"
 # screenshots the browser tests leave for people to look at (git-ignored)
@@ -63,8 +65,14 @@ def mnist_command(*args: str) -> list:
     return [sys.executable, "-m", "mnist_pipeline", *args]
 
 
-def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(mnist_command(*args), env=mnist_env(env), capture_output=True, text=True, timeout=timeout)
+def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600,
+              fresh: bool = False) -> subprocess.CompletedProcess:
+    """`mnist ARGS` in a process of its own: forked from one with torch loaded (tests/forked.py), or with
+    `fresh` a new interpreter, for what depends on the start itself (the train lock before torch, --grace)."""
+    if fresh:
+        return subprocess.run(mnist_command(*args), env=mnist_env(env), capture_output=True, text=True,
+                              timeout=timeout)
+    return forked.run(list(args), mnist_env(env), timeout)
 
 
 def fault_survivable(fault: Optional[str]) -> bool:
@@ -108,9 +116,12 @@ def run_here(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Com
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
-def start_mnist(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-    return subprocess.Popen(mnist_command(*args), env=mnist_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def start_mnist(*args: str, env: Optional[Dict[str, str]] = None, fresh: bool = False):
+    """run_mnist's twin for a process the test talks to while it runs: a subprocess.Popen, or its like."""
+    if fresh:
+        return subprocess.Popen(mnist_command(*args), env=mnist_env(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return forked.Process(list(args), mnist_env(env))
 
 
 def read_until(process: subprocess.Popen, marker: str) -> str:

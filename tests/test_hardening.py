@@ -210,7 +210,8 @@ def test_evaluate_gives_a_train_started_beside_it_a_grace_before_rescoring_the_o
             "    checkpoint.save(v.checkpoint, state)\n")
     fake_train = subprocess.Popen([sys.executable, "-c", code, str(evaluated_root)], env=mnist_env(),
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    evaluate_ = start_mnist("evaluate", "--root", str(evaluated_root), "--wait", "0", "--grace", "600")
+    # a fresh interpreter: the grace counts from the process's start
+    evaluate_ = start_mnist("evaluate", "--root", str(evaluated_root), "--wait", "0", "--grace", "600", fresh=True)
     try:
         read_until(evaluate_, GRACE_STARTED)
         fake_train.stdin.write("lock\n")
@@ -537,9 +538,10 @@ def test_train_evaluate_and_infer_started_at_once_end_with_the_new_checkpoint(ev
     state["train_config"]["max_steps"] = 20
     write_evaluated(evaluated_root, state)
     root = str(evaluated_root)
-    processes = [start_mnist("train", "--root", root),
-                 start_mnist("evaluate", "--root", root, "--grace", "600"),
-                 start_mnist("infer", "--root", root, "--grace", "600", "--threshold", "0")]
+    # fresh interpreters: the race is the real one, train's lock before torch loads against the graces
+    processes = [start_mnist("train", "--root", root, fresh=True),
+                 start_mnist("evaluate", "--root", root, "--grace", "600", fresh=True),
+                 start_mnist("infer", "--root", root, "--grace", "600", "--threshold", "0", fresh=True)]
     try:
         errors = [process.communicate(timeout=300)[1] for process in processes]
     finally:
