@@ -1,11 +1,12 @@
-"""`mnist` in a process of its own, forked from a server that has already imported torch and the package.
+"""`mnist` (or torchrun) in a process of its own, forked from a server that has already imported torch.
 
 A new interpreter spends about 1.5 s importing torch before `mnist` does anything; a fork of this
 server starts in a fraction of that (bench/suite_bench.py measures the suite). The server itself never
 runs a torch operation, so each child starts torch's thread pools as a new process would (a fork of
 a process that has used them hangs in them). What a child runs is what `python -m mnist_pipeline`
-runs: cli.script(), with its own argv, environment, stdout and stderr, and its own exit (a SIGKILL
-fault kills the child, nothing else).
+runs: cli.script() (or torchrun's main), with its own argv, environment, stdout and stderr, and its
+own exit (a SIGKILL fault kills the child, nothing else). torchrun's ranks are new interpreters still:
+its agent starts them.
 
 What a fork cannot show, the tests keep fresh interpreters for (conftest.run_mnist(fresh=True)):
 anything about the start itself, such as the train lock taken before torch loads, or --grace, which
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 import threading
@@ -24,7 +26,8 @@ from typing import Dict, List, Optional, Tuple
 
 _SERVER = multiprocessing.get_context("forkserver")
 # cli first, as in `python -m mnist_pipeline`: it sets OMP_WAIT_POLICY before torch loads OpenMP
-_SERVER.set_forkserver_preload(["mnist_pipeline.cli", "torch", __name__])
+_SERVER.set_forkserver_preload(["mnist_pipeline.cli", "torch", "torch.distributed.run", __name__])
+MNIST = "mnist_pipeline"
 
 
 class _Fd:
@@ -41,25 +44,29 @@ def _received_fd(duplicate) -> int:
     return duplicate.detach()
 
 
-def _mnist(argv: List[str], env: Dict[str, str], stdout: int, stderr: int) -> None:
-    """The child: become `mnist ARGV` with this environment and these outputs, then run it to its exit."""
+def _main(module: str, argv: List[str], env: Dict[str, str], stdout: int, stderr: int) -> None:
+    """The child: become `python -m MODULE ARGV` with this environment and these outputs, and run it."""
     os.environ.clear()
     os.environ.update(env)
     for fd, target in ((stdout, 1), (stderr, 2)):
         os.dup2(fd, target)
         os.close(fd)
-    sys.argv = ["mnist", *argv]
-    from mnist_pipeline import cli
+    sys.argv = [module, *argv]
+    if module == MNIST:
+        from mnist_pipeline import cli
 
-    cli.script()  # ends the process with os._exit
+        cli.script()  # what mnist_pipeline/__main__.py runs; it ends the process with os._exit
+    runpy.run_module(module, run_name="__main__", alter_sys=True)  # SystemExit: the child's exit code
 
 
 class Process:
-    """A forked `mnist`, with the part of subprocess.Popen's interface the tests use (text pipes)."""
+    """A forked `python -m MODULE` (`mnist` unless told), with the part of subprocess.Popen's interface the
+    tests use (text pipes)."""
 
-    def __init__(self, argv: List[str], env: Dict[str, str]):
+    def __init__(self, argv: List[str], env: Dict[str, str], module: str = MNIST):
         pipes = [os.pipe(), os.pipe()]
-        self._process = _SERVER.Process(target=_mnist, args=(list(argv), env, _Fd(pipes[0][1]), _Fd(pipes[1][1])),
+        self._process = _SERVER.Process(target=_main, args=(module, list(argv), env, _Fd(pipes[0][1]),
+                                                             _Fd(pipes[1][1])),
                                         daemon=True)  # ended with the test session, if still running
         try:
             self._process.start()
@@ -112,9 +119,10 @@ class Process:
         return outputs.get("out", ""), outputs.get("err", "")
 
 
-def run(argv: List[str], env: Dict[str, str], timeout: Optional[float] = None) -> subprocess.CompletedProcess:
+def run(argv: List[str], env: Dict[str, str], timeout: Optional[float] = None,
+        module: str = MNIST) -> subprocess.CompletedProcess:
     """Like subprocess.run(capture_output=True, text=True): kills the child and raises TimeoutExpired on a hang."""
-    process = Process(argv, env)
+    process = Process(argv, env, module)
     try:
         out, err = process.communicate(timeout)
     except subprocess.TimeoutExpired:

@@ -1,10 +1,11 @@
 """Data-parallel training under torchrun (gloo, 2 processes on this machine's CPUs).
 
-Each run is a real torchrun (or `mnist train --nproc-per-node`) with a subprocess timeout, so a hang
-fails the test instead of stalling it; interruptions come from fault points (MNIST_FAULT, limited to
-one rank by MNIST_FAULT_RANK), never from timed signals. Starting a group costs seconds (an agent and
-two ranks importing torch), so the module-scoped fixtures below run a group once for the tests that
-check different things about the same run; single-process commands run in the test process (run_here).
+Each run is a real torchrun (or `mnist train --nproc-per-node`) with a timeout, so a hang fails the
+test instead of stalling it; interruptions come from fault points (MNIST_FAULT, limited to one rank by
+MNIST_FAULT_RANK), never from timed signals. Starting a group costs seconds (each rank a new interpreter
+importing torch; the agent is forked with torch loaded, tests/forked.py), so the module-scoped fixtures
+below run a group once for the tests that check different things about the same run; single-process
+commands run in the test process (run_here).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,8 @@ import torch
 from torch import nn
 
 import conftest
-from conftest import mnist_command, private_copy
+import forked
+from conftest import private_copy
 from mnist_pipeline import data, distributed
 from mnist_pipeline.volume import Volume, exclusive_lock
 from test_interrupts import assert_same_state, litter, load
@@ -85,9 +85,11 @@ def volume(data_volume, tmp_path) -> Path:
 
 
 def torchrun(root: Path, *flags: str, env=None, torchrun_flags=(), timeout: float = TIMEOUT):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               *torchrun_flags, *mnist_command("train", "--root", str(root), *flags)[1:]]
-    return subprocess.run(command, env=mnist_env(env), capture_output=True, text=True, timeout=timeout)
+    """`torchrun --standalone --nproc-per-node 2 ... -m mnist_pipeline train --root ROOT FLAGS` (the agent
+    forked with torch loaded, as conftest.run_mnist does; its ranks new interpreters)."""
+    argv = ["--standalone", "--nproc-per-node", "2", *torchrun_flags,
+            "-m", "mnist_pipeline", "train", "--root", str(root), *flags]
+    return forked.run(argv, mnist_env(env), timeout, module="torch.distributed.run")
 
 
 def rank_fault(fault: str, rank: int = 1) -> dict:
