@@ -377,7 +377,7 @@ def test_a_mirror_that_does_not_speak_http_is_a_mirror_error(tmp_path):
 
 
 def test_a_trickling_mirror_is_given_up_on_at_the_whole_file_deadline(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DOWNLOAD_DEADLINE_S", 1)
+    monkeypatch.setattr(data, "DOWNLOAD_DEADLINE_S", 0.2)
 
     body = gzip.compress(os.urandom(20000))
 

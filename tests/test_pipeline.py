@@ -95,7 +95,7 @@ def test_infer_refuses_an_evaluation_of_another_checkpoint(trained_copy):
     evaluation = json.loads(path.read_text())
     evaluation["checkpoint"]["sha256"] = "0" * 64
     path.write_text(json.dumps(evaluation))
-    result = run_here("infer", "--root", str(trained_copy), "--wait", "1")
+    result = run_here("infer", "--root", str(trained_copy), "--wait", "0")
     assert_one_line_error(result, 1, "older checkpoint", "mnist evaluate")
     assert not (trained_copy / "results").exists()
 
