@@ -68,7 +68,8 @@ def mnist_command(*args: str) -> list:
 def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600,
               fresh: bool = False) -> subprocess.CompletedProcess:
     """`mnist ARGS` in a process of its own: forked from one with torch loaded (tests/forked.py), or with
-    `fresh` a new interpreter, for what depends on the start itself (the train lock before torch, --grace)."""
+    `fresh` a new interpreter, for what depends on the start itself (python -m as typed, the train lock
+    before torch, --grace)."""
     if fresh:
         return subprocess.run(mnist_command(*args), env=mnist_env(env), capture_output=True, text=True,
                               timeout=timeout)
