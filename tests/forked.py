@@ -5,8 +5,13 @@ server starts in a fraction of that (bench/suite_bench.py measures the suite). T
 runs a torch operation, so each child starts torch's thread pools as a new process would (a fork of
 a process that has used them hangs in them). What a child runs is what `python -m mnist_pipeline`
 runs: cli.script() (or torchrun's main), with its own argv, environment, stdout and stderr, and its
-own exit (a SIGKILL fault kills the child, nothing else). torchrun's ranks are new interpreters still:
-its agent starts them.
+own exit (a SIGKILL fault kills the child, nothing else).
+
+torchrun's agent starts its ranks as new interpreters (plus 1 s each importing torch._dynamo, which
+DistributedDataParallel needs). With RANKS_ENV set to rank_server() in a forked agent's environment
+(torchrun, or `mnist train --nproc-per-node`), it asks the rank server instead: a second such server
+that has imported torch._dynamo too, and forks each rank into a process group of its own, as torchrun
+would start it.
 
 What a fork cannot show, the tests keep fresh interpreters for (conftest.run_mnist(fresh=True)):
 anything about the start itself, such as the train lock taken before torch loads, or --grace, which
@@ -17,6 +22,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
+import select
+import signal
+import socket
 import runpy
 import subprocess
 import sys
@@ -28,6 +37,7 @@ _SERVER = multiprocessing.get_context("forkserver")
 # cli first, as in `python -m mnist_pipeline`: it sets OMP_WAIT_POLICY before torch loads OpenMP
 _SERVER.set_forkserver_preload(["mnist_pipeline.cli", "torch", "torch.distributed.run", __name__])
 MNIST = "mnist_pipeline"
+RANKS_ENV = "FORKED_RANK_SERVER"  # in a forked agent's environment: the rank server's address
 
 
 class _Fd:
@@ -52,6 +62,8 @@ def _main(module: str, argv: List[str], env: Dict[str, str], stdout: int, stderr
         os.dup2(fd, target)
         os.close(fd)
     sys.argv = [module, *argv]
+    if RANKS_ENV in env:  # an agent, perhaps: its ranks come from the rank server
+        _start_ranks_with(env[RANKS_ENV])
     if module == MNIST:
         from mnist_pipeline import cli
 
@@ -130,3 +142,110 @@ def run(argv: List[str], env: Dict[str, str], timeout: Optional[float] = None,
         process.wait()
         raise
     return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
+_rank_server: Optional[Tuple[str, multiprocessing.Process]] = None
+
+
+def rank_server() -> str:
+    """The address of this session's rank server (started on first use): the value for RANKS_ENV."""
+    global _rank_server
+    if _rank_server is None:
+        name = f"mnist-test-ranks-{os.getpid()}"  # abstract: no file to clean up
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind("\0" + name)
+        listener.listen()
+        server = _SERVER.Process(target=_serve_ranks, args=(_Fd(listener.fileno()),), daemon=True)
+        server.start()
+        listener.close()
+        _rank_server = name, server
+    return _rank_server[0]
+
+
+def _serve_ranks(listener_fd: int) -> None:
+    """The rank server: each connection asks for one rank (argv, environment, stdout and stderr) and hears
+    back its pid, once its process group exists, then its exit code, as Popen says it (-N: signal N)."""
+    import torch._dynamo  # noqa: F401  (what each rank would import itself)
+
+    listener = socket.socket(fileno=listener_fd)
+    children_ended, wake_up = os.pipe()
+    os.set_blocking(wake_up, False)
+    signal.set_wakeup_fd(wake_up)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the select below
+    asking: Dict[int, socket.socket] = {}  # rank pid -> the agent's connection
+    while True:
+        readable = select.select([listener, children_ended, *asking.values()], [], [])[0]
+        if listener in readable:
+            connection, _ = listener.accept()
+            message, outputs, _, _ = socket.recv_fds(connection, 1 << 20, 2)
+            argv, env = pickle.loads(message)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    for fd in (listener, connection, *asking.values()):
+                        fd.close()
+                    os.close(children_ended)
+                    os.close(wake_up)
+                    os.setpgid(0, 0)
+                    sys.stdout.reconfigure(write_through=True)  # as `python -u`, which torchrun runs
+                    _main(MNIST, argv, env, *outputs)
+                finally:
+                    os._exit(1)  # (cli.script exits itself: only if it raised)
+            os.setpgid(pid, pid)  # here too: the agent may signal the group as soon as it has the pid
+            for fd in outputs:
+                os.close(fd)
+            connection.send(str(pid).encode())
+            asking[pid] = connection
+        if children_ended in readable:
+            os.read(children_ended, 4096)
+        for pid, connection in list(asking.items()):
+            ended, status = os.waitpid(pid, os.WNOHANG)
+            if ended:
+                connection.send(str(os.waitstatus_to_exitcode(status)).encode())
+            elif connection in readable:  # its agent is gone: so is the group
+                os.killpg(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            else:
+                continue
+            connection.close()
+            del asking[pid]
+
+
+class _ForkedRank:
+    """What torchrun's agent keeps of a rank it started (the part of subprocess.Popen it uses)."""
+
+    def __init__(self, address: str, args: List[str], env: Dict[str, str], outputs: List[int]):
+        self.args, self.returncode = args, None
+        self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._connection.connect("\0" + address)
+        socket.send_fds(self._connection, [pickle.dumps((args, env))], outputs)
+        self.pid = int(self._connection.recv(64))
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None and select.select([self._connection], [], [], 0)[0]:
+            self.returncode = int(self._connection.recv(64))
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if self.returncode is None:
+            if not select.select([self._connection], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = int(self._connection.recv(64))
+        return self.returncode
+
+
+def _start_ranks_with(address: str) -> None:
+    """In an agent: start `python -u -m mnist_pipeline ...` ranks through the rank server."""
+    from torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler import SubprocessHandler
+
+    popen = SubprocessHandler._popen
+
+    def forked_rank(handler: SubprocessHandler, args: tuple, env: Dict[str, str]):
+        if list(args[:4]) != [sys.executable, "-u", "-m", MNIST]:
+            return popen(handler, args, env)
+        outputs = [file.fileno() if file else fd for file, fd in ((handler._stdout, 1), (handler._stderr, 2))]
+        return _ForkedRank(address, list(args[4:]), env, outputs)
+
+    SubprocessHandler._popen = forked_rank
