@@ -28,9 +28,12 @@ from mnist_pipeline import data, distributed
 from mnist_pipeline.volume import Volume, exclusive_lock
 from test_interrupts import assert_same_state, litter, load
 
+# one pytest-xdist worker runs them all (pyproject's addopts): the module fixtures run once
+pytestmark = pytest.mark.xdist_group("distributed")
+
 TIMEOUT = 120  # seconds for one run: generous on a busy 2-core machine; a hang fails the test
-# A step-limited epoch: it trains (about 0.96 accuracy) in a third of a full epoch's time.
-STEPS = 150
+# A step-limited epoch, an eighth of a full one: 0.78 accuracy
+STEPS = 60
 STOP_AT = STEPS - 20  # late in the epoch, so the runs that resume from it are short
 KILL_AT = 5  # early in an epoch's warm-up: small steps, so one process's float sums stay close to two ranks'
 
@@ -115,9 +118,9 @@ def test_each_rank_takes_a_disjoint_slice_of_the_global_batch():
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, mirror) -> SimpleNamespace:
     """One uninterrupted torchrun of STEPS steps on an empty volume (rank 0 fetches the data while rank 1
-    waits), its ranks new interpreters, each one's writes logged by AUDIT_HOOK. Shared: the plain-checkpoint test checks it (its
-    evaluate adds eval_results.json), the SIGTERM test compares a resumed run's checkpoint against it, the
-    kill -9 test copies it to have a checkpoint to keep intact."""
+    waits), its ranks new interpreters, each one's writes logged by AUDIT_HOOK. Shared: the plain-checkpoint
+    test checks it (its evaluate adds eval_results.json), the SIGTERM test compares a resumed run's
+    checkpoint against it, the kill -9 test copies it to have a checkpoint to keep intact."""
     base = tmp_path_factory.mktemp("two-rank")
     volume, audit = base / "volume", base / "audit"
     volume.mkdir()
@@ -154,7 +157,8 @@ def test_a_two_process_epoch_saves_a_plain_checkpoint_that_evaluates_and_only_ra
     evaluated = run_here("evaluate", "--root", str(volume))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     accuracy = json.loads((volume / "model" / "eval_results.json").read_text())["accuracy"]
-    assert accuracy >= 0.95  # DDP trained it: 0.96 after STEPS steps (0.1 untrained)
+    # trained: 0.78 after STEPS steps (0.1 untrained); test_the_ranks_average_their_gradients checks how
+    assert accuracy >= 0.5
 
     writes = {rank: [line for line in (audit / f"rank{rank}.log").read_text().splitlines()
                      if str(volume.resolve()) in line] for rank in (0, 1)}
@@ -259,7 +263,7 @@ def test_the_ranks_average_their_gradients(killed_run, tmp_path, monkeypatch):
     with monkeypatch.context() as patched:
         patched.setattr(distributed, "shard", lambda world, batch: batch[:len(batch) // 2])
         alone = one_process("alone")
-    # float sums in another order (all-reduce, 1 thread a rank): measured 5e-6 against 2e-3 for `alone`
+    # float sums in another order (all-reduce, 1 thread a rank): measured 1e-5 against 7e-3 for `alone`
     assert relative_distance(ddp["model"], averaged["model"]) < 1e-4
     assert relative_distance(ddp["model"], alone["model"]) > 5e-4
 
