@@ -33,9 +33,9 @@ import threading
 from multiprocessing import reduction
 from typing import Dict, List, Optional, Tuple
 
-_SERVER = multiprocessing.get_context("forkserver")
+SERVER = multiprocessing.get_context("forkserver")
 # cli first, as in `python -m mnist_pipeline`: it sets OMP_WAIT_POLICY before torch loads OpenMP
-_SERVER.set_forkserver_preload(["mnist_pipeline.cli", "torch", "torch.distributed.run", __name__])
+SERVER.set_forkserver_preload(["mnist_pipeline.cli", "torch", "torch.distributed.run", __name__])
 MNIST = "mnist_pipeline"
 RANKS_ENV = "FORKED_RANK_SERVER"  # in a forked agent's environment: the rank server's address
 
@@ -77,7 +77,7 @@ class Process:
 
     def __init__(self, argv: List[str], env: Dict[str, str], module: str = MNIST):
         pipes = [os.pipe(), os.pipe()]
-        self._process = _SERVER.Process(target=_main, args=(module, list(argv), env, _Fd(pipes[0][1]),
+        self._process = SERVER.Process(target=_main, args=(module, list(argv), env, _Fd(pipes[0][1]),
                                                              _Fd(pipes[1][1])),
                                         daemon=True)  # ended with the test session, if still running
         try:
@@ -155,7 +155,7 @@ def rank_server() -> str:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listener.bind("\0" + name)
         listener.listen()
-        server = _SERVER.Process(target=_serve_ranks, args=(_Fd(listener.fileno()),), daemon=True)
+        server = SERVER.Process(target=_serve_ranks, args=(_Fd(listener.fileno()),), daemon=True)
         server.start()
         listener.close()
         _rank_server = name, server

@@ -202,29 +202,19 @@ GRACE_STARTED = "giving a train that may be starting"
 
 def test_evaluate_gives_a_train_started_beside_it_a_grace_before_rescoring_the_old_checkpoint(evaluated_root):
     """The checkpoint is already evaluated; a train that takes its lock during the grace is waited for."""
-    code = ("import sys; from pathlib import Path; from mnist_pipeline import volume, checkpoint; "
-            "v = volume.Volume(Path(sys.argv[1])); sys.stdin.readline();\n"
-            "with volume.exclusive_lock(v, 'train'):\n"
-            "    print('locked', flush=True); sys.stdin.readline()\n"
-            "    state = checkpoint.load(v.checkpoint).state; state['epoch'] = 7\n"
-            "    checkpoint.save(v.checkpoint, state)\n")
-    fake_train = subprocess.Popen([sys.executable, "-c", code, str(evaluated_root)], env=mnist_env(),
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     # a fresh interpreter: the grace counts from the process's start
     evaluate_ = start_mnist("evaluate", "--root", str(evaluated_root), "--wait", "0", "--grace", "600", fresh=True)
     try:
         read_until(evaluate_, GRACE_STARTED)
-        fake_train.stdin.write("lock\n")
-        fake_train.stdin.flush()
-        assert fake_train.stdout.readline() == "locked\n"
-        fake_train.stdin.write("save\n")
-        fake_train.stdin.flush()
-        assert fake_train.wait(timeout=60) == 0
+        the_volume = Volume(evaluated_root)
+        with volume.exclusive_lock(the_volume, "train"):  # this process plays the train that starts late
+            state = checkpoint.load(the_volume.checkpoint).state
+            state["epoch"] = 7
+            checkpoint.save(the_volume.checkpoint, state)
         _, err = evaluate_.communicate(timeout=300)
     finally:
-        for process in (fake_train, evaluate_):
-            if process.poll() is None:
-                process.kill()
+        if evaluate_.poll() is None:
+            evaluate_.kill()
     assert evaluate_.returncode == 0, err[-3000:]
     assert json.loads((evaluated_root / "model" / "eval_results.json").read_text())["checkpoint"]["epoch"] == 7
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mnist_pipeline import runtime, signals, train
+import forked
+from mnist_pipeline import cli, runtime, signals, train
 from mnist_pipeline.infer import _file_names, png_grayscale
 from mnist_pipeline.model import MnistCNN
 
@@ -185,19 +186,29 @@ def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
         train.NesterovSGD(MnistCNN(channels=(8, 8, 8)).parameters(), recipe).load_state_dict(torchs)
 
 
+def _train_and_tell_whether_dynamo_loaded(root: str, mirror: str) -> None:
+    """In a fork of tests/forked.py's server, which has imported mnist_pipeline.cli and torch only."""
+    runtime.deterministic_cuda()
+    code = cli.main(["train", "--root", root, "--mirror", mirror, "--device", "cpu", "--max-steps", "2"])
+    Path(root, "answer").write_text(f"{code} {'torch._dynamo' in sys.modules}")
+
+
 def test_train_never_imports_torch_dynamo(tmp_path, mirror):
     """torch.optim.Optimizer's methods and torch.use_deterministic_algorithms import torch._dynamo: seconds of
     every process's start. The CUDA settings are made here too, which needs no GPU."""
-    code = ("import sys; from mnist_pipeline import cli, runtime; runtime.deterministic_cuda(); "
-            f"code = cli.main(['train', '--root', {str(tmp_path)!r}, '--mirror', {str(mirror)!r}, '--device', 'cpu', "
-            "'--max-steps', '2']); print(code, 'torch._dynamo' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert result.stdout.split()[-2:] == ["0", "False"], result.stderr[-2000:]
+    child = forked.SERVER.Process(target=_train_and_tell_whether_dynamo_loaded, args=(str(tmp_path), str(mirror)))
+    child.start()
+    child.join(600)
+    assert (tmp_path / "answer").read_text() == "0 False"
 
 
-def test_gpu_bench_without_a_gpu_says_so_and_exits_0():
+def test_gpu_bench_without_a_gpu_says_so_and_exits_0(monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the bench would run")
     bench = Path(__file__).resolve().parents[1] / "bench" / "gpu_bench.py"
-    result = subprocess.run([sys.executable, str(bench)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "sees no CUDA GPU" in result.stdout, result.stderr[-2000:]
+    # `python bench/gpu_bench.py`, in this process (torch is loaded here already)
+    monkeypatch.setattr(sys, "argv", [str(bench)])
+    monkeypatch.syspath_prepend(str(bench.parent))
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(bench), run_name="__main__")
+    assert exited.value.code == 0 and "sees no CUDA GPU" in capsys.readouterr().out
