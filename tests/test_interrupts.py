@@ -141,14 +141,14 @@ def test_kill_9_before_a_progress_rename_keeps_the_previous_progress(data_root):
 def test_periodic_progress_survives_kill_9_and_resumes_bit_identical(data_root, tmp_path):
     reference = tmp_path / "reference"
     shutil.copytree(data_root / "data", reference / "data")
-    assert train(reference, "--max-steps", "80").returncode == 0
+    assert train(reference, "--max-steps", "40").returncode == 0
 
-    # --save-every that small saves after every step: the kill before step 50 finds step 50 saved
-    result = train(data_root, "--max-steps", "80", "--save-every", "0.000001", fault="sigkill-at-step:50")
+    # --save-every that small saves after every step: the kill before step 25 finds step 25 saved
+    result = train(data_root, "--max-steps", "40", "--save-every", "0.000001", fault="sigkill-at-step:25")
     assert result.returncode == -signal.SIGKILL
-    assert load(data_root / "model" / "train_progress.pt")["step"] == 50
-    result = train(data_root, "--max-steps", "80")
-    assert result.returncode == 0 and "from step 50" in result.stderr, result.stderr[-3000:]
+    assert load(data_root / "model" / "train_progress.pt")["step"] == 25
+    result = train(data_root, "--max-steps", "40")
+    assert result.returncode == 0 and "from step 25" in result.stderr, result.stderr[-3000:]
     assert_same_state(load(data_root / "model" / "mnist_cnn.pt"), load(reference / "model" / "mnist_cnn.pt"))
 
 
