@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -36,6 +37,19 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "docker: needs a Docker engine (deselect with -m 'not docker')")
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist runs the group's tests in one worker")
+    take_this_workers_cpus()
+
+
+def take_this_workers_cpus() -> None:
+    """Under pytest-xdist (pyproject's addopts), worker i of n keeps CPUs i, i + n, ... for itself and the
+    processes it starts, which size their threads by them: workers that each train on every CPU would
+    spend a fifth more CPU time fighting over them (bench/suite_bench.py measured it)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker and count):
+        return
+    cpus, index = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw"))
+    os.sched_setaffinity(0, cpus[index % len(cpus)::int(count)] or cpus)
 
 
 @pytest.fixture(scope="session")
@@ -178,14 +192,43 @@ def http_server(folder: Path):
         server.wait(timeout=10)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's folder: build(folder) once for the whole run, also when pytest-xdist runs the
+    tests in several processes (the first to get here builds it, the others wait for it and share it)."""
+    run_folder = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        run_folder = run_folder.parent  # the run's, above each worker's
+    folder = run_folder / name
+    with open(run_folder / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = run_folder / f"{name}.built"
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+def _build_trained(folder: Path) -> None:
+    for stage in ("train", "evaluate"):
+        result = run_mnist(stage, "--root", str(folder / "volume"))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trained_root_started_early(request, tmp_path_factory, mirror) -> None:
+    """When a test of this run needs trained_root, start building it at once, beside the first tests: the
+    tests that need it then wait less or not at all. (A failed build here is built again by the fixture,
+    which reports the failure.)"""
+    if any("trained_root" in item.fixturenames for item in request.session.items):
+        threading.Thread(target=built_once, args=(tmp_path_factory, "trained", _build_trained), daemon=True).start()
+
+
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory, mirror) -> Path:
     """A volume root after one `mnist train` and one `mnist evaluate` (shared: copy before changing)."""
-    root = tmp_path_factory.mktemp("trained") / "volume"
-    for stage in ("train", "evaluate"):
-        result = run_mnist(stage, "--root", str(root))
-        assert result.returncode == 0, result.stderr[-3000:]
-    return root
+    return built_once(tmp_path_factory, "trained", _build_trained) / "volume"
 
 
 @pytest.fixture(scope="session")

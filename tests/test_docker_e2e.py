@@ -28,7 +28,8 @@ import pytest
 
 from conftest import MIRROR, REPO
 
-pytestmark = pytest.mark.docker
+# one worker builds the images once (pytest-xdist, pyproject's addopts)
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("docker")]
 
 SERVICES = ("train", "evaluate", "infer")
 MAX_IMAGE_BYTES = 990e6

@@ -21,6 +21,9 @@ from mnist_pipeline.evaluate import MISTAKES_KEPT
 from mnist_pipeline.model import predict
 from mnist_pipeline.volume import Volume
 
+# one pytest-xdist worker runs them all (pyproject's addopts): `reported` is built once
+pytestmark = pytest.mark.xdist_group("report")
+
 STEPS_PER_EPOCH = 35
 STEPS = ("--max-steps", str(STEPS_PER_EPOCH))  # a real curve in seconds
 POINTS = [*range(history.EVERY, STEPS_PER_EPOCH + 1, history.EVERY)] + (
