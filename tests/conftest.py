@@ -192,16 +192,20 @@ def http_server(folder: Path):
         server.wait(timeout=10)
 
 
-def built_once(tmp_path_factory, name: str, build) -> Path:
-    """A session fixture's folder: build(folder) once for the whole run, also when pytest-xdist runs the
-    tests in several processes (the first to get here builds it, the others wait for it and share it)."""
-    run_folder = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        run_folder = run_folder.parent  # the run's, above each worker's
-    folder = run_folder / name
-    with open(run_folder / f"{name}.lock", "w") as lock:
+def shared_folder(tmp_path_factory) -> Path:
+    """This run's temp folder that every pytest-xdist worker sees (each has its own below it)."""
+    # (getbasetemp() first empties a new run's folder: a thread must not be the first to call it)
+    folder = tmp_path_factory.getbasetemp()
+    return folder.parent if "PYTEST_XDIST_WORKER" in os.environ else folder
+
+
+def built_once(shared: Path, name: str, build) -> Path:
+    """A session fixture's folder, shared/NAME: build(folder) once for the whole run, also when pytest-xdist
+    runs the tests in several processes (the first to get here builds it, the others wait for it)."""
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        done = run_folder / f"{name}.built"
+        done = shared / f"{name}.built"
         if not done.exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
@@ -210,10 +214,17 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     return folder
 
 
-def _build_trained(folder: Path) -> None:
-    for stage in ("train", "evaluate"):
-        result = run_mnist(stage, "--root", str(folder / "volume"))
-        assert result.returncode == 0, result.stderr[-3000:]
+def _trained_volume_builder():
+    """build(folder) for trained_root, its environment read now: a thread must not read os.environ while
+    run_here changes it."""
+    env = mnist_env()
+
+    def build(folder: Path) -> None:
+        for stage in ("train", "evaluate"):
+            result = forked.run([stage, "--root", str(folder / "volume")], env, 600)
+            assert result.returncode == 0, result.stderr[-3000:]
+
+    return build
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -222,13 +233,14 @@ def trained_root_started_early(request, tmp_path_factory, mirror) -> None:
     tests that need it then wait less or not at all. (A failed build here is built again by the fixture,
     which reports the failure.)"""
     if any("trained_root" in item.fixturenames for item in request.session.items):
-        threading.Thread(target=built_once, args=(tmp_path_factory, "trained", _build_trained), daemon=True).start()
+        shared = shared_folder(tmp_path_factory)
+        threading.Thread(target=built_once, args=(shared, "trained", _trained_volume_builder()), daemon=True).start()
 
 
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory, mirror) -> Path:
     """A volume root after one `mnist train` and one `mnist evaluate` (shared: copy before changing)."""
-    return built_once(tmp_path_factory, "trained", _build_trained) / "volume"
+    return built_once(shared_folder(tmp_path_factory), "trained", _trained_volume_builder()) / "volume"
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import runpy
 import select
 import signal
 import socket
-import runpy
 import subprocess
 import sys
 import threading
