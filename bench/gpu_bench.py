@@ -116,7 +116,7 @@ def phases_child(report: str, argv: list) -> None:
     step_function = train._step_function
 
     def counted_step_function(*args, **kwargs):
-        mark("images to the GPU, normalised", sync=True)
+        mark("images to the GPU", sync=True)
         step, calls = step_function(*args, **kwargs), [0]
         mark("step function: on CUDA, warm-up steps on the capture stream, graph capture", sync=True)
 
@@ -139,11 +139,11 @@ def phases_child(report: str, argv: list) -> None:
 
 def step_times(data_dir: Path, device_name: str, steps: int = 300) -> dict:
     """Milliseconds per training step once warm, eager and replayed from a CUDA graph (in this process)."""
-    from mnist_pipeline import data, model, runtime, train
+    from mnist_pipeline import data, runtime, train
 
     device = runtime.setup(device_name, None)
     split = data.load_split(data_dir, "train", None)
-    images, labels = model.normalize(split.images.to(device)), split.labels.to(device)
+    images, labels = split.images.to(device), split.labels.to(device)  # uint8: the step normalises
     order = train.epoch_order(0, 0, len(labels)).to(device)
     times = {}
     for name, graphed in (("eager", False), ("CUDA graph", True)):

@@ -296,8 +296,9 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
            device: torch.device, world: distributed.World) -> TrainResult:
     recipe, optimizer = state.recipe, state.optimizer
     distributed.check_batch_size(recipe.batch_size, world.size)  # the checkpoint's batch size when resuming
-    # uint8 to the device, normalised there: a quarter of the bytes to copy, and a GPU's arithmetic
-    images = state.model.normalize(train_set.images.to(device))
+    # uint8 on the device, each batch normalised in the step: a quarter of the bytes to copy and keep,
+    # and no work for the images a step-limited run never reaches
+    images = train_set.images.to(device)
     labels = train_set.labels.to(device)
     steps_per_epoch = recipe.steps_per_epoch(len(labels))
     target_epoch = state.epoch + config.epochs
@@ -359,7 +360,8 @@ def _train(volume: Volume, config: TrainConfig, state: _TrainingState, train_set
 def _step_function(state: _TrainingState, images: torch.Tensor, labels: torch.Tensor,
                    world: Optional[distributed.World] = None,
                    cuda_graph: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """step(batch indices) -> the batch's loss, after the forward, backward and optimizer step.
+    """step(batch indices) -> the batch's loss, after the forward, backward and optimizer step (`images`:
+    uint8, normalised a batch at a time).
 
     On CUDA the forward and backward are captured once as a CUDA graph and replayed each step:
     one launch for some fifty kernels, whose launching on the host otherwise takes longer than the
@@ -372,7 +374,7 @@ def _step_function(state: _TrainingState, images: torch.Tensor, labels: torch.Te
     model, optimizer, loss_fn = distributed.wrap(world, state.model), state.optimizer, nn.CrossEntropyLoss()
 
     def eager(batch: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(model(images[batch]), labels[batch])
+        loss = loss_fn(model(state.model.normalize(images[batch])), labels[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -400,7 +402,7 @@ def _graphed_step(state: _TrainingState, images: torch.Tensor, labels: torch.Ten
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad()  # the capture allocates the gradients; each replay rewrites them
     with torch.cuda.graph(graph, stream=stream):  # records, runs nothing: no state changes here
-        loss = loss_fn(model(images[batch]), labels[batch])
+        loss = loss_fn(model(model.normalize(images[batch])), labels[batch])
         loss.backward()
     log.debug("training step captured as a CUDA graph")
 
