@@ -30,12 +30,15 @@ import socket
 import subprocess
 import sys
 import threading
+import traceback
 from multiprocessing import reduction
 from typing import Dict, List, Optional, Tuple
 
 SERVER = multiprocessing.get_context("forkserver")
-# cli first, as in `python -m mnist_pipeline`: it sets OMP_WAIT_POLICY before torch loads OpenMP
-SERVER.set_forkserver_preload(["mnist_pipeline.cli", "torch", "torch.distributed.run", __name__])
+# cli first, as in `python -m mnist_pipeline`: it sets OMP_WAIT_POLICY before torch loads OpenMP; serve's
+# FastAPI and uvicorn are 0.3 s of each `mnist serve`'s start
+SERVER.set_forkserver_preload(["mnist_pipeline.cli", "torch", "torch.distributed.run", "mnist_pipeline.serve",
+                               __name__])
 MNIST = "mnist_pipeline"
 RANKS_ENV = "FORKED_RANK_SERVER"  # in a forked agent's environment: the rank server's address
 
@@ -164,7 +167,9 @@ def rank_server() -> str:
 
 def _serve_ranks(listener_fd: int) -> None:
     """The rank server: each connection asks for one rank (argv, environment, stdout and stderr) and hears
-    back its pid, once its process group exists, then its exit code, as Popen says it (-N: signal N)."""
+    back its pid, once its process group exists, then its exit code, as Popen says it (-N: signal N). An
+    ended rank stays a zombie until its agent has read that and closed the connection, as a Popen child
+    stays one until poll() reads it: the agent may still signal its group until then."""
     import torch._dynamo  # noqa: F401  (what each rank would import itself)
 
     listener = socket.socket(fileno=listener_fd)
@@ -172,7 +177,8 @@ def _serve_ranks(listener_fd: int) -> None:
     os.set_blocking(wake_up, False)
     signal.set_wakeup_fd(wake_up)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the select below
-    asking: Dict[int, socket.socket] = {}  # rank pid -> the agent's connection
+    asking: Dict[int, socket.socket] = {}  # rank pid -> its agent's connection, until the agent closes it
+    told = set()  # the ranks whose exit code their agent has been sent
     while True:
         readable = select.select([listener, children_ended, *asking.values()], [], [])[0]
         if listener in readable:
@@ -181,18 +187,15 @@ def _serve_ranks(listener_fd: int) -> None:
             argv, env = pickle.loads(message)
             pid = os.fork()
             if pid == 0:
-                try:
-                    signal.set_wakeup_fd(-1)
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    for fd in (listener, connection, *asking.values()):
-                        fd.close()
-                    os.close(children_ended)
-                    os.close(wake_up)
-                    os.setpgid(0, 0)
-                    sys.stdout.reconfigure(write_through=True)  # as `python -u`, which torchrun runs
-                    _main(MNIST, argv, env, *outputs)
-                finally:
-                    os._exit(1)  # (cli.script exits itself: only if it raised)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for fd in (listener, connection, *asking.values()):
+                    fd.close()
+                os.close(children_ended)
+                os.close(wake_up)
+                os.setpgid(0, 0)
+                sys.stdout.reconfigure(write_through=True)  # as `python -u`, which torchrun runs
+                _run_to_the_end(_main, MNIST, argv, env, *outputs)
             os.setpgid(pid, pid)  # here too: the agent may signal the group as soon as it has the pid
             for fd in outputs:
                 os.close(fd)
@@ -201,16 +204,37 @@ def _serve_ranks(listener_fd: int) -> None:
         if children_ended in readable:
             os.read(children_ended, 4096)
         for pid, connection in list(asking.items()):
-            ended, status = os.waitpid(pid, os.WNOHANG)
-            if ended:
-                connection.send(str(os.waitstatus_to_exitcode(status)).encode())
-            elif connection in readable:  # its agent is gone: so is the group
-                os.killpg(pid, signal.SIGKILL)
+            if pid not in told:
+                ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # (not reaped)
+                if ended is not None:
+                    code = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
+                    connection.send(str(code).encode())
+                    told.add(pid)
+            if connection in readable:  # its agent has read the exit code, or is gone (then so is the rank)
+                if pid not in told:
+                    os.killpg(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-            else:
-                continue
-            connection.close()
-            del asking[pid]
+                connection.close()
+                del asking[pid]
+                told.discard(pid)
+
+
+def _run_to_the_end(run, *args) -> None:
+    """run(*args) in a forked child, then end the child as the interpreter would end it (cli.script ends it
+    itself; argparse's usage errors and --help end it with SystemExit)."""
+    code = 1
+    try:
+        run(*args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class _ForkedRank:
@@ -225,15 +249,19 @@ class _ForkedRank:
 
     def poll(self) -> Optional[int]:
         if self.returncode is None and select.select([self._connection], [], [], 0)[0]:
-            self.returncode = int(self._connection.recv(64))
+            self._read_exit_code()
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
         if self.returncode is None:
             if not select.select([self._connection], [], [], timeout)[0]:
                 raise subprocess.TimeoutExpired(self.args, timeout)
-            self.returncode = int(self._connection.recv(64))
+            self._read_exit_code()
         return self.returncode
+
+    def _read_exit_code(self) -> None:
+        self.returncode = int(self._connection.recv(64))
+        self._connection.close()  # the server reaps the rank now, as Popen's poll() would
 
 
 def _start_ranks_with(address: str) -> None:
