@@ -43,10 +43,10 @@ def pytest_configure(config):
 
 def take_this_workers_cpus() -> None:
     """Under pytest-xdist (pyproject's addopts), worker i of n keeps CPUs i, i + n, ... for itself and the
-    processes it starts, which size their threads by them: workers that each train on every CPU would
-    spend a fifth more CPU time fighting over them (bench/suite_bench.py measured it)."""
+    processes it starts, which size their threads by them: workers that each trained on every CPU would
+    spend CPU time fighting over them (bench/suite_bench.py prints the suite's CPU time)."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if not (worker and count):
+    if not (worker and count and hasattr(os, "sched_setaffinity")):  # (Linux only)
         return
     cpus, index = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw"))
     os.sched_setaffinity(0, cpus[index % len(cpus)::int(count)] or cpus)

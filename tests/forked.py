@@ -7,8 +7,8 @@ a process that has used them hangs in them). What a child runs is what `python -
 runs: cli.script() (or torchrun's main), with its own argv, environment, stdout and stderr, and its
 own exit (a SIGKILL fault kills the child, nothing else).
 
-torchrun's agent starts its ranks as new interpreters (plus 1 s each importing torch._dynamo, which
-DistributedDataParallel needs). With RANKS_ENV set to rank_server() in a forked agent's environment
+torchrun's agent starts its ranks as new interpreters, which also import torch._dynamo (for
+DistributedDataParallel). With RANKS_ENV set to rank_server() in a forked agent's environment
 (torchrun, or `mnist train --nproc-per-node`), it asks the rank server instead: a second such server
 that has imported torch._dynamo too, and forks each rank into a process group of its own, as torchrun
 would start it.
@@ -35,8 +35,8 @@ from multiprocessing import reduction
 from typing import Dict, List, Optional, Tuple
 
 SERVER = multiprocessing.get_context("forkserver")
-# cli first, as in `python -m mnist_pipeline`: it sets OMP_WAIT_POLICY before torch loads OpenMP; serve's
-# FastAPI and uvicorn are 0.3 s of each `mnist serve`'s start
+# cli first, as in `python -m mnist_pipeline`: it sets OMP_WAIT_POLICY before torch loads OpenMP; serve, so
+# that each `mnist serve` does not load FastAPI and uvicorn again
 SERVER.set_forkserver_preload(["mnist_pipeline.cli", "torch", "torch.distributed.run", "mnist_pipeline.serve",
                                __name__])
 MNIST = "mnist_pipeline"
