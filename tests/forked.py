@@ -20,6 +20,7 @@ counts from the process's start (the server's, in a fork).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -199,7 +200,8 @@ def _serve_ranks(listener_fd: int) -> None:
             os.setpgid(pid, pid)  # here too: the agent may signal the group as soon as it has the pid
             for fd in outputs:
                 os.close(fd)
-            connection.send(str(pid).encode())
+            with contextlib.suppress(OSError):  # (an agent gone already: its connection reads as ended below)
+                connection.send(str(pid).encode())
             asking[pid] = connection
         if children_ended in readable:
             os.read(children_ended, 4096)
@@ -208,7 +210,8 @@ def _serve_ranks(listener_fd: int) -> None:
                 ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # (not reaped)
                 if ended is not None:
                     code = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
-                    connection.send(str(code).encode())
+                    with contextlib.suppress(OSError):
+                        connection.send(str(code).encode())
                     told.add(pid)
             if connection in readable:  # its agent has read the exit code, or is gone (then so is the rank)
                 if pid not in told:
