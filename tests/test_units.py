@@ -187,7 +187,7 @@ def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
 
 
 def _train_and_tell_whether_dynamo_loaded(root: str, mirror: str) -> None:
-    """In a fork of tests/forked.py's server, which has imported mnist_pipeline.cli and torch only."""
+    """In a fork of tests/forked.py's server, which has imported torch and mnist_pipeline but never torch._dynamo."""
     runtime.deterministic_cuda()
     code = cli.main(["train", "--root", root, "--mirror", mirror, "--device", "cpu", "--max-steps", "2"])
     Path(root, "answer").write_text(f"{code} {'torch._dynamo' in sys.modules}")
@@ -196,7 +196,8 @@ def _train_and_tell_whether_dynamo_loaded(root: str, mirror: str) -> None:
 def test_train_never_imports_torch_dynamo(tmp_path, mirror):
     """torch.optim.Optimizer's methods and torch.use_deterministic_algorithms import torch._dynamo: seconds of
     every process's start. The CUDA settings are made here too, which needs no GPU."""
-    child = forked.SERVER.Process(target=_train_and_tell_whether_dynamo_loaded, args=(str(tmp_path), str(mirror)))
+    child = forked.SERVER.Process(target=_train_and_tell_whether_dynamo_loaded, args=(str(tmp_path), str(mirror)),
+                                  daemon=True)
     child.start()
     child.join(600)
     assert (tmp_path / "answer").read_text() == "0 False"

@@ -22,7 +22,7 @@ PREDICT_BATCH = 1000
 
 def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28], as the model expects."""
-    # in place on one copy: the same arithmetic, a quarter of the time on the whole training set
+    # in place on one copy: the same arithmetic as out of place, one allocation instead of four
     return images.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std).unsqueeze(1)
 
 
