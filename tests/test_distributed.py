@@ -63,17 +63,15 @@ if "RANK" in os.environ and "AUDIT_DIR" in os.environ:
 ON_CPU = {"MNIST_DEVICE": "cpu"}
 
 
-def forked_ranks() -> dict:
-    """The environment that has a forked agent fork its ranks too (tests/forked.py)."""
-    return {forked.RANKS_ENV: forked.rank_server()}
-
-
-def mnist_env(env=None) -> dict:
-    return conftest.mnist_env({**ON_CPU, **forked_ranks(), **(env or {})})
+def group_env(env=None, fresh_ranks: bool = False) -> dict:
+    """What a group's command adds to conftest.mnist_env: the CPU, and unless `fresh_ranks` the rank server
+    that a forked agent forks its ranks from (tests/forked.py)."""
+    ranks = {} if fresh_ranks else {forked.RANKS_ENV: forked.rank_server()}
+    return {**ON_CPU, **ranks, **(env or {})}
 
 
 def run_mnist(*args: str, env=None, timeout: float = 600):
-    return conftest.run_mnist(*args, env={**ON_CPU, **forked_ranks(), **(env or {})}, timeout=timeout)
+    return conftest.run_mnist(*args, env=group_env(env), timeout=timeout)
 
 
 def run_here(*args: str, env=None):
@@ -98,10 +96,7 @@ def torchrun(root: Path, *flags: str, env=None, torchrun_flags=(), timeout: floa
     forked with torch loaded, as conftest.run_mnist does; its ranks forked too, or new interpreters)."""
     argv = ["--standalone", "--nproc-per-node", "2", *torchrun_flags,
             "-m", "mnist_pipeline", "train", "--root", str(root), *flags]
-    environment = mnist_env(env)
-    if fresh_ranks:
-        del environment[forked.RANKS_ENV]
-    return forked.run(argv, environment, timeout, module="torch.distributed.run")
+    return forked.run(argv, conftest.mnist_env(group_env(env, fresh_ranks)), timeout, module="torch.distributed.run")
 
 
 def rank_fault(fault: str, rank: int = 1) -> dict:
