@@ -1,211 +1,206 @@
-"""The `mnist` command: flags > MNIST_* environment variables > defaults.
+"""The `mnist` command: parse the settings, run the stages in order, write the report, say what happened.
 
 Exit codes: 0 done; 1 error (a one-line `error:` says what and how to fix it);
 2 usage error (a bad flag or MNIST_* value); 3 infer: accuracy not above the
 threshold, no results written (predict: also the current checkpoint not yet evaluated);
 4 another train holds the volume;
 130 / 143 stopped by SIGINT / SIGTERM (train saved its progress first).
+
+A command is one entry in COMMANDS: its help and the function that runs it. The stages (train,
+evaluate, infer) never import one another or the report: what one hands the next goes through
+this layer or the volume.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import json
 import logging
 import os
 import sys
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
-from mnist_pipeline import config, distributed, faults, limits, signals
-from mnist_pipeline.config import (
-    DEFAULT_ROOT, EvaluateConfig, InferConfig, PredictConfig, Recipe, ReportConfig, ServeConfig, TrainConfig,
-    default_of,
-)
-from mnist_pipeline.errors import PipelineError, UsageError
-from mnist_pipeline.volume import Volume, exclusive_lock
-
-# Before torch loads: idle OpenMP threads sleep instead of spinning, which slows everything else
-# down on a machine with few cores (bench/ has the figures).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from mnist_pipeline import distributed, faults, settings, signals
+from mnist_pipeline.errors import Interrupted, PipelineError, UsageError
+from mnist_pipeline.settings import EvaluateConfig, InferConfig, PredictConfig, ServeConfig, TrainConfig
+from mnist_pipeline.storage.files import describe
+from mnist_pipeline.storage.locks import exclusive_lock
+from mnist_pipeline.volume import Volume
 
 EPILOG = ("Exit codes: 0 ok, 1 error, 2 usage error, 3 accuracy not above threshold (predict: or not evaluated), "
           "4 volume busy, 130/143 interrupted.")
 
-
-def _positive_int(text: str) -> int:
-    return limits.positive(int(text))
-
-
-def _non_negative_int(text: str) -> int:
-    return limits.non_negative_int(int(text))
-
-
-def _non_negative_float(text: str) -> float:
-    return limits.non_negative(float(text))
-
-
-def _learning_rate(text: str) -> float:
-    return limits.learning_rate(float(text))
-
-
-def _fraction(text: str) -> float:
-    return limits.fraction(float(text))
-
-
-def _seed(text: str) -> int:
-    return limits.seed(int(text))
-
-
-def _epochs(text: str) -> int:
-    return limits.epochs(int(text))
-
-
-def _batch_size(text: str) -> int:
-    return limits.batch_size(int(text))
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be 1/0, true/false, yes/no or on/off")
-
-
-def _device(text: str) -> str:
-    if text not in ("auto", "cpu", "cuda"):
-        raise ValueError("must be auto, cpu or cuda")
-    return text
-
-
-def _host(text: str) -> str:
-    if not text.strip() or any(c.isspace() for c in text):
-        raise ValueError("must be a host name or IP address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
-    return text
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a TCP port from 1 to 65535 (0: any free one)")
-    return value
-
-
-def _root(text: str) -> Path:
-    if not text.strip():
-        raise ValueError("must be a folder (empty would mean the current one)")
-    return Path(text)
-
-
-def _mirror(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must be a folder or an http(s) URL")
-    if "://" in text:
-        try:
-            parts = urllib.parse.urlsplit(text)
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-        except ValueError as exc:
-            raise ValueError(f"is not a usable URL ({exc})") from None
-        if parts.scheme not in ("http", "https"):
-            raise ValueError("must be a folder or an http(s) URL")
-        if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in text):
-            raise ValueError("is not a usable URL (no host name, or a space in it)")
-    return text
+Values = Dict[str, Any]
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One option: its flag, its MNIST_* twin, how to read it, its default."""
-
-    flag: str
-    parse: Callable[[str], Any]
-    default: Any
+class Command:
     help: str
-    metavar: Optional[str] = None
-
-    @property
-    def dest(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
-
-    @property
-    def env(self) -> str:
-        return "MNIST_" + self.dest.upper()
+    run: Callable[[argparse.Namespace, Values], int]
+    modules: tuple = ()  # imported before a signal may interrupt (torch's import is never cut short)
+    interruptible: bool = True  # serve: uvicorn handles SIGTERM itself, a graceful shutdown
 
 
-ROOT = Setting("--root", _root, DEFAULT_ROOT,
-               "volume root holding data/, model/, results/ (containers: /opt/mount)", "DIR")
-MIRROR = Setting("--mirror", _mirror, None,
-                 "MNIST source: a folder or http(s) base URL with the four files (.gz or raw); "
-                 "unset: the public mirrors", "DIR_OR_URL")
-DEVICE = Setting("--device", _device, config.DEVICE, "auto (CUDA when present), cpu or cuda", "DEVICE")
-THREADS = Setting("--threads", _positive_int, None, "CPU threads (default: the CPUs this process may use)", "N")
-SEED = Setting("--seed", _seed, None,
-               f"train: seed for weights and data order (default {default_of(Recipe, 'seed')}, "
-               "kept in the checkpoint); infer: seed for the image pick (default: a new pick every run)", "N")
-WAIT = Setting("--wait", _non_negative_float, config.WAIT_S,
-               "seconds to wait for the input (longer while its producer is still running)", "SECONDS")
+# --- the commands ------------------------------------------------------------------------------------
 
-THRESHOLD = Setting("--threshold", _fraction, config.THRESHOLD, "accuracy the model must exceed", "FRACTION")
-GRACE = Setting("--grace", _non_negative_float, config.GRACE_S,
-                "seconds after start during which work already done is not used yet: a train started "
-                "at the same time (`docker compose up`) takes its lock first", "SECONDS")
 
-COMMON = [ROOT, MIRROR, DEVICE, THREADS]
-TRAIN = [
-    Setting("--epochs", _epochs, default_of(TrainConfig, "epochs"), "epochs to train on top of the checkpoint", "N"),
-    Setting("--batch-size", _batch_size, default_of(Recipe, "batch_size"), "training batch size", "N"),
-    Setting("--lr", _learning_rate, default_of(Recipe, "peak_lr"), "peak learning rate of each epoch's cycle", "LR"),
-    Setting("--fresh", _boolean, default_of(TrainConfig, "fresh"),
-            "move an existing checkpoint aside and start from scratch"),
-    Setting("--max-steps", _non_negative_int, default_of(Recipe, "max_steps"),
-            "batches per epoch, the learning-rate cycle included (0: the whole training set); for quick trials", "N"),
-    Setting("--save-every", _non_negative_float, default_of(TrainConfig, "save_every_s"),
-            "seconds between progress saves within an epoch, so a kill -9 loses at most that (0: only on SIGTERM)",
-            "SECONDS"),
-]
-# train only (not pipeline): evaluate and infer run in one process
-NPROC_PER_NODE = Setting("--nproc-per-node", _positive_int, config.NPROC_PER_NODE,
-                         "processes training together (data parallel) through torchrun's elastic agent; "
-                         "ignored inside torchrun", "N")
-EVALUATE = [WAIT, GRACE]
-INFER = [
-    WAIT,
-    GRACE,
-    THRESHOLD,
-    Setting("--count", _positive_int, default_of(InferConfig, "count"), "how many random test images to label", "N"),
-]
-PREDICT = [ROOT, DEVICE, THREADS, THRESHOLD]
-SERVE = PREDICT + [
-    Setting("--host", _host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
-    Setting("--port", _port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
-            "PORT"),
-]
-COMMANDS: Dict[str, List[Setting]] = {
-    "train": COMMON + [SEED] + TRAIN + [NPROC_PER_NODE],
-    "evaluate": COMMON + EVALUATE,  # no --seed: scoring draws nothing at random
-    "infer": COMMON + [SEED] + INFER,
-    "pipeline": COMMON + [SEED] + TRAIN + INFER,
-    "report": [ROOT, MIRROR],
-    "predict": PREDICT,
-    "serve": SERVE,
+def train(args: argparse.Namespace, v: Values) -> int:
+    from mnist_pipeline import train as stage
+
+    result = stage.run(_train_config(v, args.explicit))
+    if distributed.world().is_main:  # one summary per group
+        print(f"train: epoch {result.epoch}, train loss {result.train_loss:.4f}, "
+              f"{result.seconds:.1f} s -> {describe(result.checkpoint)}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace, v: Values) -> int:
+    from mnist_pipeline import evaluate as stage
+
+    result = stage.run(_evaluate_config(v))
+    print(f"evaluate: accuracy {result.accuracy:.4f} ({result.correct}/{result.total}), "
+          f"test loss {result.test_loss:.4f}, epoch {result.epoch}")
+    _report_after(Volume(v["root"]), v["mirror"], "evaluate")
+    return 0
+
+
+def infer(args: argparse.Namespace, v: Values) -> int:
+    from mnist_pipeline import infer as stage
+
+    result = stage.run(_infer_config(v))
+    files = ", ".join(f"{p.file} (true {p.label})" for p in result.predictions)
+    print(f"infer: accuracy {result.accuracy:.4f} > {result.threshold}: {files}")
+    return 0
+
+
+def pipeline(args: argparse.Namespace, v: Values) -> int:
+    """train, evaluate, infer in one process, then one report of all three."""
+    from mnist_pipeline import evaluate as evaluate_stage, infer as infer_stage, train as train_stage
+
+    volume = Volume(v["root"])
+    result = train_stage.run(_train_config(v, args.explicit))
+    args.train_lock.close()  # taken by main(); evaluate would wait for it
+    print(f"train: epoch {result.epoch}, train loss {result.train_loss:.4f}, {result.seconds:.1f} s -> "
+          f"{describe(result.checkpoint)}")
+    _check_signal("train")
+    scores = evaluate_stage.run(_evaluate_config(v))
+    print(f"evaluate: accuracy {scores.accuracy:.4f} ({scores.correct}/{scores.total}), "
+          f"test loss {scores.test_loss:.4f}, epoch {scores.epoch}")
+    _check_signal("evaluate")
+    inferred = infer_stage.run(_infer_config(v))
+    files = ", ".join(f"{p.file} (true {p.label})" for p in inferred.predictions)
+    print(f"infer: accuracy {inferred.accuracy:.4f} > {inferred.threshold}: {files}")
+    _check_signal("infer")
+    _report_after(volume, v["mirror"], "infer")
+    return 0
+
+
+def report(args: argparse.Namespace, v: Values) -> int:
+    print(f"report: {describe(write_report(Volume(v['root']), v['mirror']))}")
+    return 0
+
+
+def predict(args: argparse.Namespace, v: Values) -> int:
+    """One line per image on stdout, an `error: FILE: ...` line on stderr for each unreadable one."""
+    from mnist_pipeline import predict as stage
+
+    results = stage.run(PredictConfig(images=tuple(args.images), **v))
+    for result in results:
+        if "error" in result:
+            print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{result['file']}: {result['digit']} ({result['confidence']:.3f})")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if any("error" in result for result in results) else 0
+
+
+def serve(args: argparse.Namespace, v: Values) -> int:
+    from mnist_pipeline import serve as server
+
+    server.run(ServeConfig(**v))  # uvicorn handles SIGTERM itself: a graceful shutdown
+    return 0
+
+
+_REPORT = ("mnist_pipeline.report",)
+COMMANDS: Dict[str, Command] = {
+    "train": Command("Resume from model/mnist_cnn.pt if present, train --epochs more epochs, save atomically.", train,
+                     ("mnist_pipeline.train",)),
+    "evaluate": Command("Wait for a finished checkpoint, score it on the 10,000 test images, write "
+                        "model/eval_results.json and the report (model/report/).", evaluate,
+                        ("mnist_pipeline.evaluate",) + _REPORT),
+    "infer": Command("Wait for the current checkpoint's evaluation; if accuracy is above --threshold, "
+                     "write --count labelled test images to results/.", infer, ("mnist_pipeline.infer",)),
+    "pipeline": Command("train, evaluate, infer in order, then the report (with infer's images).", pipeline,
+                        ("mnist_pipeline.train", "mnist_pipeline.evaluate", "mnist_pipeline.infer") + _REPORT),
+    "report": Command("Rebuild model/report/ (index.html and its pictures) from eval_results.json, the history "
+                      "and results/.", report, _REPORT),
+    "predict": Command("Read the digit in each IMAGE (any image Pillow reads) with the current checkpoint, "
+                       "if its evaluation passes --threshold.", predict, ("mnist_pipeline.predict",)),
+    "serve": Command("HTTP prediction API and a draw-a-digit page at http://HOST:PORT; follows each new "
+                     "evaluated checkpoint that passes --threshold.", serve, ("mnist_pipeline.serve",),
+                     interruptible=False),
 }
-DESCRIPTIONS = {
-    "train": "Resume from model/mnist_cnn.pt if present, train --epochs more epochs, save atomically.",
-    "evaluate": "Wait for a finished checkpoint, score it on the 10,000 test images, write model/eval_results.json "
-                "and the report (model/report/).",
-    "infer": "Wait for the current checkpoint's evaluation; if accuracy is above --threshold, "
-             "write --count labelled test images to results/.",
-    "pipeline": "train, evaluate, infer in order, then the report again (with infer's images).",
-    "report": "Rebuild model/report/ (index.html and its pictures) from eval_results.json, the history and results/.",
-    "predict": "Read the digit in each IMAGE (any image Pillow reads) with the current checkpoint, "
-               "if its evaluation passes --threshold.",
-    "serve": "HTTP prediction API and a draw-a-digit page at http://HOST:PORT; follows each new "
-             "evaluated checkpoint that passes --threshold.",
-}
+
+
+# --- what the commands share ---------------------------------------------------------------------------
+
+
+def _train_config(v: Values, explicit: frozenset) -> TrainConfig:
+    return TrainConfig(root=v["root"], mirror=v["mirror"], device=v["device"], threads=v["threads"],
+                       epochs=v["epochs"], recipe=settings.recipe(v), fresh=v["fresh"], save_every_s=v["save_every"],
+                       explicit=frozenset(settings.RECIPE_FIELDS[k] for k in explicit if k in settings.RECIPE_FIELDS))
+
+
+def _evaluate_config(v: Values) -> EvaluateConfig:
+    return EvaluateConfig(root=v["root"], mirror=v["mirror"], device=v["device"], threads=v["threads"],
+                          wait_s=v["wait"], grace_s=v["grace"], started=v["started"])
+
+
+def _infer_config(v: Values) -> InferConfig:
+    return InferConfig(root=v["root"], mirror=v["mirror"], device=v["device"], threads=v["threads"],
+                       wait_s=v["wait"], grace_s=v["grace"], threshold=v["threshold"], count=v["count"],
+                       seed=v["seed"], started=v["started"])
+
+
+def write_report(volume: Volume, mirror: Optional[str]) -> Path:
+    """model/report/ from the evaluation, the history and infer's predictions on the volume."""
+    from mnist_pipeline import data, report as reports
+    from mnist_pipeline.records import evaluation, history, predictions
+
+    try:
+        scores = evaluation.read(volume)
+    except FileNotFoundError:
+        raise PipelineError(f"no {describe(volume.eval_results)} yet: run `mnist evaluate` first") from None
+    try:
+        inferred = predictions.read(volume)
+    except FileNotFoundError:
+        inferred = None
+    except PipelineError as exc:
+        logging.getLogger(__name__).warning("the report leaves out results/: %s", exc)
+        inferred = None
+    test_images = data.load_split(volume.data_dir, "test", mirror).images
+    return reports.write(volume, scores, history.read(volume), test_images, inferred)
+
+
+def _report_after(volume: Volume, mirror: Optional[str], stage: str) -> None:
+    try:
+        print(f"report: {describe(write_report(volume, mirror))}")
+    except PipelineError as exc:
+        raise PipelineError(f"{stage} is done and its files are written, but not the report: {exc}; "
+                            f"`mnist report` tries again") from None
+
+
+def _check_signal(stage: str) -> None:
+    if signals.received() is not None:  # arrived after the stage's last save: nothing is lost
+        raise signals.interrupted(f"after {stage} finished and saved its results")
+
+
+# --- parsing and running -------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,12 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", required=True)
-    for name, settings in COMMANDS.items():
-        sub = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name], epilog=EPILOG)
-        for s in settings:
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help, epilog=EPILOG)
+        for dest in settings.COMMAND_SETTINGS[name]:
+            s = settings.SETTINGS[dest]
             default = f" (default: {s.default})" if s.default not in (None, False) else ""
             text = f"{s.help}; env {s.env}{default}"
-            if s.parse is _boolean:
+            if s.parse is settings.boolean:
                 sub.add_argument(s.flag, action="store_const", const=True, default=None, help=text)
             else:
                 sub.add_argument(s.flag, type=_flag_type(s), default=None, metavar=s.metavar, help=text)
@@ -230,158 +226,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_type(setting: Setting) -> Callable[[str], Any]:
+def _flag_type(setting: settings.Setting) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             return setting.parse(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{text!r}: {_why(exc)}") from None
+            raise argparse.ArgumentTypeError(f"{text!r}: {settings.why(exc)}") from None
 
     parse.__name__ = setting.dest
     return parse
 
 
-def _why(exc: ValueError) -> str:
-    text = str(exc)
-    return "not a number" if text.startswith(("invalid literal", "could not convert")) else text
-
-
-def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace, env: Dict[str, str]) -> Dict[str, Any]:
-    """Each setting of the chosen command: the flag if given, else its MNIST_* variable, else the default."""
-    values = {}
-    for s in COMMANDS[args.command]:
-        value = getattr(args, s.dest)
-        if value is None and s.env in env:
-            try:
-                value = s.parse(env[s.env])
-            except ValueError as exc:
-                parser.error(f"{s.env}={env[s.env]!r}: {_why(exc)}; fix or unset it, or pass {s.flag}")
-        values[s.dest] = s.default if value is None else value
-    return values
-
-
-def _configs(command: str, v: Dict[str, Any]):
-    if command == "report":  # reads files only: no device, threads or seed
-        return {"report": ReportConfig(root=v["root"], mirror=v["mirror"])}
-    common = {"root": v["root"], "mirror": v["mirror"], "device": v["device"], "threads": v["threads"]}
-    configs = {}
-    if command in ("train", "pipeline"):
-        # --seed is unset (None) by default: infer then picks anew each run, and train uses the recipe's seed
-        seed = default_of(Recipe, "seed") if v["seed"] is None else v["seed"]
-        recipe = Recipe(seed=seed, batch_size=v["batch_size"], peak_lr=v["lr"], max_steps=v["max_steps"])
-        configs["train"] = TrainConfig(epochs=v["epochs"], recipe=recipe, fresh=v["fresh"],
-                                       save_every_s=v["save_every"], **common)
-    if command in ("evaluate", "pipeline"):
-        configs["evaluate"] = EvaluateConfig(wait_s=v["wait"], grace_s=v["grace"], **common)
-    if command in ("infer", "pipeline"):
-        configs["infer"] = InferConfig(
-            wait_s=v["wait"], grace_s=v["grace"], threshold=v["threshold"], count=v["count"], seed=v["seed"], **common
-        )
-    if command == "pipeline":  # evaluate's report came before infer's images
-        configs["report"] = ReportConfig(root=v["root"], mirror=v["mirror"])
-    return configs
-
-
-def _report(stage: str, result: Any) -> None:
-    """The short summary on stdout; the full results are in the volume's files."""
-    if stage == "train":
-        print(f"train: epoch {result.epoch}, train loss {result.train_loss:.4f}, "
-              f"{result.seconds:.1f} s -> {result.checkpoint}")
-    elif stage == "evaluate":
-        print(f"evaluate: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}), "
-              f"test loss {result['test_loss']:.4f}, epoch {result['checkpoint']['epoch']}")
-    elif stage == "report":
-        print(f"report: {result}")
-    else:
-        files = ", ".join(f"{p['file']} (true {p['label']})" for p in result["predictions"])
-        print(f"infer: accuracy {result['accuracy']:.4f} > {result['threshold']}: {files}")
-
-
-def _predict(values: Dict[str, Any], images: List[Path], as_json: bool) -> int:
-    """One line per image on stdout, an `error: FILE: ...` line on stderr for each unreadable one."""
-    import json
-
-    from mnist_pipeline import predict
-
-    results = predict.run(PredictConfig(images=tuple(images), **values))
-    for result in results:
-        if "error" in result:
-            print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
-        elif not as_json:
-            print(f"{result['file']}: {result['digit']} ({result['confidence']:.3f})")
-    if as_json:
-        print(json.dumps(results, indent=2))
-    return 1 if any("error" in result for result in results) else 0
-
-
 def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = None) -> int:
+    import time
+
+    started = time.monotonic()  # --grace counts from here
     parser = build_parser()
     args = parser.parse_args(argv)
     env = dict(os.environ) if env is None else env
-    values = resolve(parser, args, env)
+    try:
+        values, args.explicit = settings.resolve(args.command, vars(args), env)
+    except ValueError as exc:
+        parser.error(str(exc))
     world = distributed.world(env)  # a rank of a torchrun group, or a world of one
     if world.size > 1 and args.command != "train":
         parser.error(f"only `mnist train` runs as a torchrun group, not `mnist {args.command}`: run it in one process")
-    if args.command == "train" and values["nproc_per_node"] > 1 and not distributed.launched(env):
+    nproc = values.pop("nproc_per_node", 1)
+    if nproc > 1 and not distributed.launched(env):
         try:
-            distributed.check_batch_size(values["batch_size"], values["nproc_per_node"])
+            distributed.check_batch_size(values["batch_size"], nproc)
         except UsageError as exc:
             parser.error(str(exc))
-        return distributed.launch(values["nproc_per_node"], sys.argv[1:] if argv is None else argv)
+        return distributed.launch(nproc, sys.argv[1:] if argv is None else argv)
+    # Before torch loads: idle OpenMP threads sleep instead of spinning, which slows everything else
+    # down on a machine with few cores (docs/performance.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signals.install()  # recorded only, until the stages run: torch's import is not interrupted
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
     )
     volume = Volume(values["root"])
+    if args.command in ("evaluate", "infer", "pipeline"):
+        values["started"] = started
     try:
         if args.command in ("evaluate", "infer") and not volume.root.is_dir():
             raise PipelineError(
-                f"no volume at {volume.root} (no such folder): run `mnist train --root {volume.root}` first, "
-                f"or fix --root / MNIST_ROOT"
+                f"no volume at {describe(volume.root)} (no such folder): run `mnist train --root "
+                f"{describe(volume.root)}` first, or fix --root / MNIST_ROOT"
             )
-        with contextlib.ExitStack() as train_lock:
+        command = COMMANDS[args.command]
+        with contextlib.ExitStack() as args.train_lock:
             if args.command in ("train", "pipeline") and world.size == 1:
-                # before torch loads (a second or two): a train started beside an evaluate and an infer
-                # (`docker compose up`) holds its lock long before they would use the old checkpoint.
-                # In a torchrun group rank 0 takes it once the group has formed: a busy volume then
-                # stops every rank at once instead of leaving the others waiting for rank 0.
-                train_lock.enter_context(exclusive_lock(volume, "train"))
-            from mnist_pipeline import evaluate, infer, report, runtime, train
-
-            cpus = runtime.available_cpus()
-            if values.get("threads") is not None and values["threads"] > cpus:
-                parser.error(f"--threads / MNIST_THREADS {values['threads']}: this process may use {cpus} CPUs; "
-                             f"pass at most {cpus}")
-            if args.command == "serve":
-                from mnist_pipeline import serve
-
-                serve.run(ServeConfig(**values))  # uvicorn handles SIGTERM itself: a graceful shutdown
-                return 0
-            if args.command == "predict":
-                with signals.interruptible():
-                    return _predict(values, args.images, args.json)
-            stages = {"train": train.run, "evaluate": evaluate.run, "infer": infer.run, "report": report.run}
-            for stage, stage_config in _configs(args.command, values).items():
-                with signals.interruptible():
-                    result = stages[stage](stage_config)
-                if world.is_main:  # one summary per group
-                    _report(stage, result)
-                if stage == "train":
-                    train_lock.close()  # pipeline: its evaluate must not wait for its own train
-                if signals.received() is not None:  # arrived after the stage's last save: nothing is lost
-                    raise signals.interrupted(f"after {stage} finished and saved its results")
+                # before torch loads: a train started beside an evaluate and an infer (`docker compose up`)
+                # holds its lock long before they would use the old checkpoint. In a torchrun group rank 0
+                # takes it in train.run, once the group has formed: a busy volume then stops every rank.
+                args.train_lock.enter_context(exclusive_lock(volume, "train"))
+            for module in command.modules:
+                importlib.import_module(module)
+            _check_threads(parser, values)
+            if not command.interruptible:
+                return command.run(args, values)
+            with signals.interruptible():
+                code = command.run(args, values)
+            _check_signal(args.command)
+            return code
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # a group's ranks stop together: rank 0 says why, once
+        if world.is_main or not (getattr(exc, "silent", False) or isinstance(exc, Interrupted)):
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return 0
+
+
+def _check_threads(parser: argparse.ArgumentParser, values: Values) -> None:
+    from mnist_pipeline import runtime
+
+    cpus = runtime.available_cpus()
+    if values.get("threads") is not None and values["threads"] > cpus:
+        parser.error(f"--threads / MNIST_THREADS {values['threads']}: this process may use {cpus} CPUs; "
+                     f"pass at most {cpus}")
 
 
 def script() -> None:
     """The `mnist` command: main(), then exit at once.
 
     os._exit skips the interpreter's teardown, during which Python restores the default signal
-    handlers: a `docker stop` landing there killed the process by the signal (exit -15) instead of
+    handlers: a `docker stop` landing there would kill the process by the signal (exit -15) instead of
     the promised 143. It also saves the time torch's teardown takes.
     """
     code = main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
@@ -63,12 +64,21 @@ def launched(env: Optional[Mapping[str, str]] = None) -> bool:
     return "WORLD_SIZE" in (os.environ if env is None else env)
 
 
-def check_batch_size(batch_size: int, world_size: int) -> None:
-    if batch_size % world_size:
+def check_batch_size(batch_size: int, world_size: int, resumed: bool = False) -> None:
+    """UsageError unless the global batch splits evenly over the processes. `resumed`: the batch size is the
+    checkpoint's, which a resumed run keeps whatever --batch-size says."""
+    if batch_size % world_size == 0:
+        return
+    if resumed:
         raise UsageError(
-            f"--batch-size / MNIST_BATCH_SIZE {batch_size} does not split evenly over {world_size} processes: "
-            f"the global batch is shared out, so pick a batch size divisible by the world size"
+            f"the checkpoint was trained at batch size {batch_size}, which a resumed run keeps (its data order and "
+            f"learning rate depend on it), and {batch_size} does not split evenly over {world_size} processes: "
+            f"pick a process count that divides {batch_size}, or start over with --fresh"
         )
+    raise UsageError(
+        f"--batch-size / MNIST_BATCH_SIZE {batch_size} does not split evenly over {world_size} processes: "
+        f"the global batch is shared out, so pick a batch size divisible by the world size"
+    )
 
 
 def threads(world: World, requested: Optional[int]) -> int:
@@ -130,15 +140,25 @@ def main_first(world: World) -> Iterator[None]:
         except BaseException as exc:
             status[0] = getattr(exc, "exit_code", 1)
             dist.broadcast(status, src=0)
+            dist.barrier()  # the others have heard it: they end quietly, not by the agent's SIGTERM
             raise
         dist.broadcast(status, src=0)
         return
     dist.broadcast(status, src=0)
     if status.item():
-        error = PipelineError(f"rank 0 stopped before training (exit {status.item()}); its error above says why")
-        error.exit_code = int(status.item())
-        raise error
+        dist.barrier()
+        raise Follows(int(status.item()))
     yield
+
+
+class Follows(PipelineError):
+    """A rank other than 0 stopping because rank 0 did: rank 0 prints the one error line of the group."""
+
+    silent = True
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"rank 0 stopped before training (exit {exit_code})")
+        self.exit_code = exit_code
 
 
 def wrap(world: World, model: "torch.nn.Module") -> "torch.nn.Module":
@@ -211,6 +231,16 @@ def _is_collective_error(exc: RuntimeError) -> bool:
     return isinstance(exc, dist.DistError) or any(word in text for word in ("gloo", "NCCL", "Connection closed"))
 
 
+def _first_failure(failures) -> int:
+    """The exit code of the rank that failed first. The agent dates a failure it saw without an error file
+    to the second it noticed it, so a rank killed outright (kill -9) ties with the ranks that then lost
+    their group (exit 1): the one ended by a signal the agent did not send comes first."""
+    def order(failure) -> tuple:
+        return failure.timestamp, not (failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM)
+
+    return min(failures, key=order).exitcode
+
+
 def launch(nproc: int, argv: Sequence[str]) -> int:
     """`mnist train --nproc-per-node N`: torchrun's elastic agent on this machine, running `mnist` N times.
 
@@ -230,8 +260,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     try:
         torchrun.run(args)
     except ChildFailedError as exc:
-        _, failure = exc.get_first_failure()
-        code = failure.exitcode
+        code = _first_failure(exc.failures.values())
         return 128 - code if code < 0 else code  # -9: killed by SIGKILL, as a shell says 137
     except SignalException as exc:
         return 128 + int(exc.sigval)

@@ -1,7 +1,9 @@
 """The newest model on the volume that passes the gate, kept current while serve runs.
 
 A thread stats model/mnist_cnn.pt and model/eval_results.json every POLL_S seconds (cheap: no
-hashing) and runs the gate (checkpoint.evaluated) only when either changed. A model that passes
+hashing) and runs the gate (records.evaluation.evaluated) only when either changed. The records read
+only regular files, with O_NONBLOCK: a FIFO planted in place of a file is a reason not to serve it
+(/readyz says so), never a blocked thread. A model that passes
 is loaded, warmed up, then swapped in with one reference assignment: a request holds the Live
 it started with, so none fails or waits for a load. A checkpoint that is unevaluated, evaluated
 below the threshold or unreadable never serves; the previous good model keeps serving meanwhile.
@@ -18,9 +20,11 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from mnist_pipeline import checkpoint
+from torch import nn
+
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import IMAGE_SIZE, MnistCNN, predict
+from mnist_pipeline.model import IMAGE_SIZE, predict
+from mnist_pipeline.records.evaluation import evaluated
 from mnist_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -32,7 +36,7 @@ POLL_S = 0.5
 class Live:
     """A loaded model and what it is: the checkpoint it came from and that checkpoint's evaluation."""
 
-    model: MnistCNN
+    model: nn.Module
     sha256: str
     epoch: int
     accuracy: float
@@ -76,12 +80,12 @@ class Follower:
             return
         self._seen = seen
         try:
-            saved, evaluation = checkpoint.evaluated(self.volume, self.threshold)
+            saved, evaluation = evaluated(self.volume, self.threshold)
             if self.live is not None and saved.sha256 == self.live.sha256:
                 self.problem = ""
                 return
             live = Live(model=saved.build_model().to(self.device), sha256=saved.sha256, epoch=saved.epoch,
-                        accuracy=float(evaluation["accuracy"]))
+                        accuracy=evaluation.accuracy)
         except PipelineError as exc:
             self.problem = str(exc)
             if self.live is not None:

@@ -1,4 +1,4 @@
-"""The network and its input contract: the one module every service imports. No I/O here.
+"""The networks, by name, and their input contract: the one module every service imports. No I/O here.
 
 The contract: uint8 images [N, 28, 28] (white ink on black, as in MNIST), normalised with the
 model's own mean and std (part of its config, so they travel in the checkpoint). A user's own
@@ -71,8 +71,25 @@ class MnistCNN(nn.Module):
         return normalize(images, self.mean, self.std)
 
 
+# A checkpoint names its architecture and the constructor's arguments; `build` makes the network back.
+# A second architecture is one more class with a `config` dict of its arguments, and one entry here.
+ARCHITECTURES = {"mnist_cnn": MnistCNN}
+DEFAULT_ARCHITECTURE = "mnist_cnn"
+
+
+def build(architecture: str, config: dict) -> nn.Module:
+    """The network `architecture` with constructor arguments `config`; ValueError or TypeError if they do not fit."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[architecture](**config)
+
+
+def architecture_of(model: nn.Module) -> str:
+    return next(name for name, cls in ARCHITECTURES.items() if type(model) is cls)
+
+
 @torch.inference_mode()
-def predict(model: MnistCNN, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images [N, 28, 28] -> class probabilities [N, 10], in batches."""
     model.eval()
     chunks = []

@@ -6,27 +6,35 @@ from typing import Any, Dict, List
 
 import torch
 
-from mnist_pipeline import checkpoint, preprocess, runtime
-from mnist_pipeline.config import PredictConfig
+from mnist_pipeline import preprocess, runtime
 from mnist_pipeline.model import describe, predict
+from mnist_pipeline.records.evaluation import evaluated
+from mnist_pipeline.settings import PredictConfig
+from mnist_pipeline.storage.files import describe as describe_path
+from mnist_pipeline.storage.files import NotReadable, read_regular
 from mnist_pipeline.volume import Volume
+
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a large photo; a bigger file is refused before it is read
 
 
 def run(config: PredictConfig) -> List[Dict[str, Any]]:
     """{file, digit, confidence, probabilities} per image in argument order; {file, error} for one that
     cannot be read. Raises NotEvaluated / BelowThreshold (exit 3) when the checkpoint fails the gate."""
-    saved, _ = checkpoint.evaluated(Volume(config.root), config.threshold)
+    saved, _ = evaluated(Volume(config.root), config.threshold)
     device = runtime.setup(config.device, config.threads)
     model = saved.build_model().to(device)
     inputs, results = [], []
     for path in config.images:
+        name = describe_path(path)
         try:
-            inputs.append(preprocess.from_bytes(path.read_bytes()))
-            results.append({"file": str(path)})
-        except OSError as exc:
-            results.append({"file": str(path), "error": f"cannot read it: {exc.strerror}"})
+            inputs.append(preprocess.from_bytes(read_regular(path, MAX_FILE_BYTES, "image")))
+            results.append({"file": name})
+        except FileNotFoundError:
+            results.append({"file": name, "error": "cannot read it: no such file"})
+        except NotReadable as exc:
+            results.append({"file": name, "error": f"it {exc.reason}"})
         except preprocess.ImageError as exc:
-            results.append({"file": str(path), "error": str(exc)})
+            results.append({"file": name, "error": str(exc)})
     if inputs:
         probabilities = iter(predict(model, torch.stack(inputs), device))
         for result in results:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mnist_pipeline import preprocess, runtime
-from mnist_pipeline.config import ServeConfig
+from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.follow import Follower, Live
 from mnist_pipeline.model import describe

@@ -21,6 +21,10 @@ _KINDS = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S
 class NotReadable(PipelineError):
     """The path exists but is not a regular file within its size limit, or cannot be read."""
 
+    def __init__(self, what: str, path: os.PathLike, reason: str):
+        super().__init__(f"{what} {describe(path)} {reason}")
+        self.reason = reason  # what is wrong, without the file: "is a FIFO (named pipe), not a regular file"
+
 
 def read_regular(path: Path, limit: int, what: str) -> bytes:
     """The bytes of the regular file `path`, at most `limit` of them.
@@ -33,21 +37,20 @@ def read_regular(path: Path, limit: int, what: str) -> bytes:
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise NotReadable(f"cannot read {what} {describe(path)}: {exc.strerror}") from None
+        raise NotReadable(what, path, f"cannot be read: {exc.strerror}") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         kind = next((name for test, name in _KINDS.items() if test(info.st_mode)), "not a regular file")
-        raise NotReadable(f"{what} {describe(path)} is {kind}, not a regular file")
+        raise NotReadable(what, path, f"is {kind}, not a regular file")
     with open(fd, "rb") as file:
-        too_large = NotReadable(f"{what} {describe(path)} is larger than {limit:,} bytes, more than any {what} "
-                                f"this program writes or reads")
+        too_large = NotReadable(what, path, f"is larger than {limit:,} bytes, more than any {what} this program reads")
         if info.st_size > limit:
             raise too_large
         try:
             data = file.read(limit + 1)  # the size can change after fstat: never read past the limit
         except OSError as exc:
-            raise NotReadable(f"cannot read {what} {describe(path)}: {exc.strerror}") from None
+            raise NotReadable(what, path, f"cannot be read: {exc.strerror}") from None
     if len(data) > limit:
         raise too_large
     return data

@@ -1,0 +1,145 @@
+"""model/mnist_cnn.pt and model/train_progress.pt: checkpoints, read with weights_only=True and validated.
+
+A checkpoint is a dict of tensors and plain values only, so the safe loader reads it and a crafted
+pickle cannot run code:
+  format_version  int, FORMAT_VERSION
+  architecture    the network's name in model.ARCHITECTURES (format 2; format 1 is always mnist_cnn)
+  model_config    its constructor's arguments
+  model           its state_dict
+  epoch           completed epochs
+  step            batches done in the epoch after `epoch` (0 in mnist_cnn.pt; more in
+                  train_progress.pt, an interrupted epoch)
+  loss_sum        summed batch losses of those steps
+  optimizer       the optimizer's state_dict
+  rng             torch's CPU generator state (dropout-free today, but any randomness added later
+                  resumes exactly)
+  cuda_rng        the GPU's generator state; only in checkpoints of a CUDA run
+  train_config    the training hyper-parameters, seed included (the data order and learning rate
+                  are pure functions of them, epoch and step)
+  world_size      the processes that trained it together (format 2; resume is exact at the same)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from mnist_pipeline import limits, model
+from mnist_pipeline.errors import PipelineError, first_line
+from mnist_pipeline.storage.atomic import atomic_write_bytes
+from mnist_pipeline.storage.files import NotReadable, describe, read_regular
+
+FORMAT_VERSION = 2
+MAX_BYTES = 256 * 1024 * 1024  # far above any network here: a larger file is not a checkpoint of ours
+MAX_EPOCH = 10**6
+REQUIRED = {
+    "format_version": int,
+    "epoch": int,
+    "step": int,
+    "loss_sum": float,
+    "model": dict,
+    "model_config": dict,
+    "optimizer": dict,
+    "rng": torch.Tensor,
+    "train_config": dict,
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    sha256: str  # of the file's bytes: ties an evaluation to the exact model evaluated
+    state: Dict[str, Any]  # as FORMAT_VERSION has it, whatever format the file was in
+
+    @property
+    def epoch(self) -> int:
+        return self.state["epoch"]
+
+    def build_model(self) -> nn.Module:
+        """The network with these weights, or a PipelineError if they do not fit it."""
+        try:
+            network = model.build(self.state["architecture"], self.state["model_config"])
+            network.load_state_dict(self.state["model"])
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise self.invalid(f"its weights do not fit this version's network ({first_line(exc)})") from None
+        return network
+
+    def invalid(self, why: str) -> PipelineError:
+        return invalid(self.path, why)
+
+
+def invalid(path: Path, why: str) -> PipelineError:
+    return PipelineError(f"{describe(path)} is not a usable checkpoint: {why}; "
+                         f"`mnist train --fresh` moves it aside and trains from scratch")
+
+
+def write(path: Path, state: Dict[str, Any], fault_point: Optional[str] = None) -> None:
+    """`state` as snapshot() gives it (no format_version): saved atomically as FORMAT_VERSION."""
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), fault_point)
+
+
+def read(path: Path) -> Checkpoint:
+    """Read, hash and validate `path`: the hash is of the bytes loaded. FileNotFoundError if it is missing."""
+    try:
+        data = read_regular(path, MAX_BYTES, "checkpoint")
+    except NotReadable as exc:
+        raise invalid(path, f"it {exc.reason}") from None
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle untrusted bytes is bad input
+        raise invalid(path, f"it does not load safely ({first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise invalid(path, f"it holds a {type(state).__name__}, not a dict")
+    for key, kind in REQUIRED.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise invalid(path, f"its '{key}' is missing or not a {kind.__name__}")
+    state = _upgrade(state)
+    problem = _state_problem(state)
+    if problem:
+        raise invalid(path, problem)
+    return Checkpoint(path=path, sha256=sha256, state=state)
+
+
+def _upgrade(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The state as FORMAT_VERSION has it: format 1 knew one network, which it did not name."""
+    if state["format_version"] == 1:
+        state = {**state, "format_version": 2, "architecture": "mnist_cnn"}
+    return state
+
+
+def _state_problem(state: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the plain values of a checkpoint (the weights are checked by build_model)."""
+    if state["format_version"] != FORMAT_VERSION:
+        return f"format_version {state['format_version']} is not one this version reads (1 to {FORMAT_VERSION})"
+    if state.get("architecture") not in model.ARCHITECTURES:
+        return (f"its architecture {str(state.get('architecture'))[:40]!r} is not one this version knows "
+                f"({', '.join(model.ARCHITECTURES)})")
+    if not (0 <= state["epoch"] <= MAX_EPOCH and state["step"] >= 0):
+        return f"its epoch {state['epoch']} or step {state['step']} is out of range"
+    world_size = state.get("world_size", 1)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        return f"its world_size {str(world_size)[:20]!r} is not a number of processes"
+    if not math.isfinite(state["loss_sum"]):
+        return f"its loss_sum {state['loss_sum']} is not finite"
+    rng, expected = state["rng"], torch.get_rng_state()
+    if rng.dtype != expected.dtype or rng.shape != expected.shape:
+        return f"its rng is a {rng.dtype} tensor of shape {list(rng.shape)}, not torch's CPU generator state"
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng is not None and not (isinstance(cuda_rng, torch.Tensor) and cuda_rng.dtype == torch.uint8
+                                     and cuda_rng.dim() == 1):
+        return "its cuda_rng is not a GPU generator state (a 1-D uint8 tensor)"
+    try:
+        limits.check_train_config(state["train_config"])
+    except ValueError as exc:
+        return str(exc)
+    return None

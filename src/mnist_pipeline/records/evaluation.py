@@ -1,0 +1,161 @@
+"""model/eval_results.json: the test scores of one checkpoint, and the gate that uses them.
+
+  format_version      FORMAT_VERSION (absent in format 1)
+  accuracy            correct / total, in [0, 1]
+  test_loss           mean cross-entropy over the test images
+  correct, total      counts (total: the test images, 1 to 10,000)
+  per_class_accuracy  {"0": ..., "9": ...}, each in [0, 1]
+  confusion_matrix    10 x 10 counts, rows the true digit, summing to total
+  mistakes            the most confident mistakes: test_index, label, predicted, confidence
+  checkpoint          {sha256, epoch} of the checkpoint scored (format 1 also had its path)
+  compute_seconds, device, evaluated_at   how and when
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
+
+from mnist_pipeline.errors import BelowThreshold, NotEvaluated, PipelineError
+from mnist_pipeline.records import _json as j
+from mnist_pipeline.records import checkpoint as checkpoints
+from mnist_pipeline.storage.files import describe
+from mnist_pipeline.volume import Volume
+
+FORMAT_VERSION = 2
+MAX_IMAGES = 10_000  # the test split
+FIX = "run `mnist evaluate` to write it again"
+
+
+@dataclass(frozen=True)
+class Mistake:
+    test_index: int
+    label: int
+    predicted: int
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    test_loss: float
+    correct: int
+    total: int
+    per_class_accuracy: Tuple[float, ...]  # digit 0 to 9
+    confusion_matrix: Tuple[Tuple[int, ...], ...]
+    mistakes: Tuple[Mistake, ...]
+    sha256: str  # of the checkpoint scored
+    epoch: int
+    compute_seconds: float
+    device: str
+    evaluated_at: str
+
+    def passes(self, threshold: float) -> bool:
+        return self.accuracy > threshold
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "accuracy": self.accuracy,
+            "test_loss": self.test_loss,
+            "correct": self.correct,
+            "total": self.total,
+            "per_class_accuracy": {str(d): a for d, a in enumerate(self.per_class_accuracy)},
+            "confusion_matrix": [list(row) for row in self.confusion_matrix],
+            "mistakes": [dataclasses.asdict(m) for m in self.mistakes],
+            "checkpoint": {"sha256": self.sha256, "epoch": self.epoch},
+            "compute_seconds": self.compute_seconds,
+            "device": self.device,
+            "evaluated_at": self.evaluated_at,
+        }
+
+
+def write(volume: Volume, evaluation: Evaluation) -> None:
+    j.dump(volume.eval_results, evaluation.to_json(), fault_point="eval-before-rename")
+
+
+def read(volume: Volume) -> Evaluation:
+    """The evaluation on the volume; FileNotFoundError if there is none, PipelineError if it is malformed."""
+    path = volume.eval_results
+    try:
+        return parse(j.load(path, "evaluation"))
+    except j.Invalid as exc:
+        raise j.problem(path, exc, FIX) from None
+
+
+def parse(record: Dict[str, Any]) -> Evaluation:
+    j.version(record, FORMAT_VERSION)  # format 1 differs only in its checkpoint's extra `path`
+    total = j.integer(j.field(record, "total"), "total", 1, MAX_IMAGES)
+    correct = j.integer(j.field(record, "correct"), "correct", 0, total)
+    accuracy = j.number(j.field(record, "accuracy"), "accuracy", 0, 1)
+    if abs(accuracy - correct / total) > 1e-9:
+        raise j.Invalid(f"accuracy {accuracy} is not correct / total ({correct} / {total})")
+    matrix = tuple(
+        tuple(j.integer(cell, f"confusion_matrix[{r}][{c}]", 0, total)
+              for c, cell in enumerate(j.array(row, f"confusion_matrix[{r}]", 10)))
+        for r, row in enumerate(j.array(j.field(record, "confusion_matrix"), "confusion_matrix", 10))
+    )
+    if sum(map(sum, matrix)) != total or sum(matrix[d][d] for d in range(10)) != correct:
+        raise j.Invalid("confusion_matrix does not add up to total and its diagonal to correct")
+    per_class = j.obj(j.field(record, "per_class_accuracy"), "per_class_accuracy")
+    mistakes = []
+    for k, entry in enumerate(j.array(j.field(record, "mistakes"), "mistakes", limit=MAX_IMAGES)):
+        m = j.obj(entry, f"mistakes[{k}]")
+        mistakes.append(Mistake(
+            test_index=j.integer(j.field(m, "test_index"), f"mistakes[{k}].test_index", 0, total - 1),
+            label=j.integer(j.field(m, "label"), f"mistakes[{k}].label", 0, 9),
+            predicted=j.integer(j.field(m, "predicted"), f"mistakes[{k}].predicted", 0, 9),
+            confidence=j.number(j.field(m, "confidence"), f"mistakes[{k}].confidence", 0, 1),
+        ))
+    checkpoint = j.obj(j.field(record, "checkpoint"), "checkpoint")
+    return Evaluation(
+        accuracy=accuracy,
+        test_loss=j.number(j.field(record, "test_loss"), "test_loss", 0),
+        correct=correct,
+        total=total,
+        per_class_accuracy=tuple(j.number(j.field(per_class, str(d)), f"per_class_accuracy[{d}]", 0, 1)
+                                 for d in range(10)),
+        confusion_matrix=matrix,
+        mistakes=tuple(mistakes),
+        sha256=j.sha256(j.field(checkpoint, "sha256"), "checkpoint.sha256"),
+        epoch=j.integer(j.field(checkpoint, "epoch"), "checkpoint.epoch", 0, checkpoints.MAX_EPOCH),
+        compute_seconds=j.number(record.get("compute_seconds", 0.0), "compute_seconds", 0),
+        device=j.text(record.get("device", "?"), "device", 40),
+        evaluated_at=j.text(record.get("evaluated_at", "?"), "evaluated_at", 40),
+    )
+
+
+def evaluated(volume: Volume, threshold: float) -> Tuple[checkpoints.Checkpoint, Evaluation]:
+    """The gate of infer, predict and serve: the current checkpoint with its own evaluation, above `threshold`.
+
+    Raises NotEvaluated (saying what to run) while the checkpoint or its evaluation is missing or the
+    evaluation is of another checkpoint, BelowThreshold when its accuracy does not pass, and
+    PipelineError for a file that does not read.
+    """
+    try:
+        saved = checkpoints.read(volume.checkpoint)
+    except FileNotFoundError:
+        raise NotEvaluated(f"no checkpoint at {describe(volume.checkpoint)} yet: run `mnist train`, "
+                           f"then `mnist evaluate`") from None
+    try:
+        evaluation = read(volume)
+    except FileNotFoundError:
+        raise NotEvaluated(f"no {describe(volume.eval_results)} yet: run `mnist evaluate`") from None
+    if evaluation.sha256 != saved.sha256:
+        raise NotEvaluated(f"{describe(volume.eval_results)} belongs to another checkpoint than "
+                           f"{describe(volume.checkpoint)} (epoch {saved.epoch}): run `mnist evaluate`")
+    if not evaluation.passes(threshold):
+        raise BelowThreshold(
+            f"accuracy {evaluation.accuracy:.4f} of epoch {saved.epoch} is not above the threshold {threshold}: "
+            f"train more (`mnist train`, then `mnist evaluate`) or lower --threshold"
+        )
+    return saved, evaluation
+
+
+def is_of(volume: Volume, sha256: str) -> bool:
+    """Whether the volume's evaluation is a valid one of the checkpoint with this sha256."""
+    try:
+        return read(volume).sha256 == sha256
+    except (FileNotFoundError, PipelineError):
+        return False

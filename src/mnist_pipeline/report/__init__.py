@@ -1,0 +1,51 @@
+"""model/report/: the evaluation report, a pure rendering of the records handed to it.
+
+  index.html            one page, no outside references (opens from the file system or `serve`)
+  confusion_matrix.png  pictures.py
+  mistakes.png          pictures.py
+  training.svg          chart.py (the same drawing is inline in the page)
+
+The command layer reads the records and calls `write` once per command; nothing here reads the
+volume. The folder is replaced as a whole.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mnist_pipeline import data
+from mnist_pipeline.records import history
+from mnist_pipeline.records.evaluation import Evaluation
+from mnist_pipeline.records.predictions import Predictions
+from mnist_pipeline.report.chart import training_svg
+from mnist_pipeline.report.page import page
+from mnist_pipeline.report.pictures import confusion_image, mistakes_image
+from mnist_pipeline.storage.atomic import replace_dir
+from mnist_pipeline.volume import Volume
+
+FILES = ("index.html", "confusion_matrix.png", "mistakes.png", "training.svg")
+
+
+def write(volume: Volume, evaluation: Evaluation, records: list, test_images: torch.Tensor,
+          predictions: Optional[Predictions]) -> Path:
+    """Replace model/report/ with the report of `evaluation`, the history `records` and infer's `predictions`
+    (None: infer has not run); returns index.html's path."""
+    summary = history.summary(records)
+    # infer's images are test images: drawn from them, the report reads nothing in results/
+    pictures = {p.file: "data:image/png;base64," + base64.b64encode(data.png(test_images[p.test_index])).decode()
+                for p in (predictions.predictions if predictions else ())}
+
+    def fill(folder: Path) -> None:
+        confusion_image(evaluation).save(folder / "confusion_matrix.png", optimize=True)
+        mistakes_image(evaluation, test_images).save(folder / "mistakes.png", optimize=True)
+        chart = training_svg(summary)
+        (folder / "training.svg").write_text(chart)
+        inline = chart.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1)  # HTML needs no namespace URL
+        (folder / "index.html").write_text(page(evaluation, summary, inline, predictions, pictures))
+
+    replace_dir(volume.report_dir, fill)
+    return volume.report_dir / "index.html"

@@ -1,0 +1,107 @@
+"""The report's page: one HTML file with no outside references (it opens from the file system or serve).
+
+Every value that comes from a file is escaped: the page is served on the API's origin.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Dict, Optional
+
+from mnist_pipeline.records.evaluation import Evaluation
+from mnist_pipeline.records.predictions import Predictions
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1000px; color: #111827; padding: 0 1rem; }
+h1 { margin-bottom: .2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #e5e7eb; padding-bottom: .3rem; }
+.muted { color: #6b7280; } code { font-size: .9em; word-break: break-all; }
+.figures { display: flex; gap: 2.5rem; flex-wrap: wrap; margin: 1rem 0; }
+.figure b { display: block; font-size: 1.8rem; } img { max-width: 100%; }
+table { border-collapse: collapse; } td, th { padding: .25rem .7rem; text-align: right; border-bottom: 1px solid #eee; }
+.low { color: #dc2626; font-weight: 600; }
+.infer { display: flex; gap: 1rem; flex-wrap: wrap; } .infer div { text-align: center; }
+.infer img { width: 84px; height: 84px; image-rendering: pixelated; border: 1px solid #d1d5db; display: block;
+  margin: 0 auto .3rem; }
+"""
+
+
+MAX_EPOCH_ROWS = 200  # the table shows the latest epochs; the chart shows them all
+
+
+def page(evaluation: Evaluation, summary: Dict[str, Any], chart: str, predictions: Optional[Predictions],
+         pictures: Dict[str, str]) -> str:
+    """index.html: `chart` the inline SVG, `pictures` infer's images by file name (data: URIs)."""
+    e = html.escape
+    matrix = evaluation.confusion_matrix
+    per_class = []
+    worst = min(range(10), key=lambda d: matrix[d][d] / max(1, sum(matrix[d])))
+    for d in range(10):
+        total = sum(matrix[d])
+        confused = max((c for c in range(10) if c != d), key=lambda c: matrix[d][c])
+        times = matrix[d][confused]
+        mix = f"{confused} ({times} {'time' if times == 1 else 'times'})" if times else "-"
+        css = ' class="low"' if d == worst else ""
+        per_class.append(f"<tr><td>{d}</td><td>{total:,}</td><td{css}>{matrix[d][d] / max(1, total):.2%}</td>"
+                         f"<td>{mix}</td></tr>")
+    epochs = summary["epochs"][-MAX_EPOCH_ROWS:]
+    older = len(summary["epochs"]) - len(epochs)
+    epoch_rows = "".join(
+        f"<tr><td>{r['epoch']}</td><td>{r['steps']:,}</td><td>{r['train_loss']:.4f}</td>"
+        + (f"<td>{r['eval']['accuracy']:.2%}</td><td>{r['eval']['test_loss']:.4f}</td>" if r["eval"]
+           else '<td class="muted">-</td><td class="muted">-</td>') + "</tr>"
+        for r in epochs
+    ) + (f'<tr><td colspan="5" class="muted">and {older:,} earlier epochs</td></tr>' if older else "")
+    if predictions:
+        note = "" if predictions.sha256 == evaluation.sha256 else (
+            f' <span class="low">(by an older checkpoint, epoch {predictions.epoch}; '
+            f"run <code>mnist infer</code>, then <code>mnist report</code>)</span>")
+        cards = "".join(
+            f'<div><img src="{e(pictures[p.file])}" alt="results/{e(p.file)}" title="results/{e(p.file)}">'
+            f'predicted <b>{p.predicted}</b><br>'
+            f'<span class="{"" if p.predicted == p.label else "low"}">true {p.label}</span>, '
+            f'{p.confidence:.1%}</div>'
+            for p in predictions.predictions
+        )
+        infer_html = f'<p class="muted">{len(predictions.predictions)} random test images from results/{note}</p>' \
+                     f'<div class="infer">{cards}</div>'
+    else:
+        infer_html = '<p class="muted">No infer results yet: run <code>mnist infer</code>, then ' \
+                     '<code>mnist report</code>.</p>'
+    wrong = evaluation.total - evaluation.correct
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>MNIST model report: epoch {evaluation.epoch}, accuracy {evaluation.accuracy:.2%}</title>
+<style>{STYLE}</style></head><body>
+<h1>MNIST model report</h1>
+<p class="muted">Checkpoint after epoch {evaluation.epoch}, sha256 <code>{e(evaluation.sha256)}</code>;
+evaluated {e(evaluation.evaluated_at)} on {e(evaluation.device)}.</p>
+<div class="figures">
+<div class="figure">test accuracy<b>{evaluation.accuracy:.2%}</b></div>
+<div class="figure">right<b>{evaluation.correct:,} / {evaluation.total:,}</b></div>
+<div class="figure">mistakes<b>{wrong:,}</b></div>
+<div class="figure">test loss<b>{evaluation.test_loss:.4f}</b></div>
+</div>
+
+<h2>Which digits get confused</h2>
+<p>Rows are the true digit, columns the digit the model predicted: the blue diagonal is right, every red cell
+is a mistake (darker: more). <a href="confusion_matrix.png">confusion_matrix.png</a></p>
+<img src="confusion_matrix.png" alt="confusion matrix with counts">
+<h3>Per digit</h3>
+<table><tr><th>digit</th><th>test images</th><th>right</th><th>most often taken for</th></tr>
+{''.join(per_class)}</table>
+
+<h2>What the mistakes look like</h2>
+<p>The test images the model gets wrong while most sure of itself. <a href="mistakes.png">mistakes.png</a></p>
+<img src="mistakes.png" alt="the most confident mistakes">
+
+<h2>Training</h2>
+<p>Hover a point for its values. <a href="training.svg">training.svg</a></p>
+{chart}
+<table><tr><th>epoch</th><th>steps</th><th>train loss</th><th>test accuracy</th><th>test loss</th></tr>
+{epoch_rows}</table>
+
+<h2>Latest infer images</h2>
+{infer_html}
+</body></html>
+"""
