@@ -6,7 +6,7 @@
 Each train is a whole `mnist train --device cuda` process on a fresh volume (the MNIST files
 fetched from the local mirror), scored by `mnist evaluate`. The breakdown runs one more such
 train in a child that times the phases of the real code path (runtime.setup, data.load_split,
-the first steps, checkpoint.save, ...) by wrapping those functions, so it measures what
+the first steps, checkpoint.write, ...) by wrapping those functions, so it measures what
 `mnist train` does, not a copy. Prints tables; writes bench/results/gpu.json (or --out).
 Without a CUDA GPU it says so and exits 0.
 """
@@ -91,7 +91,9 @@ def phases_child(report: str, argv: list) -> None:
     import torch  # noqa: F401 - timed on its own
 
     mark("import torch")
-    from mnist_pipeline import checkpoint, cli, data, runtime, train
+    from mnist_pipeline import cli, data, runtime
+    from mnist_pipeline.records import checkpoint
+    from mnist_pipeline.train import cuda, loop, resume
 
     mark("import mnist_pipeline")
 
@@ -108,12 +110,12 @@ def phases_child(report: str, argv: list) -> None:
         setattr(owner, attr, wrapper)
 
     timed(runtime, "setup", "runtime.setup (device, threads, deterministic CUDA)", before="argparse, logging")
-    timed(train, "_starting_point", "no checkpoint: model built, moved to the GPU (CUDA context)")
+    timed(resume, "starting_point", "no checkpoint: model built, moved to the GPU (CUDA context)")
     timed(data, "load_split", "data.load_split: fetch, verify, parse the training set")
     timed(data, "ensure", "data.ensure: fetch, verify the test set")
-    timed(train, "_finish_warm_up", "waiting for the warm-up steps' end (CUDA kernels, cuDNN, cuBLAS)")
-    timed(checkpoint, "save", "checkpoint.save", before="steps 3..N, the epoch's end")
-    step_function = train._step_function
+    timed(cuda, "finish_warm_up", "waiting for the warm-up steps' end (CUDA kernels, cuDNN, cuBLAS)")
+    timed(checkpoint, "write", "checkpoint.write", before="steps 3..N, the epoch's end")
+    step_function = loop._step_function
 
     def counted_step_function(*args, **kwargs):
         mark("images to the GPU", sync=True)
@@ -129,7 +131,7 @@ def phases_child(report: str, argv: list) -> None:
 
         return counted
 
-    train._step_function = counted_step_function
+    loop._step_function = counted_step_function
     code = cli.main(argv)
     mark("after the save: remove progress, log, report")
     Path(report).write_text(json.dumps(marks))
@@ -139,7 +141,8 @@ def phases_child(report: str, argv: list) -> None:
 
 def step_times(data_dir: Path, device_name: str, steps: int = 300) -> dict:
     """Milliseconds per training step once warm, eager and replayed from a CUDA graph (in this process)."""
-    from mnist_pipeline import data, runtime, train
+    from mnist_pipeline import data, runtime, settings, train
+    from mnist_pipeline.train import loop, resume
 
     device = runtime.setup(device_name, None)
     split = data.load_split(data_dir, "train", None)
@@ -147,9 +150,9 @@ def step_times(data_dir: Path, device_name: str, steps: int = 300) -> dict:
     order = train.epoch_order(0, 0, len(labels)).to(device)
     times = {}
     for name, graphed in (("eager", False), ("CUDA graph", True)):
-        state = train._TrainingState.fresh(train.Recipe(), device)
+        state = resume.TrainingState.fresh(settings.Recipe(), device)
         state.model.train()
-        step, size = train._step_function(state, images, labels, cuda_graph=graphed), state.recipe.batch_size
+        step, size = loop._step_function(state, images, labels, cuda_graph=graphed), state.recipe.batch_size
         for i in range(20 + steps):
             if i == 20:
                 float(state.loss_sum)  # waits for the warm-up steps
@@ -181,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_bench: torch {torch.__version__} sees no CUDA GPU here; nothing measured "
               f"(run it on a machine with one)")
         return 0
-    from mnist_pipeline import train
+    from mnist_pipeline import settings
 
-    recipe = train.Recipe()
+    recipe = settings.Recipe()
     common = ["--device", args.device, "--max-steps", str(args.max_steps)]  # --device first: evaluate takes it
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
     machine = (f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "

@@ -50,7 +50,7 @@ def drawing_png() -> bytes:
 
 def mnist_png(root: Path) -> bytes:
     from mnist_pipeline import data
-    from mnist_pipeline.infer import png_grayscale
+    from mnist_pipeline.data import png as png_grayscale
 
     return png_grayscale(data.load_split(root / "data", "test", str(MIRROR)).images[0])
 

@@ -69,8 +69,8 @@ def mnist_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 def litter(root: Path) -> list:
-    """The temp files and folders of this program under `root` (see volume.TEMP_PREFIX)."""
-    from mnist_pipeline.volume import TEMP_PREFIX
+    """The temp files and folders of this program under `root` (see storage.atomic.TEMP_PREFIX)."""
+    from mnist_pipeline.storage.atomic import TEMP_PREFIX
 
     return sorted(str(p.relative_to(root)) for p in root.rglob(TEMP_PREFIX + "*"))
 

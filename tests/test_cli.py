@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_here, run_mnist
-from mnist_pipeline import cli, config
+from mnist_pipeline import cli, settings as table
 
 
 def settings(argv, env):
     parser = cli.build_parser()
-    return cli.resolve(parser, parser.parse_args(argv), env)
+    args = parser.parse_args(argv)
+    try:
+        return table.resolve(args.command, vars(args), env)[0]
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def test_defaults_when_nothing_is_set():
@@ -96,7 +100,7 @@ def test_every_subcommand_help_names_flags_and_env_twins():
     for command in ("train", "evaluate", "infer", "pipeline"):
         result = run_mnist(command, "--help", fresh=True)  # no torch to load: a new interpreter is quick
         assert result.returncode == 0
-        for setting in cli.COMMANDS[command]:
+        for setting in taken_by(command):
             assert setting.flag in result.stdout and setting.env in result.stdout.replace("\n", " ")
 
 
@@ -109,9 +113,13 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path):
     assert_one_line_error(result, 1, "cuda")
 
 
+def taken_by(command: str) -> list:
+    return [table.SETTINGS[name] for name in table.COMMAND_SETTINGS[command]]
+
+
 def all_settings(*commands: str) -> dict:
     """The settings of `commands` (all commands when none is named) by their MNIST_* name."""
-    return {s.env: s for command in commands or cli.COMMANDS for s in cli.COMMANDS[command]}
+    return {s.env: s for command in commands or cli.COMMANDS for s in taken_by(command)}
 
 
 def test_compose_passes_on_every_setting_of_the_cli():
@@ -133,7 +141,7 @@ def test_the_settings_doc_table_matches_the_cli():
     for flag, env, default, commands in rows:
         setting = settings[env]
         assert flag == setting.flag, env
-        taking = {command for command in cli.COMMANDS if setting in cli.COMMANDS[command]}
+        taking = {command for command in cli.COMMANDS if setting in taken_by(command)}
         listed = set(cli.COMMANDS) if commands.strip() == "all" else set(commands.replace(" ", "").split(","))
         assert listed == taking, env
         if isinstance(setting.default, bool) or setting.default is None or isinstance(setting.default, Path):
@@ -146,15 +154,16 @@ def test_the_cli_defaults_build_each_stage_config_with_its_own_defaults():
     """Nothing set: every command's configs are the dataclasses' defaults (each flag reads the right field)."""
     values = {command: settings([command, "x.png"] if command == "predict" else [command], {})
               for command in cli.COMMANDS}
-    root = config.DEFAULT_ROOT
+    root = table.DEFAULT_ROOT
     assert values["train"]["root"] == root
-    expected = {"train": config.TrainConfig(root=root), "evaluate": config.EvaluateConfig(root=root),
-                "infer": config.InferConfig(root=root), "report": config.ReportConfig(root=root)}
-    assert cli._configs("pipeline", values["pipeline"]) == expected
-    for command in ("train", "evaluate", "infer", "report"):
-        assert cli._configs(command, values[command]) == {command: expected[command]}
-    assert config.ServeConfig(**values["serve"]) == config.ServeConfig(root=root)
-    assert config.PredictConfig(images=(), **values["predict"]) == config.PredictConfig(root=root, images=())
+    for v in (values["train"], values["pipeline"]):
+        assert cli._train_config(v, frozenset()) == table.TrainConfig(root=root)
+    for v in (values["evaluate"], values["pipeline"]):
+        assert cli._evaluate_config({**v, "started": 0.0}) == table.EvaluateConfig(root=root, started=0.0)
+    for v in (values["infer"], values["pipeline"]):
+        assert cli._infer_config({**v, "started": 0.0}) == table.InferConfig(root=root, started=0.0)
+    assert table.ServeConfig(**values["serve"]) == table.ServeConfig(root=root)
+    assert table.PredictConfig(images=(), **values["predict"]) == table.PredictConfig(root=root, images=())
 
 
 def _literal(node: ast.AST) -> bool:
@@ -173,16 +182,16 @@ def fields_with_literal_defaults(source: str) -> list:
             for field in node.body if isinstance(field, ast.AnnAssign) and _literal(field.value)]
 
 
-def test_each_default_is_written_once_in_config_py():
-    """cli.py's settings take their defaults from config.py, which writes each one in a single field or constant."""
-    assert literal_setting_defaults(Path(cli.__file__).read_text()) == []
-    fields = fields_with_literal_defaults(Path(config.__file__).read_text())
+def test_each_default_is_written_once_in_settings_py():
+    """The settings table takes its defaults from the config classes, each written in a single field or constant."""
+    assert literal_setting_defaults(Path(table.__file__).read_text()) == []
+    fields = fields_with_literal_defaults(Path(table.__file__).read_text())
     assert sorted(name for name in set(fields) if fields.count(name) > 1) == []
     assert {"epochs", "batch_size", "peak_lr", "save_every_s", "count", "host", "port"} <= set(fields)
 
 
 def test_the_cli_builds_its_parser_and_answers_help_and_usage_errors_without_torch():
-    """config.py holds no torch: `mnist --help` and a bad flag answer at once, before torch's seconds of import."""
+    """settings.py holds no torch: `mnist --help` and a bad flag answer at once, before torch's seconds of import."""
     code = ("import sys\nfrom mnist_pipeline import cli\n"
             "for argv in (['train', '--help'], ['infer', '--count', '0']):\n"
             "    try:\n        cli.main(argv, env={})\n    except SystemExit as exc:\n        print(exc.code)\n"

@@ -25,7 +25,8 @@ import conftest
 import forked
 from conftest import private_copy
 from mnist_pipeline import data, distributed
-from mnist_pipeline.volume import Volume, exclusive_lock
+from mnist_pipeline.storage.locks import exclusive_lock
+from mnist_pipeline.volume import Volume
 from test_interrupts import assert_same_state, litter, load
 
 # one pytest-xdist worker runs them all (pyproject's addopts): the module fixtures run once

@@ -6,31 +6,38 @@ import dataclasses
 
 import torch
 
-from mnist_pipeline import checkpoint, follow
+from mnist_pipeline import follow
 from mnist_pipeline.model import MEAN, STD, MnistCNN, normalize
-from mnist_pipeline.train import Recipe
-from mnist_pipeline.volume import Volume, atomic_write_json
+from mnist_pipeline.records import checkpoint, evaluation
+from mnist_pipeline.settings import Recipe
+from mnist_pipeline.volume import Volume
 
 
 def write_checkpoint(volume: Volume, epoch: int, model_config=None) -> str:
     model = MnistCNN()
-    checkpoint.save(volume.checkpoint, {
-        "epoch": epoch, "step": 0, "loss_sum": 0.0, "model": model.state_dict(),
+    checkpoint.write(volume.checkpoint, {
+        "architecture": "mnist_cnn", "epoch": epoch, "step": 0, "loss_sum": 0.0, "model": model.state_dict(),
         "model_config": model.config if model_config is None else model_config,
         "optimizer": {}, "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(Recipe()),
     })
-    return checkpoint.load(volume.checkpoint).sha256
+    return checkpoint.read(volume.checkpoint).sha256
 
 
 def write_evaluation(volume: Volume, sha256: str, epoch: int, accuracy: float = 0.99) -> None:
-    atomic_write_json(volume.eval_results, {"accuracy": accuracy, "checkpoint": {"sha256": sha256, "epoch": epoch}})
+    """A valid evaluation of `accuracy` on 10,000 images: right ones as zeros, wrong ones taken for ones."""
+    correct = round(accuracy * 10_000)
+    matrix = tuple((correct, 10_000 - correct, *[0] * 8) if row == 0 else (0,) * 10 for row in range(10))
+    evaluation.write(volume, evaluation.Evaluation(
+        accuracy=correct / 10_000, test_loss=0.1, correct=correct, total=10_000, per_class_accuracy=(1.0,) * 10,
+        confusion_matrix=matrix, mistakes=(), sha256=sha256, epoch=epoch, compute_seconds=0.0, device="cpu",
+        evaluated_at="now"))
 
 
 def test_follows_only_gated_checkpoints_and_looks_only_when_files_change(tmp_path, monkeypatch):
     volume = Volume(tmp_path)
     gate_calls = []
-    real_gate = checkpoint.evaluated
-    monkeypatch.setattr(checkpoint, "evaluated", lambda *args: gate_calls.append(1) or real_gate(*args))
+    real_gate = follow.evaluated
+    monkeypatch.setattr(follow, "evaluated", lambda *args: gate_calls.append(1) or real_gate(*args))
     swapped = []
     follower = follow.Follower(volume, 0.95, torch.device("cpu"), on_swap=swapped.append)
 
@@ -62,11 +69,11 @@ def test_normalisation_travels_in_the_checkpoint_and_older_ones_get_the_defaults
     images = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)
     custom = MnistCNN(mean=0.5, std=0.25)
     write_checkpoint(volume, 1, model_config=custom.config)
-    model = checkpoint.load(volume.checkpoint).build_model()
+    model = checkpoint.read(volume.checkpoint).build_model()
     assert (model.mean, model.std) == (0.5, 0.25)
     assert torch.equal(model.normalize(images), normalize(images, 0.5, 0.25))
 
     older = {key: value for key, value in MnistCNN().config.items() if key not in ("mean", "std")}
     write_checkpoint(volume, 1, model_config=older)
-    model = checkpoint.load(volume.checkpoint).build_model()
+    model = checkpoint.read(volume.checkpoint).build_model()
     assert (model.mean, model.std) == (MEAN, STD)

@@ -24,7 +24,10 @@ from PIL import Image
 
 from conftest import (MIRROR, assert_one_line_error, http_server, litter, mnist_env, read_until, run_here,
                       run_mnist, start_mnist)
-from mnist_pipeline import checkpoint, cli, data, evaluate, limits, train, volume
+from mnist_pipeline import cli, data, evaluate, limits, settings
+from mnist_pipeline.records import checkpoint
+from mnist_pipeline.storage import atomic, locks
+from mnist_pipeline.train import resume
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.volume import Volume
 
@@ -38,7 +41,7 @@ def test_data(tmp_path_factory) -> Path:
 
 
 def untrained_state() -> dict:
-    state = train._TrainingState.fresh(train.Recipe(), torch.device("cpu")).snapshot()
+    state = resume.TrainingState.fresh(settings.Recipe(), torch.device("cpu")).snapshot()
     return {"format_version": checkpoint.FORMAT_VERSION, **state}
 
 
@@ -107,16 +110,16 @@ def test_a_symlinked_model_or_data_folder_is_refused_and_nothing_written_through
 
 def test_only_dead_writers_temps_are_swept_and_never_a_users_file(tmp_path):
     dead = subprocess.run(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from mnist_pipeline import volume; "
-                               "print(volume.temp_file(Path(sys.argv[1]), 'x')[1])", str(tmp_path)],
+        [sys.executable, "-c", "import sys; from pathlib import Path; from mnist_pipeline.storage import atomic; "
+                               "print(atomic.temp_file(Path(sys.argv[1]), 'x')[1])", str(tmp_path)],
         capture_output=True, text=True, check=True, env=mnist_env()).stdout.strip()
-    alive_fd, alive = volume.temp_file(tmp_path, "y")  # this process lives: its temp stays
+    alive_fd, alive = atomic.temp_file(tmp_path, "y")  # this process lives: its temp stays
     users = [tmp_path / ".tmp-notes", tmp_path / ".mnist-tmp.notes"]
     for path in users:
         path.write_text("mine")
         os.utime(path, (0, 0))  # old: age no longer decides
     try:
-        volume.remove_dead_temps(tmp_path)
+        atomic.remove_dead_temps(tmp_path)
         assert not Path(dead).exists() and Path(alive).exists()
         assert all(path.read_text() == "mine" for path in users)
     finally:
@@ -174,14 +177,14 @@ def test_where_there_is_no_exchange_a_swap_cut_between_its_renames_is_undone(eva
     results = evaluated_root / "results"
     assert run_here("infer", "--root", str(evaluated_root), "--threshold", "0").returncode == 0
     before = {p.name: p.read_bytes() for p in results.iterdir()}
-    code = ("import sys; from pathlib import Path; from mnist_pipeline import volume; "
-            "volume._exchange = lambda a, b: False; "
-            "volume.replace_dir(Path(sys.argv[1]), lambda folder: (folder / 'x').write_text('new'))")
+    code = ("import sys; from pathlib import Path; from mnist_pipeline.storage import atomic; "
+            "atomic._exchange = lambda a, b: False; "
+            "atomic.replace_dir(Path(sys.argv[1]), lambda folder: (folder / 'x').write_text('new'))")
     killed = subprocess.run([sys.executable, "-c", code, str(results)], capture_output=True,
                             env=mnist_env({"MNIST_FAULT": "results-between-renames"}))
     assert killed.returncode == -signal.SIGKILL
     assert not results.exists()  # the gap the two-rename path has
-    volume.recover_dir(results)  # what infer does first
+    atomic.recover_dir(results)  # what infer does first
     assert {p.name: p.read_bytes() for p in results.iterdir()} == before
     assert litter(evaluated_root) == []
 
@@ -190,7 +193,7 @@ def test_results_swap_uses_one_exchange_here(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.write_text("b")
-    if not volume._exchange(a, b):
+    if not atomic._exchange(a, b):
         pytest.skip("this kernel or file system has no RENAME_EXCHANGE")
     assert a.read_text() == "b" and b.is_dir()
 
@@ -207,10 +210,10 @@ def test_evaluate_gives_a_train_started_beside_it_a_grace_before_rescoring_the_o
     try:
         read_until(evaluate_, GRACE_STARTED)
         the_volume = Volume(evaluated_root)
-        with volume.exclusive_lock(the_volume, "train"):  # this process plays the train that starts late
-            state = checkpoint.load(the_volume.checkpoint).state
+        with locks.exclusive_lock(the_volume, "train"):  # this process plays the train that starts late
+            state = checkpoint.read(the_volume.checkpoint).state
             state["epoch"] = 7
-            checkpoint.save(the_volume.checkpoint, state)
+            checkpoint.write(the_volume.checkpoint, state)
         _, err = evaluate_.communicate(timeout=300)
     finally:
         if evaluate_.poll() is None:
@@ -304,7 +307,7 @@ def test_a_checkpoint_with_a_malformed_state_is_refused_at_load(change, fragment
     change(state)
     write_checkpoint(path, state)
     with pytest.raises(PipelineError, match="not a usable checkpoint") as refused:
-        checkpoint.load(path)
+        checkpoint.read(path)
     assert fragment in str(refused.value)
 
 
@@ -320,8 +323,8 @@ def test_train_refuses_a_checkpoint_with_a_malformed_train_config(evaluated_root
 
 
 def test_the_limits_cover_every_saved_hyper_parameter():
-    assert set(limits.TRAIN_CONFIG) == {f.name for f in dataclasses.fields(train.Recipe)}
-    limits.check_train_config(dataclasses.asdict(train.Recipe()))  # the defaults pass their own checks
+    assert set(limits.TRAIN_CONFIG) == {f.name for f in dataclasses.fields(settings.Recipe)}
+    limits.check_train_config(dataclasses.asdict(settings.Recipe()))  # the defaults pass their own checks
 
 
 # --- mirrors: blame the right side, cap what they send --------------------------------------------------
@@ -441,19 +444,20 @@ def test_score_on_known_inputs_rows_are_true_digits():
     predicted = [0, 1, 1, 1]  # one 0 taken for a 1, the 2 taken for a 1
     logits = [[10.0 if d == p else 0.0 for d in range(10)] for p in predicted]
     split = data.Split(images=torch.zeros(4, 28, 28, dtype=torch.uint8), labels=labels)
-    scores = evaluate.score(_Fixed(logits), split, torch.device("cpu"))
-    assert scores["correct"] == 2 and scores["total"] == 4 and scores["accuracy"] == 0.5
-    confusion = scores["confusion_matrix"]
-    assert confusion[0][:3] == [1, 1, 0] and confusion[1][:3] == [0, 1, 0] and confusion[2][:3] == [0, 1, 0]
-    assert scores["per_class_accuracy"]["0"] == 0.5 and scores["per_class_accuracy"]["2"] == 0.0
+    scored = checkpoint.Checkpoint(path=Path("x.pt"), sha256="0" * 64, state={"epoch": 1})
+    scores = evaluate.score(_Fixed(logits), split, torch.device("cpu"), scored)
+    assert scores.correct == 2 and scores.total == 4 and scores.accuracy == 0.5
+    confusion = scores.confusion_matrix
+    assert confusion[0][:3] == (1, 1, 0) and confusion[1][:3] == (0, 1, 0) and confusion[2][:3] == (0, 1, 0)
+    assert scores.per_class_accuracy[0] == 0.5 and scores.per_class_accuracy[2] == 0.0
     right, wrong = torch.softmax(torch.tensor(logits[0]), 0)[0], torch.softmax(torch.tensor(logits[1]), 0)[0]
     expected_loss = -(2 * torch.log(right) + torch.log(wrong) + torch.log(wrong)) / 4
-    assert scores["test_loss"] == pytest.approx(float(expected_loss), rel=1e-5)
+    assert scores.test_loss == pytest.approx(float(expected_loss), rel=1e-5)
 
 
 def test_infer_waits_while_an_evaluate_runs(evaluated_root):
     (evaluated_root / "model" / "eval_results.json").unlink()
-    with volume.shared_lock(Volume(evaluated_root), "evaluate"):  # an evaluate at work
+    with locks.shared_lock(Volume(evaluated_root), "evaluate"):  # an evaluate at work
         infer_ = start_mnist("infer", "--root", str(evaluated_root), "--wait", "0", "--threshold", "0")
         try:
             read_until(infer_, "its producer is running")  # with --wait 0 it would have given up
@@ -490,7 +494,9 @@ def test_a_resumed_train_keeps_the_checkpoints_hyper_parameters_and_says_so(data
     assert run_here("train", "--root", str(data_root), "--max-steps", "5").returncode == 0
     result = run_here("train", "--root", str(data_root), "--max-steps", "5", "--lr", "0.1", "--batch-size", "64")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ignoring" in result.stderr and "'peak_lr': 0.1" in result.stderr and "'batch_size': 64" in result.stderr
+    assert "ignoring" in result.stderr and "--lr 0.1" in result.stderr and "--batch-size 64" in result.stderr
+    again = run_here("train", "--root", str(data_root))  # nothing set: nothing to ignore
+    assert again.returncode == 0 and "ignoring" not in again.stderr, again.stderr[-3000:]
     state = torch.load(data_root / "model" / "mnist_cnn.pt", weights_only=True)
     assert state["epoch"] == 2
     assert (state["train_config"]["peak_lr"], state["train_config"]["batch_size"]) == (0.4, 128)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import assert_one_line_error, run_here
 from mnist_pipeline import data
-from mnist_pipeline.infer import png_grayscale
+from mnist_pipeline.data import png as png_grayscale
 
 
 @pytest.fixture(scope="module")

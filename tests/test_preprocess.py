@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from mnist_pipeline import checkpoint, data, preprocess
+from mnist_pipeline import data, preprocess
+from mnist_pipeline.records import checkpoint
 from mnist_pipeline.model import IMAGE_SIZE, predict
 from mnist_pipeline.preprocess import ImageError
 
@@ -50,7 +51,7 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
 
 def test_preprocessing_recovers_mnist_accuracy_on_uploads(trained_root: Path, mirror):
     test_set = data.load_split(trained_root / "data", "test", str(mirror))
-    model = checkpoint.load(trained_root / "model" / "mnist_cnn.pt").build_model()
+    model = checkpoint.read(trained_root / "model" / "mnist_cnn.pt").build_model()
     rng = random.Random(0)
     indices = rng.sample(range(len(test_set)), COUNT)
     uploads = [as_upload(test_set.images[i], rng) for i in indices]

@@ -16,8 +16,10 @@ from PIL import Image
 
 from conftest import SCREENSHOTS, assert_one_line_error, litter, private_copy, run_here, run_mnist
 from test_safety import tmpfs
-from mnist_pipeline import checkpoint, cli, data, history, report
+from mnist_pipeline import cli, data, report
 from mnist_pipeline.evaluate import MISTAKES_KEPT
+from mnist_pipeline.records import checkpoint, history
+from mnist_pipeline.report import pictures
 from mnist_pipeline.model import predict
 from mnist_pipeline.volume import Volume
 
@@ -96,16 +98,16 @@ def test_confusion_matrix_picture_shows_the_counts_of_eval_results(reported):
         picture = picture.convert("RGB")
         for row in range(10):
             for column in range(10):
-                drawn = picture.crop(report.confusion_box(row, column))
-                expected = report.confusion_cell(matrix, row, column)
+                drawn = picture.crop(pictures.confusion_box(row, column))
+                expected = pictures.confusion_cell(matrix, row, column)
                 assert drawn.tobytes() == expected.tobytes(), f"cell true {row}, predicted {column}"
     # the cells differ with their numbers (the check above is not blind)
-    assert report.confusion_cell(matrix, 0, 0).tobytes() != report.confusion_cell(
+    assert pictures.confusion_cell(matrix, 0, 0).tobytes() != pictures.confusion_cell(
         [[c + (r == 0) for c in row] for r, row in enumerate(matrix)], 0, 0).tobytes()
 
 
 def test_mistakes_grid_shows_the_most_confident_mistakes_first(reported):
-    model = checkpoint.load(reported / "model" / "mnist_cnn.pt").build_model()
+    model = checkpoint.read(reported / "model" / "mnist_cnn.pt").build_model()
     test_set = data.load_split(reported / "data", "test", None)
     evaluation = evaluation_of(reported)  # recomputed on the device evaluate used: the same kernels, the same sums
     probabilities = predict(model.to(evaluation["device"]), test_set.images, torch.device(evaluation["device"]))
@@ -123,10 +125,10 @@ def test_mistakes_grid_shows_the_most_confident_mistakes_first(reported):
     assert max(float(confidence[i]) for i in wrong - set(shown)) <= ours[-1] + 1e-5, "the most confident ones"
     with Image.open(reported / "model" / "report" / "mistakes.png") as grid:
         grid = grid.convert("L")
-        rows = -(-len(mistakes) // report.COLUMNS)
-        assert grid.height < report.GRID_ORIGIN[1] + (rows + 1) * report.TILE[1]
+        rows = -(-len(mistakes) // pictures.COLUMNS)
+        assert grid.height < pictures.GRID_ORIGIN[1] + (rows + 1) * pictures.TILE[1]
         for k, index in enumerate(shown):
-            tile = grid.crop(report.mistake_digit_box(k)).resize((28, 28), Image.Resampling.NEAREST)
+            tile = grid.crop(pictures.mistake_digit_box(k)).resize((28, 28), Image.Resampling.NEAREST)
             assert tile.tobytes() == bytes(test_set.images[index].flatten().tolist()), f"tile {k}"
 
 
@@ -198,7 +200,7 @@ def test_report_before_any_evaluate_or_from_an_older_one_is_a_one_line_error(tmp
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "eval_results.json").write_text('{"accuracy": 0.99}')  # an earlier version's, say
     result = run_here("report", "--root", str(tmp_path))
-    assert_one_line_error(result, 1, "eval_results.json", "lacks test_loss", "mnist evaluate")
+    assert_one_line_error(result, 1, "eval_results.json", "has no 'total'", "mnist evaluate")
 
 
 def test_a_failing_report_is_an_error_that_keeps_eval_results(reported_copy, monkeypatch, capsys):
@@ -303,6 +305,6 @@ def test_a_broken_results_folder_is_left_out_of_the_report(reported_copy):
     predictions.write_text(json.dumps(summary))
     result = run_here("report", "--root", str(reported_copy))
     assert result.returncode == 0, result.stderr
-    assert "leaves out results/" in result.stderr and "is not a file name in results/" in result.stderr
+    assert "leaves out results/" in result.stderr and "is not a name infer gives" in result.stderr
     page = (reported_copy / "model" / "report" / "index.html").read_text()
     assert "data:image" not in page and "No infer results yet" in page

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, read_until, run_here, start_mnist
-from mnist_pipeline.volume import TEMP_PREFIX, Volume, exclusive_lock
+from mnist_pipeline.storage.atomic import TEMP_PREFIX
+from mnist_pipeline.storage.locks import exclusive_lock
+from mnist_pipeline.volume import Volume
 
 TRAINING_STARTED = "training from step"
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from conftest import assert_one_line_error, bomb_png, multipart, run_here, run_mnist, wait_until
 from mnist_pipeline import data
-from mnist_pipeline.infer import png_grayscale
-from mnist_pipeline.volume import atomic_write_bytes
+from mnist_pipeline.data import png as png_grayscale
+from mnist_pipeline.storage.atomic import atomic_write_bytes
 
 @pytest.fixture(scope="module")
 def digits(mirror, tmp_path_factory) -> List[tuple]:

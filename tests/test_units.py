@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 import forked
-from mnist_pipeline import cli, runtime, signals, train
-from mnist_pipeline.infer import _file_names, png_grayscale
+from mnist_pipeline import cli, runtime, settings, signals, train
+from mnist_pipeline.data import png as png_grayscale
+from mnist_pipeline.infer import _file_names
+from mnist_pipeline.train import cuda, loop
 from mnist_pipeline.model import MnistCNN
 
 
@@ -60,7 +62,7 @@ def test_cuda_is_made_deterministic(global_torch_settings, monkeypatch, before, 
 
 
 def test_learning_rate_cycles_within_each_epoch_and_decays_across_epochs():
-    recipe = train.Recipe()
+    recipe = settings.Recipe()
     steps = 100
     first = [train.learning_rate(recipe, 0, s, steps) for s in range(steps)]
     assert first[0] == 0 and max(first) == recipe.peak_lr == first[int(steps * recipe.warmup_fraction)]
@@ -98,9 +100,9 @@ def test_repeated_digits_get_distinct_names_that_start_with_the_digit():
 
 
 def test_progress_is_plain_log_lines_when_stderr_is_not_a_terminal(caplog, monkeypatch):
-    monkeypatch.setattr(train.sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: False, raising=False)
     caplog.set_level(logging.INFO)
-    report = train._Progress(epoch=1, total=10, done=0, every_s=0.0)
+    report = loop._Progress(epoch=1, total=10, done=0, every_s=0.0)
     for step in range(1, 11):
         report.update(step, lambda: 0.5)
     report.close()
@@ -109,17 +111,17 @@ def test_progress_is_plain_log_lines_when_stderr_is_not_a_terminal(caplog, monke
 
 
 def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
-    monkeypatch.setattr(train.sys.stderr, "isatty", lambda: True, raising=False)
-    report = train._Progress(epoch=2, total=10, done=4, every_s=0.0)
+    monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: True, raising=False)
+    report = loop._Progress(epoch=2, total=10, done=4, every_s=0.0)
     report.update(5, lambda: 0.5)
     assert report.bar is not None and report.bar.n == 5 and report.bar.desc == "epoch 2"
     report.close()
 
 
 def test_progress_reads_the_loss_only_when_it_shows_it(monkeypatch):
-    monkeypatch.setattr(train.sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: False, raising=False)
     reads = []
-    report = train._Progress(epoch=1, total=100, done=0, every_s=3600.0)
+    report = loop._Progress(epoch=1, total=100, done=0, every_s=3600.0)
     for step in range(1, 101):
         report.update(step, lambda: reads.append(1) or 0.5)
     assert reads == []
@@ -135,8 +137,8 @@ def test_the_training_loop_reads_the_device_only_at_saves_and_epoch_ends(tmp_pat
 
     def host_reads(steps: int, root: Path) -> int:
         reads.clear()
-        config = train.TrainConfig(root=root, mirror=str(mirror), device="cpu", threads=1, save_every_s=0,
-                                   recipe=train.Recipe(max_steps=steps))
+        config = settings.TrainConfig(root=root, mirror=str(mirror), device="cpu", threads=1, save_every_s=0,
+                                   recipe=settings.Recipe(max_steps=steps))
         assert train.run(config).epoch == 1
         return len(reads)
 
@@ -150,7 +152,7 @@ def test_warm_up_steps_run_the_network_and_leave_model_and_generator_untouched(m
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
     forward, batches = MnistCNN.forward, []
     monkeypatch.setattr(MnistCNN, "forward", lambda self, x: batches.append(len(x)) or forward(self, x))
-    train.warm_up_steps(model, train.Recipe(batch_size=8))
+    cuda.warm_up_steps(model, settings.Recipe(batch_size=8))
     assert batches == [8, 8]  # forward and backward of the training batch size, on a copy
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
@@ -160,7 +162,7 @@ def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
     torch.manual_seed(1)
     ours, theirs = MnistCNN(), MnistCNN()
     theirs.load_state_dict(ours.state_dict())
-    recipe = train.Recipe()
+    recipe = settings.Recipe()
     optimizer = train.NesterovSGD(ours.parameters(), recipe)
     reference = torch.optim.SGD(theirs.parameters(), lr=recipe.peak_lr, momentum=recipe.momentum, nesterov=True,
                                 weight_decay=recipe.weight_decay)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from mnist_pipeline import distributed, faults, settings, signals
-from mnist_pipeline.errors import Interrupted, PipelineError, UsageError
+from mnist_pipeline.errors import PipelineError, UsageError
 from mnist_pipeline.settings import EvaluateConfig, InferConfig, PredictConfig, ServeConfig, TrainConfig
 from mnist_pipeline.storage.files import describe
 from mnist_pipeline.storage.locks import exclusive_lock
@@ -292,8 +292,7 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
             _check_signal(args.command)
             return code
     except PipelineError as exc:
-        # a group's ranks stop together: rank 0 says why, once
-        if world.is_main or not (getattr(exc, "silent", False) or isinstance(exc, Interrupted)):
+        if not getattr(exc, "silent", False):  # (a rank that stops because rank 0 did: rank 0 says why)
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 

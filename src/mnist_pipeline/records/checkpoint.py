@@ -125,7 +125,7 @@ def _state_problem(state: Dict[str, Any]) -> Optional[str]:
         return (f"its architecture {str(state.get('architecture'))[:40]!r} is not one this version knows "
                 f"({', '.join(model.ARCHITECTURES)})")
     if not (0 <= state["epoch"] <= MAX_EPOCH and state["step"] >= 0):
-        return f"its epoch {state['epoch']} or step {state['step']} is out of range"
+        return f"its epoch {state['epoch']} or step {state['step']} is negative or out of range"
     world_size = state.get("world_size", 1)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         return f"its world_size {str(world_size)[:20]!r} is not a number of processes"

@@ -143,7 +143,7 @@ def evaluated(volume: Volume, threshold: float) -> Tuple[checkpoints.Checkpoint,
     except FileNotFoundError:
         raise NotEvaluated(f"no {describe(volume.eval_results)} yet: run `mnist evaluate`") from None
     if evaluation.sha256 != saved.sha256:
-        raise NotEvaluated(f"{describe(volume.eval_results)} belongs to another checkpoint than "
+        raise NotEvaluated(f"{describe(volume.eval_results)} belongs to an older checkpoint than "
                            f"{describe(volume.checkpoint)} (epoch {saved.epoch}): run `mnist evaluate`")
     if not evaluation.passes(threshold):
         raise BelowThreshold(

@@ -1,0 +1,144 @@
+"""The volume's files as records: strict reads, the formats users' volumes hold, one error line for a bad file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_here
+from mnist_pipeline import model
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.records import checkpoint, evaluation, history, predictions
+from mnist_pipeline.report import chart
+from mnist_pipeline.volume import Volume
+
+FORMAT1 = Path(__file__).parent / "fixtures" / "format1"
+
+
+@pytest.fixture
+def format1(tmp_path) -> Volume:
+    """A volume holding the files as 0.1.0 wrote them (tests/fixtures/format1/README.md)."""
+    volume = Volume(tmp_path / "volume")
+    volume.model_dir.mkdir(parents=True)
+    volume.results_dir.mkdir()
+    for name in ("mnist_cnn.pt", "eval_results.json", "history.jsonl"):
+        shutil.copy(FORMAT1 / name, volume.model_dir / name)
+    shutil.copy(FORMAT1 / "predictions.json", volume.results_dir / "predictions.json")
+    return volume
+
+
+def test_format_1_files_read_as_todays_records(format1):
+    saved = checkpoint.read(format1.checkpoint)
+    assert saved.state["format_version"] == checkpoint.FORMAT_VERSION and saved.state["architecture"] == "mnist_cnn"
+    assert isinstance(saved.build_model(), model.MnistCNN)
+    scores = evaluation.read(format1)
+    assert scores.sha256 == saved.sha256 and scores.correct == 1010 and scores.total == 10_000
+    assert [r["kind"] for r in history.read(format1)] == ["step", "epoch", "eval"]
+    inferred = predictions.read(format1)
+    assert inferred.sha256 == saved.sha256 and [p.file for p in inferred.predictions][0] == "3.png"
+    saved_gate, _ = evaluation.evaluated(format1, 0.1)  # the gate passes it (accuracy 0.101)
+    assert saved_gate.sha256 == saved.sha256
+
+
+def test_a_format_1_volume_trains_on_and_is_written_as_format_2(format1, mirror):
+    (format1.root / "data").mkdir()
+    result = run_here("train", "--root", str(format1.root), "--mirror", str(mirror))
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(format1.checkpoint, weights_only=True)
+    assert (state["format_version"], state["architecture"], state["epoch"]) == (2, "mnist_cnn", 2)
+
+
+def test_a_checkpoint_names_its_architecture_and_loading_picks_the_class(format1, monkeypatch):
+    class Tiny(torch.nn.Module):
+        def __init__(self, width: int = 3):
+            super().__init__()
+            self.config = {"width": width}
+            self.linear = torch.nn.Linear(width, 10)
+
+    monkeypatch.setitem(model.ARCHITECTURES, "tiny", Tiny)
+    state = {**checkpoint.read(format1.checkpoint).state, "architecture": "tiny", "model_config": {"width": 5},
+             "model": Tiny(5).state_dict()}
+    checkpoint.write(format1.checkpoint, state)
+    assert isinstance(checkpoint.read(format1.checkpoint).build_model(), Tiny)
+    monkeypatch.delitem(model.ARCHITECTURES, "tiny")
+    with pytest.raises(PipelineError, match="architecture 'tiny' is not one this version knows"):
+        checkpoint.read(format1.checkpoint)
+
+
+def eval_json(volume: Volume) -> dict:
+    return json.loads(volume.eval_results.read_text())
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda e: e.update(accuracy=True), "accuracy is True, not a finite number"),
+    (lambda e: e.update(accuracy="0.99"), "accuracy is '0.99', not a finite number"),
+    (lambda e: e.update(accuracy=0.99), "accuracy 0.99 is not correct / total"),
+    (lambda e: e["checkpoint"].update(epoch="<script>x</script>"), "checkpoint.epoch is '<script>"),
+    (lambda e: e["confusion_matrix"][0].append(1), "confusion_matrix[0] is not a list of 10"),
+    (lambda e: e["confusion_matrix"][0].__setitem__(0, -1), "confusion_matrix[0][0] is -1"),
+    (lambda e: e["mistakes"].append({"test_index": 10_000, "label": 1, "predicted": 2, "confidence": 0.5}),
+     "test_index is 10000"),
+    (lambda e: e.update(test_loss=float("inf")), "not a finite number"),
+    (lambda e: e.update(format_version=9), "format_version 9 is newer"),
+    (lambda e: e.pop("per_class_accuracy"), "no 'per_class_accuracy'"),
+])
+def test_a_malformed_evaluation_is_one_error_naming_the_file_for_every_reader(change, fragment, format1):
+    record = eval_json(format1)
+    change(record)
+    format1.eval_results.write_text(json.dumps(record))  # (json writes inf as Infinity)
+    with pytest.raises(PipelineError, match="eval_results.json is not valid") as refused:
+        evaluation.read(format1)
+    assert fragment in str(refused.value)
+    for command in (["infer", "--threshold", "0", "--wait", "0"], ["report"], ["predict", "x.png"]):
+        result = run_here(*command, "--root", str(format1.root))
+        assert_one_line_error(result, 1, "eval_results.json is not valid", "mnist evaluate")
+
+
+@pytest.mark.parametrize("line", [
+    b"\xff\xfe not UTF-8",
+    b'{"kind":"step","epoch":100000000,"step":10,"loss":1.0,"lr":0.1}',
+    b'{"kind":"step","epoch":1.5,"step":10,"loss":1.0,"lr":0.1}',
+    b'{"kind":"step","epoch":-3,"step":10,"loss":1.0,"lr":0.1}',
+    b'{"kind":"step","epoch":1,"step":10,"loss":Infinity,"lr":0.1}',
+    b'{"kind":"epoch","epoch":1,"steps":true,"train_loss":0.5}',
+    b'[1, 2]',
+    b'{"kind": "window", "epoch": 1}',
+])
+def test_a_bad_history_line_is_skipped_with_one_warning_and_train_goes_on(line, format1, mirror, caplog):
+    with format1.history.open("ab") as file:
+        file.write(line + b"\n")
+    assert [r["kind"] for r in history.read(format1)] == ["step", "epoch", "eval"]
+    assert caplog.text.count("skipped 1 unreadable line") == 1
+    result = run_here("train", "--root", str(format1.root), "--mirror", str(mirror))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("skipped 1 unreadable line") == 1
+    assert line not in format1.history.read_bytes()  # train writes the file anew from the lines it kept
+
+
+def test_a_history_that_is_not_a_file_is_set_aside_and_train_goes_on(format1, mirror):
+    format1.history.unlink()
+    format1.history.mkdir()  # a folder where the file should be
+    result = run_here("train", "--root", str(format1.root), "--mirror", str(mirror))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "moved history.jsonl aside" in result.stderr and format1.history.is_file()
+    assert [p.is_dir() for p in format1.model_dir.glob("history.jsonl.*.aside")] == [True]
+
+
+def test_the_chart_thins_a_long_history_to_a_few_thousand_points():
+    records = [{"kind": "step", "epoch": 1 + i // 47, "step": 10 * (1 + i % 47), "loss": 1.0 / (1 + i), "lr": 0.1}
+               for i in range(200_000)]
+    svg = chart.training_svg(history.summary(records))
+    assert svg.count("<circle") == chart.MAX_POINTS and len(svg) < 2_000_000
+
+
+def test_a_malformed_predictions_file_is_left_out_of_the_report_not_fatal(format1):
+    path = format1.results_dir / "predictions.json"
+    record = json.loads(path.read_text())
+    record["predictions"][0]["confidence"] = "high"
+    path.write_text(json.dumps(record))
+    with pytest.raises(PipelineError, match="predictions.json is not valid"):
+        predictions.read(format1)
