@@ -286,10 +286,20 @@ def test_serve_is_probed_on_routes_that_serve_has():
 def test_the_trainjob_runs_train_under_torchrun_on_n_nodes_from_the_kustomization():
     spec = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     (count,) = [r["count"] for r in spec["replicas"] if r["name"] == "mnist-train"]
-    trainer = rendered(BASE)["TrainJob/mnist-train"]["spec"]["trainer"]
+    trainjob = rendered(BASE)["TrainJob/mnist-train"]
+    trainer = trainjob["spec"]["trainer"]
     assert trainer["numNodes"] == count
     assert trainer["command"] == ["torchrun", "--module", "mnist_pipeline", "train"]
     assert {env["name"] for env in trainer["env"]} & PET_NAMES == set()
+    # what Trainer v2.3.0's webhook asks of runtimePatches (pkg/runtime/framework/plugins/jobset/jobset.go):
+    # a domain-prefixed manager; only the runtime's own jobs and containers; no env for its `node` container
+    (patch,) = trainjob["spec"]["runtimePatches"]
+    domain, _, path = patch["manager"].partition("/")
+    assert "." in domain and path, patch["manager"]
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    (container,) = job["template"]["spec"]["template"]["spec"]["containers"]
+    assert (job["name"], container["name"]) == ("node", "node")  # the torch-distributed runtime's names
+    assert "env" not in container
     assert trainer["image"] == rendered(BASE)["Deployment/mnist-serve"]["spec"]["template"]["spec"][
         "containers"][0]["image"]
 
