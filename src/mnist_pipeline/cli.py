@@ -47,6 +47,10 @@ def _non_negative_float(text: str) -> float:
     return limits.non_negative(float(text))
 
 
+def _positive_float(text: str) -> float:
+    return limits.positive_number(float(text))
+
+
 def _learning_rate(text: str) -> float:
     return limits.learning_rate(float(text))
 
@@ -183,6 +187,16 @@ SERVE = PREDICT + [
     Setting("--host", _host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
     Setting("--port", _port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
             "PORT"),
+    Setting("--max-connections", _positive_int, default_of(ServeConfig, "max_connections"),
+            "connections open at once; a new one closes the one idle longest", "N"),
+    Setting("--max-decodes", _positive_int, default_of(ServeConfig, "max_decodes"),
+            "images decoded at once (default: the CPUs this process may use)", "N"),
+    Setting("--max-waiting", _non_negative_int, default_of(ServeConfig, "max_waiting"),
+            "requests waiting for a decode; more get 503 with Retry-After", "N"),
+    Setting("--read-timeout", _positive_float, default_of(ServeConfig, "read_timeout"),
+            "seconds a request's head or body may stall before the connection is closed (408)", "SECONDS"),
+    Setting("--keep-alive", _positive_float, default_of(ServeConfig, "keep_alive"),
+            "seconds an idle connection stays open after an answer", "SECONDS"),
 ]
 COMMANDS: Dict[str, List[Setting]] = {
     "train": COMMON + [SEED] + TRAIN + [NPROC_PER_NODE],

@@ -102,6 +102,15 @@ class ServeConfig:
     port: int = 8000
     device: str = DEVICE
     threads: Optional[int] = None  # None: one per request (serve.py)
+    # what a client may hold (serve.py's docstring): connections at once, the first to go when full
+    # being the one idle longest; images decoded at once (None: the CPUs this process may use) and
+    # requests waiting for that (more: 503); seconds a request's head or body may stall, and an idle
+    # connection may stay open after an answer
+    max_connections: int = 1000
+    max_decodes: Optional[int] = None
+    max_waiting: int = 64
+    read_timeout: float = 10.0
+    keep_alive: float = 5.0
 
 
 def default_of(config: type, name: str) -> Any:
