@@ -68,7 +68,9 @@ def decode(data: bytes) -> Image.Image:
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError("the image has too many pixels to decode; scale it down") from None
+            # Pillow's own limit, checked as it opens the file, before the header is ours to look at
+            raise ImageError(f"the image has more than {Image.MAX_IMAGE_PIXELS:,} pixels, more than this decodes; "
+                             f"scale it down") from None
         except Image.UnidentifiedImageError:
             raise ImageError("not an image: not a format this reads; send a PNG, JPEG, WebP, BMP or GIF") from None
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -172,7 +174,7 @@ def _palette_on_paper(image: Image.Image) -> Image.Image:
 
 def _reduced(image: Image.Image) -> Image.Image:
     """At most WORK_SIDE pixels on the longer side: the MNIST steps then copy a small image, not a large one."""
-    factor = max(image.size) // WORK_SIDE
+    factor = -(-max(image.size) // WORK_SIDE)  # rounded up
     return image.reduce(factor) if factor > 1 else image
 
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import json
 import logging
 import resource
@@ -514,17 +515,17 @@ class Guard(H11Protocol):
     """
 
     limits: Limits
+    _order = itertools.count()  # breaks ties between connections idle since the same moment
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._expiry: Optional[asyncio.TimerHandle] = None
-        self._idle_since = self.loop.time()
         self._arm()
         others = [c for c in self.connections if c is not self and not c.transport.is_closing()]
         if len(others) >= self.limits.max_connections:
             idle = [c for c in others if isinstance(c, Guard) and not c._busy()]
             if idle:
-                min(idle, key=lambda c: c._idle_since).transport.close()
+                min(idle, key=lambda c: c._idle_since).transport.close()  # (a tuple: time, then order)
                 log.warning("%d connections, the most allowed (--max-connections): closed the one idle longest",
                             self.limits.max_connections)
             else:
@@ -553,7 +554,7 @@ class Guard(H11Protocol):
     def _arm(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
-        self._idle_since = self.loop.time()
+        self._idle_since = (self.loop.time(), next(self._order))
         self._expiry = self.loop.call_later(self.limits.read_timeout, self._expire)
 
     def _expire(self) -> None:
