@@ -62,8 +62,10 @@ UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files)
 BODY_TIMEOUTS = 6  # a whole body may take this many --read-timeout: 2 MB at 35 KB/s with the default
 # connections asyncio accepts in one go, before any of them is seen (and the one idle longest closed);
 # also the kernel's queue of connections not yet accepted
-BACKLOG = 128
-FD_RESERVE = 64 + BACKLOG  # open files besides the connections: one accept burst, the model, the report
+BACKLOG = 64
+# open files besides the connections: two accept bursts (the second can come before the first one's
+# evictions have closed their sockets), the model, the report, the interpreter's own
+FD_RESERVE = 64 + 2 * BACKLOG
 RETRY_AFTER_S = 1
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt() parameters (malloc.h)
 ROUTES = ("/", "/predict", "/healthz", "/readyz", "/metrics", "/report", "/static")
@@ -116,7 +118,7 @@ class Metrics:
         self.epoch = Gauge("mnist_checkpoint_epoch", "epoch of the checkpoint being served (0: none yet)",
                            registry=self.registry)
         self.decoding = Gauge("mnist_decodes_running", "images being decoded now", registry=self.registry)
-        self.waiting = Gauge("mnist_decodes_waiting", "requests waiting for a decode slot", registry=self.registry)
+        self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=self.registry)
 
 
 class Front:
