@@ -106,8 +106,41 @@ def test_bad_images_raise_one_clear_error(payload, fragment):
 
 
 def test_decompression_bomb_is_refused_from_its_header():
-    # (decoding it would take 112 MB and seconds: refused before that)
+    # (decoding it would take 900 MB and seconds: refused before that)
     bomb = bomb_png(30000)
     assert len(bomb) < 1_000_000
-    with pytest.raises(ImageError, match="more than 40,000,000 pixels"):
+    with pytest.raises(ImageError, match="more than [0-9,]+ pixels"):
         preprocess.decode(bomb)
+    with pytest.raises(ImageError, match="7000x7000 pixels \\(1\\): decoding it takes 47 MB, more than the 32 MB"):
+        preprocess.decode(bomb_png(7000))
+
+
+def test_the_limit_is_on_decoded_bytes_for_the_mode_and_format():
+    side = 4000  # 16 megapixels: 16 MB in 8-bit grey, 64 MB in RGBA
+    grey = Image.new("L", (side, side), 255)
+    grey.paste(0, (1800, 500, 2200, 3500))
+    assert preprocess.from_bytes(png(grey)).max() == 255
+    with pytest.raises(ImageError, match="4000x4000 pixels \\(RGBA\\): decoding it takes 61 MB"):
+        preprocess.decode(png(grey.convert("RGBA")))
+    # a baseline JPEG is decoded reduced, so as large a photo is fine; a progressive one holds all its
+    # coefficients whatever the scale, so it counts at full size
+    baseline, progressive = io.BytesIO(), io.BytesIO()
+    grey.convert("RGB").save(baseline, "JPEG")
+    grey.convert("RGB").save(progressive, "JPEG", progressive=True)
+    assert preprocess.decode(baseline.getvalue()).size == (1000, 1000)
+    with pytest.raises(ImageError, match="4000x4000 pixels \\(RGB\\)"):
+        preprocess.decode(progressive.getvalue())
+
+
+def test_transparency_is_white_paper_in_every_mode_that_has_it():
+    rgba = Image.new("RGBA", (60, 60), (0, 0, 0, 0))
+    rgba.paste((20, 20, 20, 255), (25, 10, 35, 50))
+    rgba.paste((20, 20, 20, 128), (10, 10, 20, 50))  # half-transparent ink: half as dark
+    expected = preprocess.decode(png(rgba))
+    assert expected.getpixel((0, 0)) == 255 and expected.getpixel((30, 30)) < 40
+    assert 120 < expected.getpixel((15, 30)) < 150
+    palette = rgba.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    grey_alpha = rgba.convert("LA")
+    for image in (palette, grey_alpha):
+        got = preprocess.decode(png(image))
+        assert max(abs(a - b) for a, b in zip(got.tobytes(), expected.tobytes(), strict=True)) <= 2, image.mode

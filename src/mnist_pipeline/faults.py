@@ -10,14 +10,19 @@ from outside. Unset (always, outside tests) each check is one dictionary lookup.
 Under torchrun every rank inherits MNIST_FAULT; MNIST_FAULT_RANK=R arms it in rank R alone, and
 only in the group's first start, so a group that torchrun --max-restarts starts again runs clean.
 
+  hold:<point>:<file>   wait at `point` until <file> exists, having created <file>.held (a
+                        moment held still for a test to act in; the process lives on)
+
 Points: <file>-before-rename (the new copy written, not yet in place: checkpoint, progress, data,
-eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit.
+eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit;
+hold points: decode (serve, each image, in its decode slot).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Optional, Tuple
 
 ENV = "MNIST_FAULT"
@@ -32,6 +37,19 @@ def crash_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault == f"sigterm:{point}":
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def hold_point(point: str) -> None:
+    """With MNIST_FAULT=hold:`point`:FILE, create FILE.held and wait until FILE exists."""
+    fault = _fault() or ""
+    prefix = f"hold:{point}:"
+    if not fault.startswith(prefix):
+        return
+    release = fault[len(prefix):]
+    with open(release + ".held", "a"):
+        pass
+    while not os.path.exists(release):
+        time.sleep(0.01)
 
 
 def signal_at_step() -> Tuple[Optional[int], Optional[int]]:

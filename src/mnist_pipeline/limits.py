@@ -56,10 +56,13 @@ def batch_size(value: Any) -> int:
     return value
 
 
-def learning_rate(value: Any) -> float:
+def positive_number(value: Any) -> float:
     if not _number(value) > 0:
         raise ValueError("must be a finite number more than 0")
     return float(value)
+
+
+learning_rate = positive_number  # any step size above 0
 
 
 def non_negative(value: Any) -> float:

@@ -9,7 +9,9 @@ background to 0 and the darkest ink to 255; crop to the ink's bounding box; scal
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from typing import Tuple
 
 import torch
 from PIL import Image, ImageOps
@@ -18,10 +20,23 @@ from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.model import IMAGE_SIZE
 
 DIGIT_BOX = 20  # MNIST: the longer side of the digit, inside the 28x28 frame
-MAX_PIXELS = 40_000_000  # a 7000x5700 photo; refused from the header, before decoding a bomb
+# What decoding one image may allocate, whatever its file size: checked from the header, before
+# decoding (a PNG of a few hundred KB can decode to gigabytes). 32 MiB: a 2900x2900 RGBA drawing, a
+# 5800x5800 grayscale scan, a progressive 10-megapixel JPEG photo (a baseline one of any size the
+# upload limit lets through: it is decoded reduced). At most about half as much again is held beside
+# it while it becomes grayscale.
+MAX_DECODED_BYTES = 32 * 2**20
+# The longer side an image is worked on at: a JPEG is decoded at the scale closest above it, anything
+# larger is reduced to it (box average) before the MNIST steps. The digit ends up 20 px tall.
+WORK_SIDE = 1024
+# the formats the error messages name; Pillow's others (TIFF, PSD, EPS, ...) are more parser than a
+# digit needs
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 INK = 0.25  # of full contrast: what counts as ink for the bounding box (JPEG noise stays below)
 MIN_CONTRAST = 32  # grey levels between background and ink; less is an empty page
 _INK_MASK = [255 if v > INK * 255 else 0 for v in range(256)]
+# a JPEG marker that ends entropy-coded data: 0xFF followed by anything but a stuffed 0 or a restart
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 class ImageError(PipelineError):
@@ -29,25 +44,35 @@ class ImageError(PipelineError):
 
 
 def decode(data: bytes) -> Image.Image:
-    """Bytes of any image Pillow reads -> an 8-bit grayscale image (the first frame of an animation)."""
+    """Bytes of an image -> an 8-bit grayscale image (the first frame of an animation), at most
+    WORK_SIDE pixels on its longer side."""
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size  # from the header only: nothing decoded yet
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"the image is {width}x{height} pixels, more than {MAX_PIXELS:,}; scale it down")
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            full_size, full_mode = image.size, image.mode  # from the header only: nothing decoded yet
+            if image.format == "JPEG":
+                # libjpeg decodes straight to grayscale, at 1/2, 1/4 or 1/8 scale when that still covers WORK_SIDE
+                scale = WORK_SIDE / max(full_size)
+                image.draft("L", (max(1, int(full_size[0] * scale)), max(1, int(full_size[1] * scale))))
+            cost = decoded_bytes(image, full_size, data)
+            if cost > MAX_DECODED_BYTES:
+                width, height = full_size
+                raise ImageError(f"the image is {width}x{height} pixels ({full_mode}): decoding it takes "
+                                 f"{cost / 2**20:,.0f} MB, more than the {MAX_DECODED_BYTES // 2**20} MB an image "
+                                 f"may; scale it down")
             image.load()
-            return _grayscale(image)
+            return _reduced(_grayscale(image))
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"the image has more than {MAX_PIXELS:,} pixels; scale it down") from None
+            # Pillow's own limit, checked as it opens the file, before the header is ours to look at
+            raise ImageError(f"the image has more than {Image.MAX_IMAGE_PIXELS:,} pixels, more than this decodes; "
+                             f"scale it down") from None
         except Image.UnidentifiedImageError:
-            raise ImageError("not an image: Pillow does not recognise its format; "
-                             "send a PNG, JPEG, WebP, BMP or GIF") from None
+            raise ImageError("not an image: not a format this reads; send a PNG, JPEG, WebP, BMP or GIF") from None
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             what = "truncated or corrupt" if "truncat" in str(exc) or isinstance(exc, EOFError) else "not an image"
             raise ImageError(
@@ -55,13 +80,102 @@ def decode(data: bytes) -> Image.Image:
             ) from None
 
 
+def decoded_bytes(image: Image.Image, full_size: Tuple[int, int], data: bytes) -> int:
+    """The memory decoding `image` (opened, perhaps drafted, not loaded) takes, from its header: Pillow's
+    pixels and what the format's decoder holds besides. `full_size`: the file's own, before a draft."""
+    width, height = image.size
+    # Pillow keeps "1", "L" and "P" in a byte a pixel, 16-bit grey in two, everything else in four
+    cost = width * height * (1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4)
+    if image.format == "WEBP":  # libwebp's own buffer and the copy handed to Pillow
+        cost *= 3
+    elif image.format == "JPEG" and _jpeg_scans(data) > 1:
+        # a progressive (or multi-scan) JPEG: libjpeg holds every DCT coefficient of the full-size
+        # image, 2 bytes each, whatever the scale it is decoded at; a component sampled at half the
+        # resolution (the usual colour) has a quarter of them
+        most_h = max(h for _, h, _, _ in image.layer)
+        most_v = max(v for _, _, v, _ in image.layer)
+        cost += sum(-(-full_size[0] * h // (8 * most_h)) * -(-full_size[1] * v // (8 * most_v)) * 64 * 2
+                    for _, h, v, _ in image.layer)
+    return cost
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS segments) the JPEG's own image has, counting to 2: more than one and libjpeg
+    buffers the whole image. Segments are skipped by their lengths, so an EXIF thumbnail's scan is not counted."""
+    at, scans = 2, 0
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            if scans > 1:
+                break
+            found = _JPEG_MARKER.search(data, at)  # the entropy-coded data runs to the next marker
+            if found is None:
+                break
+            at = found.start()
+    return scans
+
+
 def _grayscale(image: Image.Image) -> Image.Image:
-    """Luminance; transparent parts become white paper (a drawing on a transparent canvas is dark ink)."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    """Luminance; transparent parts become white paper (a drawing on a transparent canvas is dark ink).
+
+    Done on 8-bit bands: next to the decoded image, at most its grey and alpha bands exist at once
+    (a quarter of an RGBA image each), never another full-size RGBA copy.
+    """
+    if image.mode == "P" and "transparency" in image.info:
+        return _palette_on_paper(image)
+    if image.mode in ("RGBA", "LA"):
+        alpha = image.getchannel("A")
+        grey = image.getchannel("L") if image.mode == "LA" else image.convert("L")
+        image.close()  # frees the decoded pixels: only the two bands are needed from here on
+        paper = Image.new("L", grey.size, 255)
+        paper.paste(grey, mask=alpha)  # grey where opaque, white where transparent, blended between
+        return paper
+    if image.mode == "L":
+        return image
+    if image.mode in ("PA", "La", "RGBa"):  # rare: through Pillow's own conversion to RGBA
         rgba = image.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(paper, rgba)
-    return image.convert("L")
+        image.close()
+        return _grayscale(rgba)
+    grey = image.convert("L")
+    image.close()
+    return grey
+
+
+def _palette_on_paper(image: Image.Image) -> Image.Image:
+    """A palette image with transparent entries -> grey on white paper, entry by entry (no RGBA copy)."""
+    palette = image.getpalette("RGB") or []
+    transparency = image.info.pop("transparency")
+    alphas = [255] * 256
+    if isinstance(transparency, bytes):  # an alpha for each entry, in order
+        alphas[:len(transparency)] = transparency[:256]
+    elif isinstance(transparency, int) and 0 <= transparency < 256:  # the one transparent entry
+        alphas[transparency] = 0
+    greys = []
+    for index in range(len(palette) // 3):
+        red, green, blue = palette[3 * index:3 * index + 3]
+        grey = (red * 299 + green * 587 + blue * 114) // 1000  # the L of Pillow's convert
+        grey = 255 - (255 - grey) * alphas[index] // 255
+        greys += [grey] * 3
+    image.putpalette(greys, "RGB")
+    grey = image.convert("L")
+    image.close()
+    return grey
+
+
+def _reduced(image: Image.Image) -> Image.Image:
+    """At most WORK_SIDE pixels on the longer side: the MNIST steps then copy a small image, not a large one."""
+    factor = -(-max(image.size) // WORK_SIDE)  # rounded up
+    return image.reduce(factor) if factor > 1 else image
 
 
 def to_mnist(image: Image.Image) -> torch.Tensor:

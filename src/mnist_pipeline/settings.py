@@ -105,6 +105,15 @@ class ServeConfig:
     port: int = 8000
     device: str = DEVICE
     threads: Optional[int] = None  # None: one per request (serve.py)
+    # what a client may hold (serve.py's docstring): connections at once, the first to go when full
+    # being the one idle longest; images decoded at once (None: the CPUs this process may use) and
+    # requests waiting for that (more: 503); seconds a request's head or body may stall, and an idle
+    # connection may stay open after an answer
+    max_connections: int = 1000
+    max_decodes: Optional[int] = None
+    max_waiting: int = 64
+    read_timeout: float = 10.0
+    keep_alive: float = 5.0
 
 
 def default_of(config: type, name: str) -> Any:
@@ -130,6 +139,10 @@ def _non_negative_int(text: str) -> int:
 
 def _non_negative_float(text: str) -> float:
     return limits.non_negative(float(text))
+
+
+def _positive_float(text: str) -> float:
+    return limits.positive_number(float(text))
 
 
 def _learning_rate(text: str) -> float:
@@ -253,6 +266,16 @@ _ALL = [
     Setting("--host", _host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
     Setting("--port", _port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
             "PORT"),
+    Setting("--max-connections", _positive_int, default_of(ServeConfig, "max_connections"),
+            "connections open at once; a new one closes the one idle longest", "N"),
+    Setting("--max-decodes", _positive_int, default_of(ServeConfig, "max_decodes"),
+            "images decoded at once (default: the CPUs this process may use)", "N"),
+    Setting("--max-waiting", _non_negative_int, default_of(ServeConfig, "max_waiting"),
+            "requests waiting for a decode; more get 503 with Retry-After", "N"),
+    Setting("--read-timeout", _positive_float, default_of(ServeConfig, "read_timeout"),
+            "seconds a request's head or body may stall before the connection is closed (408)", "SECONDS"),
+    Setting("--keep-alive", _positive_float, default_of(ServeConfig, "keep_alive"),
+            "seconds an idle connection stays open after an answer", "SECONDS"),
 ]
 SETTINGS: Dict[str, Setting] = {s.dest: s for s in _ALL}
 
@@ -268,7 +291,8 @@ COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "pipeline": _COMMON + ("seed",) + _TRAIN + _INFER,
     "report": ("root", "mirror"),
     "predict": _PREDICT,
-    "serve": _PREDICT + ("host", "port"),
+    "serve": _PREDICT + ("host", "port", "max_connections", "max_decodes", "max_waiting", "read_timeout",
+                         "keep_alive"),
 }
 
 
