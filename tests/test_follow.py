@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from mnist_pipeline import follow
+from mnist_pipeline.serve import follow
 from mnist_pipeline.model import MEAN, STD, MnistCNN, normalize
 from mnist_pipeline.records import checkpoint, evaluation
 from mnist_pipeline.settings import Recipe

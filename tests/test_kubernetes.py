@@ -270,7 +270,7 @@ def test_every_pod_runs_as_the_image_user_on_a_read_only_root_with_a_writable_tm
 
 
 def test_serve_is_probed_on_routes_that_serve_has():
-    source = (REPO / "src" / "mnist_pipeline" / "serve.py").read_text()
+    source = (REPO / "src" / "mnist_pipeline" / "serve" / "http.py").read_text()
     (routes,) = [ast.literal_eval(node.value) for node in ast.parse(source).body
                  if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "ROUTES"]
     deployment = rendered(BASE)["Deployment/mnist-serve"]

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import Served, multipart, wait_until
-from mnist_pipeline import serve as serve_module
+from mnist_pipeline.serve import connections as serve_module
 
 
 def png(image: Image.Image) -> bytes:

@@ -1,0 +1,338 @@
+"""The routes: the page, /predict, the probes, /metrics, the report. What a request may hold is bounded
+here (Limits, Slots, Uploads); the model that follows the volume comes from follow.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from mnist_pipeline import faults, preprocess, runtime
+from mnist_pipeline.model import describe
+from mnist_pipeline.serve.follow import Follower, Live
+from mnist_pipeline.serve.http import ClientError, Front, busy
+from mnist_pipeline.settings import ServeConfig
+from mnist_pipeline.volume import Volume
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent.parent / "static"
+MAX_IMAGE_BYTES = 2 * 1024 * 1024
+MAX_FILES = 64
+MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
+DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
+UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """ServeConfig's limits, as the server applies them."""
+
+    max_connections: int
+    max_decodes: int
+    max_waiting: int
+    read_timeout: float
+    keep_alive: float
+
+    @classmethod
+    def of(cls, config: ServeConfig) -> "Limits":
+        return cls(max_connections=config.max_connections,
+                   max_decodes=config.max_decodes or runtime.available_cpus(),
+                   max_waiting=config.max_waiting, read_timeout=config.read_timeout, keep_alive=config.keep_alive)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mnist_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("mnist_prediction_seconds", "time to preprocess and predict one request's images",
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
+                                 registry=self.registry)
+        self.epoch = Gauge("mnist_checkpoint_epoch", "epoch of the checkpoint being served (0: none yet)",
+                           registry=self.registry)
+        self.decoding = Gauge("mnist_decodes_running", "images being decoded now", registry=self.registry)
+        self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=self.registry)
+
+
+class Slots:
+    """At most `running` images decoded at once; at most `waiting` requests wait their turn, more are refused.
+
+    A request takes a slot for each of its images in turn, so a 64-file request holds one decoded
+    image at a time and lets other requests' images in between its own.
+    """
+
+    def __init__(self, running: int, waiting: int, metrics: Metrics):
+        self.semaphore, self.max_waiting, self.metrics = asyncio.Semaphore(running), waiting, metrics
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, newcomer: bool) -> AsyncIterator[None]:
+        """A decode slot; a `newcomer` (a request's first image) gets 503 when the queue is full."""
+        if newcomer and self.semaphore.locked() and self.waiting >= self.max_waiting:
+            raise busy(f"{self.waiting} requests already wait for one of the image decoders")
+        self.waiting += 1
+        self.metrics.waiting.set(self.waiting)
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+            self.metrics.waiting.set(self.waiting)
+        self.metrics.decoding.inc()
+        try:
+            yield
+        finally:
+            self.metrics.decoding.dec()
+            self.semaphore.release()
+
+
+class Uploads:
+    """The bytes of request bodies (and their parsed copies) held at once, at most `limit`: a 503 beyond."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def account(self) -> Iterator[Callable[[int], None]]:
+        """take(n) for each piece a request holds; all of it is given back when the request ends."""
+        taken = [0]
+
+        def take(size: int) -> None:
+            if self.held + size > self.limit:
+                raise busy("too many uploads at once")
+            self.held += size
+            taken[0] += size
+
+        try:
+            yield take
+        finally:
+            self.held -= taken[0]
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    volume = Volume(config.root)
+    limits = Limits.of(config)
+    # one torch thread per request unless told otherwise: requests run side by side on the threadpool,
+    # and one image is too little work to split (bench/serve_bench.py: 1 beats 2 on 2 cores)
+    device = runtime.setup(config.device, config.threads or 1)
+    metrics = Metrics()
+    slots = Slots(limits.max_decodes, limits.max_waiting, metrics)
+    uploads = Uploads(UPLOADS_BYTES)
+    follower = Follower(volume, config.threshold, device, on_swap=lambda live: metrics.epoch.set(live.epoch))
+    report_dir = volume.report_dir
+    private = _private_paths(volume.root)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        follower.start()
+        yield
+        follower.stop()
+
+    # no docs pages (they load Swagger from a CDN) and no OpenTelemetry overhead per request
+    app = FastAPI(title="mnist serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    app.add_middleware(Front, counter=metrics.requests, read_timeout=limits.read_timeout)
+
+    @app.exception_handler(ClientError)
+    async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_request: Request, _exc: ClientDisconnect) -> Response:
+        # the client closed the connection mid-upload: nobody reads this, Front counts it as 499
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, exc: Exception) -> JSONResponse:
+        # a bug: uvicorn logs its traceback; the client gets JSON all the same
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": f"bad request: {exc.errors()[:1]}"}, status_code=400)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz")
+    async def healthz() -> Dict[str, str]:  # async: answered on the event loop, never queued for a thread
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        live, problem = follower.live, _public(follower.problem, private)
+        if live is None:
+            return JSONResponse({"error": problem}, status_code=503)
+        return JSONResponse({**_describe(live, config.threshold), **({"pending": problem} if problem else {})})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Dict[str, Any]:
+        with uploads.account() as take:
+            images = await _images(request, take)
+            live = follower.live  # this request keeps this model, even if a newer one is swapped in meanwhile
+            if live is None:
+                raise ClientError(503, f"no model to serve yet: {_public(follower.problem, private)}")
+            started = time.perf_counter()
+            inputs = []
+            for number, data in enumerate(images, 1):
+                async with slots.slot(newcomer=number == 1):
+                    inputs.append(await run_in_threadpool(_decode, data, number if len(images) > 1 else 0))
+                images[number - 1] = b""  # its bytes are done with
+            predictions = await run_in_threadpool(_predict, live, inputs, device)
+            metrics.latency.observe(time.perf_counter() - started)
+        return {"checkpoint": {"sha256": live.sha256, "epoch": live.epoch}, "predictions": predictions}
+
+    @app.get("/report", include_in_schema=False)
+    def report_root() -> Response:
+        return RedirectResponse("/report/", status_code=307)
+
+    @app.get("/report/{name:path}", include_in_schema=False)
+    def report(name: str) -> FileResponse:
+        return FileResponse(_report_file(report_dir, name or "index.html"))
+
+    return app
+
+
+def _describe(live: Live, threshold: float) -> Dict[str, Any]:
+    return {"checkpoint": {"sha256": live.sha256, "epoch": live.epoch}, "accuracy": live.accuracy,
+            "threshold": threshold}
+
+
+def _private_paths(root: Path) -> List[str]:
+    """The volume's path as messages may spell it, longest first: answers say model/..., not where the volume is."""
+    spellings = {str(root), str(root.absolute())}
+    with contextlib.suppress(OSError, RuntimeError):
+        spellings.add(str(root.resolve()))
+    return sorted((s for s in spellings if s not in (".", "")), key=len, reverse=True)
+
+
+def _public(message: str, private: List[str]) -> str:
+    """`message` with the volume's path taken out: `--root /x` goes, /x/model/... becomes model/..."""
+    for path in private:
+        message = message.replace(f" --root {path}", "").replace(path + "/", "").replace(path, "the volume")
+    return message
+
+
+async def _images(request: Request, take) -> List[bytes]:
+    """The request's images: repeated multipart `file` fields, or one raw body with an image Content-Type."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data" and not kind.startswith("image/"):
+        raise ClientError(415, f"Content-Type {kind or '(none)'!r} is not accepted: send multipart/form-data "
+                               f"with the image in the field `file`, or the image itself as image/png, image/jpeg, ...")
+    body = await _body(request, MAX_BODY_BYTES if kind == "multipart/form-data" else MAX_IMAGE_BYTES, take)
+    if not body:
+        raise ClientError(400, "the request body is empty: send an image")
+    if kind.startswith("image/"):
+        return [body]
+    take(len(body))  # the parsed files, beside the body until it is parsed
+    pending = [body]
+    del body  # held by `pending` alone, which the parser empties
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield pending.pop()
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=MAX_FILES,
+                                     max_part_size=MAX_IMAGE_BYTES).parse()
+    except MultiPartException as exc:
+        too_many = "Too many files" in exc.message
+        raise ClientError(413 if too_many else 400, f"more than {MAX_FILES} files in one request: send fewer"
+                          if too_many else f"malformed multipart body: {exc.message}") from None
+    try:
+        files = [value for key, value in form.multi_items() if key == "file"]
+        if not files:
+            raise ClientError(400, "no `file` field: send each image as a multipart field named `file`")
+        if not all(isinstance(f, UploadFile) for f in files):
+            raise ClientError(400, "the `file` field holds text, not a file: upload the image as a file")
+        images = []
+        for number, upload in enumerate(files, 1):
+            data = await upload.read(MAX_IMAGE_BYTES + 1)
+            if len(data) > MAX_IMAGE_BYTES:
+                raise ClientError(413, f"file {number} ({upload.filename}) is over {MAX_IMAGE_BYTES // 2**20} MB: "
+                                       f"send a smaller image")
+            images.append(data)
+        return images
+    finally:
+        await form.close()
+
+
+async def _body(request: Request, limit: int, take) -> bytes:
+    """The body, or 413 once it exceeds `limit`: never kept beyond it.
+
+    The rest of an oversized body is read and dropped (up to DRAIN_BYTES), so that the client,
+    still sending, gets to read the 413 instead of a broken connection.
+    """
+    declared = request.headers.get("content-length", "")
+    too_large = ClientError(413, f"the request is over {limit // 2**20} MB: send a smaller image "
+                                 f"(at most {MAX_IMAGE_BYTES // 2**20} MB each)")
+    if declared.isdigit() and int(declared) > DRAIN_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > DRAIN_BYTES:
+            break
+        if size <= limit:
+            take(len(chunk))
+            chunks.append(chunk)
+    if size > limit:
+        raise too_large
+    return b"".join(chunks)
+
+
+def _decode(data: bytes, number: int) -> torch.Tensor:
+    """One image's bytes -> its uint8 [28, 28]; `number`: its place in a request of several (0: the only one)."""
+    faults.hold_point("decode")
+    try:
+        return preprocess.from_bytes(data)
+    except preprocess.ImageError as exc:
+        raise ClientError(400, (f"file {number}: " if number else "") + str(exc)) from None
+
+
+def _predict(live: Live, inputs: List[torch.Tensor], device: torch.device) -> List[Dict[str, Any]]:
+    return [describe(p) for p in live.predict(torch.stack(inputs), device)]
+
+
+def _report_file(report_dir: Path, name: str) -> Path:
+    """A file of the evaluation report, never one outside model/report/ (no `..`, no symlink out)."""
+    missing = ClientError(404, f"no evaluation report file {name!r} in the volume's model/report/: "
+                               f"run `mnist evaluate`")
+    try:
+        base = report_dir.resolve(strict=True)
+        path = (base / name).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):  # (ValueError: a NUL byte)
+        raise missing from None
+    if not path.is_relative_to(base):
+        raise ClientError(404, f"{name!r} is outside the report")
+    if path.is_dir():
+        path = path / "index.html"
+    if not path.is_file():
+        raise missing
+    return path
