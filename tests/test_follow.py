@@ -6,9 +6,10 @@ import dataclasses
 
 import torch
 
+from conftest import write_evaluation
 from mnist_pipeline.serve import follow
 from mnist_pipeline.model import MEAN, STD, MnistCNN, normalize
-from mnist_pipeline.records import checkpoint, evaluation
+from mnist_pipeline.records import checkpoint
 from mnist_pipeline.settings import Recipe
 from mnist_pipeline.volume import Volume
 
@@ -23,16 +24,6 @@ def write_checkpoint(volume: Volume, epoch: int, model_config=None) -> str:
     return checkpoint.read(volume.checkpoint).sha256
 
 
-def write_evaluation(volume: Volume, sha256: str, epoch: int, accuracy: float = 0.99) -> None:
-    """A valid evaluation of `accuracy` on 10,000 images: right ones as zeros, wrong ones taken for ones."""
-    correct = round(accuracy * 10_000)
-    matrix = tuple((correct, 10_000 - correct, *[0] * 8) if row == 0 else (0,) * 10 for row in range(10))
-    evaluation.write(volume, evaluation.Evaluation(
-        accuracy=correct / 10_000, test_loss=0.1, correct=correct, total=10_000, per_class_accuracy=(1.0,) * 10,
-        confusion_matrix=matrix, mistakes=(), sha256=sha256, epoch=epoch, compute_seconds=0.0, device="cpu",
-        evaluated_at="now"))
-
-
 def test_follows_only_gated_checkpoints_and_looks_only_when_files_change(tmp_path, monkeypatch):
     volume = Volume(tmp_path)
     gate_calls = []
@@ -44,7 +35,7 @@ def test_follows_only_gated_checkpoints_and_looks_only_when_files_change(tmp_pat
     follower.poll()
     assert follower.live is None and "mnist train" in follower.problem
     first = write_checkpoint(volume, 1)
-    write_evaluation(volume, first, 1)
+    write_evaluation(volume.root, first, 1)
     follower.poll()
     assert follower.live.epoch == 1 and follower.live.sha256 == first and follower.problem == ""
     calls = len(gate_calls)
@@ -55,10 +46,10 @@ def test_follows_only_gated_checkpoints_and_looks_only_when_files_change(tmp_pat
     second = write_checkpoint(volume, 2)  # trained, not yet evaluated: epoch 1 keeps serving
     follower.poll()
     assert follower.live.sha256 == first and "mnist evaluate" in follower.problem
-    write_evaluation(volume, second, 2, accuracy=0.5)  # evaluated below the threshold: still epoch 1
+    write_evaluation(volume.root, second, 2, accuracy=0.5)  # evaluated below the threshold: still epoch 1
     follower.poll()
     assert follower.live.sha256 == first and "not above the threshold" in follower.problem
-    write_evaluation(volume, second, 2)
+    write_evaluation(volume.root, second, 2)
     follower.poll()
     assert follower.live.sha256 == second and follower.live.epoch == 2
     assert [live.epoch for live in swapped] == [1, 2]

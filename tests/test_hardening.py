@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from conftest import (MIRROR, assert_one_line_error, http_server, litter, mnist_env, read_until, run_here,
-                      run_mnist, start_mnist)
+                      run_mnist, start_mnist, write_evaluation)
 from mnist_pipeline import cli, data, evaluate, limits, settings
 from mnist_pipeline.records import checkpoint
 from mnist_pipeline.storage import atomic, locks
@@ -54,8 +54,7 @@ def write_checkpoint(path: Path, state: dict) -> str:
 def write_evaluated(root: Path, state: dict) -> None:
     """`state` as the checkpoint, with an evaluation that names it as passing."""
     sha = write_checkpoint(root / "model" / "mnist_cnn.pt", state)
-    evaluation = {"accuracy": 0.99, "checkpoint": {"sha256": sha, "epoch": state["epoch"]}}
-    (root / "model" / "eval_results.json").write_text(json.dumps(evaluation))
+    write_evaluation(root, sha, state["epoch"])
 
 
 @pytest.fixture
@@ -495,11 +494,11 @@ def test_a_resumed_train_keeps_the_checkpoints_hyper_parameters_and_says_so(data
     result = run_here("train", "--root", str(data_root), "--max-steps", "5", "--lr", "0.1", "--batch-size", "64")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ignoring" in result.stderr and "--lr 0.1" in result.stderr and "--batch-size 64" in result.stderr
-    again = run_here("train", "--root", str(data_root))  # nothing set: nothing to ignore
-    assert again.returncode == 0 and "ignoring" not in again.stderr, again.stderr[-3000:]
     state = torch.load(data_root / "model" / "mnist_cnn.pt", weights_only=True)
     assert state["epoch"] == 2
     assert (state["train_config"]["peak_lr"], state["train_config"]["batch_size"]) == (0.4, 128)
+    again = run_here("train", "--root", str(data_root))  # nothing set: nothing to ignore
+    assert again.returncode == 0 and "ignoring" not in again.stderr, again.stderr[-3000:]
 
 
 def test_a_corrupt_progress_file_is_set_aside_and_training_goes_on(data_root):

@@ -23,7 +23,7 @@ def png_size_and_pixels(path: Path):
 def test_full_run_writes_checkpoint_evaluation_and_five_named_images(trained_copy):
     model_dir = trained_copy / "model"
     state = torch.load(model_dir / "mnist_cnn.pt", weights_only=True)
-    assert state["epoch"] == 1 and isinstance(state["model"], dict) and state["format_version"] == 1
+    assert state["epoch"] == 1 and isinstance(state["model"], dict) and state["format_version"] == 2
 
     evaluation = json.loads((model_dir / "eval_results.json").read_text())
     assert evaluation["total"] == 10000 and evaluation["correct"] == round(evaluation["accuracy"] * 10000)

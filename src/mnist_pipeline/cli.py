@@ -64,7 +64,8 @@ def evaluate(args: argparse.Namespace, v: Values) -> int:
     result = stage.run(_evaluate_config(v))
     print(f"evaluate: accuracy {result.accuracy:.4f} ({result.correct}/{result.total}), "
           f"test loss {result.test_loss:.4f}, epoch {result.epoch}")
-    _report_after(Volume(v["root"]), v["mirror"], "evaluate")
+    volume = Volume(v["root"])
+    _report_after(volume, v["mirror"], describe(volume.eval_results))
     return 0
 
 
@@ -95,7 +96,7 @@ def pipeline(args: argparse.Namespace, v: Values) -> int:
     files = ", ".join(f"{p.file} (true {p.label})" for p in inferred.predictions)
     print(f"infer: accuracy {inferred.accuracy:.4f} > {inferred.threshold}: {files}")
     _check_signal("infer")
-    _report_after(volume, v["mirror"], "infer")
+    _report_after(volume, v["mirror"], f"{describe(volume.results_dir)}/")
     return 0
 
 
@@ -187,12 +188,11 @@ def write_report(volume: Volume, mirror: Optional[str]) -> Path:
     return reports.write(volume, scores, history.read(volume), test_images, inferred)
 
 
-def _report_after(volume: Volume, mirror: Optional[str], stage: str) -> None:
+def _report_after(volume: Volume, mirror: Optional[str], written: str) -> None:
     try:
         print(f"report: {describe(write_report(volume, mirror))}")
     except PipelineError as exc:
-        raise PipelineError(f"{stage} is done and its files are written, but not the report: {exc}; "
-                            f"`mnist report` tries again") from None
+        raise PipelineError(f"{written} is written, but not the report: {exc}; `mnist report` tries again") from None
 
 
 def _check_signal(stage: str) -> None:

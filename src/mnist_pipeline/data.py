@@ -9,7 +9,6 @@ once per process: evaluate and its report, or a whole pipeline, share it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gzip
 import hashlib
 import http.client
@@ -69,16 +68,40 @@ class Split:
         return len(self.labels)
 
 
-@functools.lru_cache(maxsize=None)
 def load_split(data_dir: Path, split: str, mirror: Optional[str]) -> Split:
-    """The `split` ('train' or 'test') as tensors, fetched into data_dir first if needed (callers do not
-    change the tensors: they are shared)."""
+    """The `split` ('train' or 'test') as tensors, fetched into data_dir first if needed.
+
+    Parsed once per process while its files stay as they are (callers do not change the tensors:
+    they are shared); a file that changed is read and verified again.
+    """
     prefix = SPLITS[split]
-    images = _parse_idx(_verified_bytes(data_dir, f"{prefix}-images-idx3-ubyte", mirror), ndim=3)
-    labels = _parse_idx(_verified_bytes(data_dir, f"{prefix}-labels-idx1-ubyte", mirror), ndim=1)
+    names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    key = (os.path.abspath(data_dir), split, mirror)
+    cached = _parsed.get(key)
+    if cached is not None and cached[0] == _identity(data_dir, names):
+        return cached[1]
+    images = _parse_idx(_verified_bytes(data_dir, names[0], mirror), ndim=3)
+    labels = _parse_idx(_verified_bytes(data_dir, names[1], mirror), ndim=1)
     if len(images) != len(labels):
         raise PipelineError(f"MNIST {split} split has {len(images)} images but {len(labels)} labels")
-    return Split(images=images, labels=labels.long())
+    loaded = Split(images=images, labels=labels.long())
+    _parsed[key] = (_identity(data_dir, names), loaded)
+    return loaded
+
+
+_parsed: dict = {}  # (folder, split, mirror) -> (the files' identity, the Split)
+
+
+def _identity(data_dir: Path, names: tuple) -> tuple:
+    """What changes when a file is replaced or rewritten, without reading it."""
+    identity = []
+    for name in names:
+        try:
+            info = os.stat(data_dir / name)
+        except OSError:
+            return ()
+        identity.append((info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(identity)
 
 
 def ensure(data_dir: Path, mirror: Optional[str], splits: tuple = ("train", "test")) -> None:
