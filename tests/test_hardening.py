@@ -186,15 +186,6 @@ def test_where_there_is_no_exchange_a_swap_cut_between_its_renames_is_undone(eva
     assert litter(evaluated_root) == []
 
 
-def test_results_swap_uses_one_exchange_here(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.write_text("b")
-    if not volume._exchange(a, b):
-        pytest.skip("this kernel or file system has no RENAME_EXCHANGE")
-    assert a.read_text() == "b" and b.is_dir()
-
-
 # --- 2. `docker compose up`: evaluate and infer give a starting train a grace ----------------------------
 
 GRACE_STARTED = "giving a train that may be starting"
