@@ -177,7 +177,7 @@ def trained_root(tmp_path_factory, worker_id) -> Path:
         if not (shared / "trained.done").exists():
             shutil.rmtree(shared / "trained", ignore_errors=True)  # what a failed build left
             for stage in ("train", "evaluate"):
-                result = run_mnist(stage, "--root", str(shared / "trained"))
+                result = run_here(stage, "--root", str(shared / "trained"))
                 assert result.returncode == 0, result.stderr[-3000:]
             (shared / "trained.done").touch()
     return shared / "trained"
