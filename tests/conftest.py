@@ -1,9 +1,12 @@
-"""Shared fixtures: the real MNIST files in ../shared/mnist as the mirror, and real `mnist` processes."""
-
-from __future__ import annotations
+"""What the tests share: MNIST, `mnist` run as a user runs it, and the volumes and servers several tests use.
+MNIST comes from MNIST_TEST_MIRROR (a folder, or an http(s) URL that fills the cache) or else from a cache,
+$XDG_CACHE_HOME/mnist-compose, that the product's checksummed fetch fills once from the public mirrors."""
 
 import contextlib
 import fcntl
+import functools
+import gzip
+import http.server
 import io
 import json
 import logging
@@ -11,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -22,72 +24,72 @@ import urllib.request
 import zlib
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
+from unittest import mock
 
 import pytest
 
-import forked
+from mnist_pipeline import cli, data, faults
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.storage.atomic import TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
-MIRROR = REPO.parent / "shared" / "mnist"
+NAMED = os.environ.get("MNIST_TEST_MIRROR", "")  # a folder or an http(s) URL
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-compose"
+# the folder every test reads MNIST from: the one named, or the cache
+MIRROR = Path(NAMED).absolute() if NAMED and not NAMED.startswith(("http://", "https://")) else CACHE
 # screenshots the browser tests leave for people to look at (git-ignored)
 SCREENSHOTS = REPO / "test-artifacts"
 # Debian's chromium and chromium-driver (.ci/run installs them): Selenium downloads nothing
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "docker: needs a Docker engine (deselect with -m 'not docker')")
-    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist runs the group's tests in one worker")
-    take_this_workers_cpus()
-
-
-def take_this_workers_cpus() -> None:
-    """Under pytest-xdist (pyproject's addopts), worker i of n keeps CPUs i, i + n, ... for itself and the
-    processes it starts, which size their threads by them: workers that each trained on every CPU would
-    spend CPU time fighting over them (bench/suite_bench.py prints the suite's CPU time)."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if not (worker and count and hasattr(os, "sched_setaffinity")):  # (Linux only)
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts its workers
+def pytest_sessionstart(session):
+    """MNIST in MIRROR before the first test, or one line that says how to provide it instead of many errors."""
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: its controller has seen to it
         return
-    cpus, index = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw"))
-    os.sched_setaffinity(0, cpus[index % len(cpus)::int(count)] or cpus)
+    try:
+        if MIRROR != CACHE:
+            if not all({n, f"{n}.gz"} & {p.name for p in MIRROR.iterdir()} for n in data.FILES):
+                raise PipelineError(f"{MIRROR} does not hold the four MNIST files")
+        elif not all((CACHE / f"{name}.gz").exists() for name in data.FILES):
+            data.ensure(CACHE, NAMED or None)  # None: the public mirrors
+            for name in data.FILES:  # gzipped too, as mirrors serve them: the tests of the fetch read .gz files
+                (CACHE / f"{name}.gz.partial").write_bytes(gzip.compress((CACHE / name).read_bytes(), 1, mtime=0))
+                os.replace(CACHE / f"{name}.gz.partial", CACHE / f"{name}.gz")
+    except (PipelineError, OSError) as exc:
+        raise pytest.UsageError(  # one line from pytest, before any test
+            f"no MNIST for the tests: set MNIST_TEST_MIRROR to a folder or http(s) URL holding the four MNIST files "
+            f"(.gz or raw); without it they fill {CACHE} once from the public mirrors. The cause: {exc}") from None
 
 
 @pytest.fixture(scope="session")
 def mirror() -> Path:
-    if not (MIRROR / "train-images-idx3-ubyte.gz").exists():
-        pytest.fail(f"the MNIST mirror {MIRROR} is missing: the tests need ../shared/mnist beside the repo")
     return MIRROR
 
 
 def mnist_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment of a test's `mnist` process: no stray MNIST_* settings, the local mirror."""
+    """The environment of a test's `mnist` process: no stray MNIST_* settings, the tests' mirror, and no start-up
+    grace (for `docker compose up`) unless a test asks for one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
-    env["MNIST_MIRROR"] = str(MIRROR)
-    env["MNIST_GRACE"] = "0"  # no start-up grace (for `docker compose up`) unless a test asks for one
-    env.update(extra or {})
-    return env
+    return {**env, "MNIST_MIRROR": str(MIRROR), "MNIST_GRACE": "0", **(extra or {})}
 
 
 def litter(root: Path) -> list:
     """The temp files and folders of this program under `root` (see storage.atomic.TEMP_PREFIX)."""
-    from mnist_pipeline.storage.atomic import TEMP_PREFIX
-
     return sorted(str(p.relative_to(root)) for p in root.rglob(TEMP_PREFIX + "*"))
 
 
-def mnist_command(*args: str) -> list:
-    return [sys.executable, "-m", "mnist_pipeline", *args]
+def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m mnist_pipeline ARGS` in a new interpreter, as a user runs it; a hang fails the test."""
+    return subprocess.run([sys.executable, "-m", "mnist_pipeline", *args], env=mnist_env(env), capture_output=True,
+                          text=True, timeout=timeout)
 
 
-def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600,
-              fresh: bool = False) -> subprocess.CompletedProcess:
-    """`mnist ARGS` in a process of its own: forked from one with torch loaded (tests/forked.py), or with
-    `fresh` a new interpreter, for what depends on the start itself (python -m as typed, the train lock
-    before torch, --grace)."""
-    if fresh:
-        return subprocess.run(mnist_command(*args), env=mnist_env(env), capture_output=True, text=True,
-                              timeout=timeout)
-    return forked.run(list(args), mnist_env(env), timeout)
+def start_mnist(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    """run_mnist's twin for a process the test talks to while it runs."""
+    return subprocess.Popen([sys.executable, "-m", "mnist_pipeline", *args], env=mnist_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def fault_survivable(fault: Optional[str]) -> bool:
@@ -97,46 +99,31 @@ def fault_survivable(fault: Optional[str]) -> bool:
 
 
 def run_here(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """`mnist ARGS` inside this test process, where torch is already loaded: a second or more faster
-    than run_mnist per call. Same exit code, stdout and stderr. MNIST_FAULT only for a SIGTERM or
-    SIGINT that main() handles: a SIGKILL, or a signal after main() returns, needs run_mnist."""
-    from mnist_pipeline import cli, faults
-
+    """`mnist ARGS` in this test process, where torch is loaded already: no interpreter to start. Same exit
+    code, stdout and stderr as run_mnist. MNIST_FAULT only for a SIGTERM or SIGINT that main() handles: a
+    SIGKILL, or a signal after main() returns, needs run_mnist."""
     environment = mnist_env(env)
     fault = environment.get(faults.ENV)
     assert fault_survivable(fault), f"MNIST_FAULT={fault} would kill the test process or never fire here: use run_mnist"
     out, err = io.StringIO(), io.StringIO()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    saved_fault = os.environ.pop(faults.ENV, None)
-    if fault is not None:  # faults.py reads the process environment
-        os.environ[faults.ENV] = fault
-    log_handler = logging.StreamHandler(err)
-    root_logger, level = logging.getLogger(), logging.getLogger().level
-    root_logger.addHandler(log_handler)
-    root_logger.setLevel(logging.INFO)
+    logger, log_handler, level = logging.getLogger(), logging.StreamHandler(err), logging.getLogger().level
+    logger.addHandler(log_handler)
+    logger.setLevel(logging.INFO)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with mock.patch.dict(os.environ), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            os.environ.pop(faults.ENV, None)
+            os.environ.update({faults.ENV: fault} if fault else {})  # faults.py reads the process environment
             try:
                 code = cli.main(list(args), env=environment)
             except SystemExit as exc:  # argparse's usage errors
                 code = exc.code
     finally:
-        root_logger.removeHandler(log_handler)
-        root_logger.setLevel(level)
+        logger.removeHandler(log_handler)
+        logger.setLevel(level)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        os.environ.pop(faults.ENV, None)
-        if saved_fault is not None:
-            os.environ[faults.ENV] = saved_fault
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
-
-
-def start_mnist(*args: str, env: Optional[Dict[str, str]] = None, fresh: bool = False):
-    """run_mnist's twin for a process the test talks to while it runs: a subprocess.Popen, or its like."""
-    if fresh:
-        return subprocess.Popen(mnist_command(*args), env=mnist_env(env), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    return forked.Process(list(args), mnist_env(env))
 
 
 def read_until(process: subprocess.Popen, marker: str) -> str:
@@ -155,15 +142,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
+    assert all(fragment in errors[0] for fragment in fragments), (fragments, errors[0])
 
 
 def bomb_png(side: int = 30000) -> bytes:
     """A decompression bomb: a side x side black 1-bit PNG, a few hundred KB that decode to ~side**2 / 8 bytes."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     packer, row = zlib.compressobj(9), b"\x00" * (1 + (side + 7) // 8)  # filter byte, then the row's bits
     body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
@@ -171,82 +156,36 @@ def bomb_png(side: int = 30000) -> bytes:
 
 
 @contextlib.contextmanager
-def http_server(folder: Path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline, "http.server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+def http_server(folder: Path) -> Iterator[str]:
+    """The URL of an HTTP server of `folder` (the internet, to the product); silent: run_here reads stderr."""
+    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *args: None})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=folder)) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
+        finally:
+            server.shutdown()
 
 
-def shared_folder(tmp_path_factory) -> Path:
-    """This run's temp folder that every pytest-xdist worker sees (each has its own below it)."""
-    # (getbasetemp() first empties a new run's folder: a thread must not be the first to call it)
-    folder = tmp_path_factory.getbasetemp()
-    return folder.parent if "PYTEST_XDIST_WORKER" in os.environ else folder
-
-
-def built_once(shared: Path, name: str, build) -> Path:
-    """A session fixture's folder, shared/NAME: build(folder) once for the whole run, also when pytest-xdist
-    runs the tests in several processes (the first to get here builds it, the others wait for it)."""
-    folder = shared / name
-    with open(shared / f"{name}.lock", "w") as lock:
+@pytest.fixture(scope="session")
+def trained_root(tmp_path_factory, worker_id) -> Path:
+    """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing), built once as pytest-xdist's
+    docs show: the first worker to need it builds it, the others wait for it."""
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    with open(shared / "trained.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        done = shared / f"{name}.built"
-        if not done.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build(folder)
-            done.touch()
-    return folder
-
-
-def _trained_volume_builder():
-    """build(folder) for trained_root, its environment read now: a thread must not read os.environ while
-    run_here changes it."""
-    env = mnist_env()
-
-    def build(folder: Path) -> None:
-        for stage in ("train", "evaluate"):
-            result = forked.run([stage, "--root", str(folder / "volume")], env, 600)
-            assert result.returncode == 0, result.stderr[-3000:]
-
-    return build
-
-
-@pytest.fixture(scope="session", autouse=True)
-def trained_root_started_early(request, tmp_path_factory, mirror) -> None:
-    """When a test of this run needs trained_root, start building it at once, beside the first tests: the
-    tests that need it then wait less or not at all. (A failed build here is built again by the fixture,
-    which reports the failure.)"""
-    if any("trained_root" in item.fixturenames for item in request.session.items):
-        shared = shared_folder(tmp_path_factory)
-        threading.Thread(target=built_once, args=(shared, "trained", _trained_volume_builder()), daemon=True).start()
+        if not (shared / "trained.done").exists():
+            shutil.rmtree(shared / "trained", ignore_errors=True)  # what a failed build left
+            for stage in ("train", "evaluate"):
+                result = run_here(stage, "--root", str(shared / "trained"))
+                assert result.returncode == 0, result.stderr[-3000:]
+            (shared / "trained.done").touch()
+    return shared / "trained"
 
 
 @pytest.fixture(scope="session")
-def trained_root(tmp_path_factory, mirror) -> Path:
-    """A volume root after one `mnist train` and one `mnist evaluate` (shared: copy before changing)."""
-    return built_once(shared_folder(tmp_path_factory), "trained", _trained_volume_builder()) / "volume"
-
-
-@pytest.fixture(scope="session")
-def short_trained_root(tmp_path_factory, mirror) -> Path:
-    """A volume after one `mnist train --max-steps 20`. The limit is saved with the checkpoint, so a
-    train resumed from it is as short (shared: copy before changing)."""
+def short_trained_root(tmp_path_factory) -> Path:
+    """A volume after `mnist train --max-steps 20`, a limit its resumed trains keep (shared: copy before changing)."""
     root = tmp_path_factory.mktemp("short") / "volume"
     result = run_here("train", "--root", str(root), "--max-steps", "20")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -255,9 +194,8 @@ def short_trained_root(tmp_path_factory, mirror) -> Path:
 
 def private_copy(shared: Path, tmp_path: Path) -> Path:
     """A copy of a shared (session or module) volume for one test to change."""
-    root = tmp_path / "volume"
-    shutil.copytree(shared, root)
-    return root
+    shutil.copytree(shared, tmp_path / "volume")
+    return tmp_path / "volume"
 
 
 @pytest.fixture
@@ -271,27 +209,16 @@ def trained_copy(trained_root, tmp_path) -> Path:
 
 
 class Served:
-    """A running `mnist serve` process: its base URL and its stderr so far."""
+    """A running `mnist serve`: its base URL and its stderr, read all along (a full pipe would block the server)."""
 
     def __init__(self, root: Path, *args: str, env: Optional[Dict[str, str]] = None):
         self.process = start_mnist("serve", "--root", str(root), "--port", "0", *args, env=env)
-        self.stderr: List[str] = []
-        self.url = ""
-        for line in self.process.stderr:  # the first lines, up to the address it listens on
-            self.stderr.append(line)
-            found = re.search(r"listening on (http://\S+)", line)
-            if found:
-                self.url = found.group(1)
-                break
-        if not self.url:
-            self.process.wait(timeout=30)
-            raise AssertionError(f"mnist serve did not start: {''.join(self.stderr)[-3000:]}")
-        # keep reading, so that a full pipe never blocks the server
+        self.stderr = [read_until(self.process, "listening on")]
+        self.url = re.search(r"listening on (http://\S+)", self.stderr[0]).group(1)
         self._drain = threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True)
         self._drain.start()
 
-    def request(self, method: str, path: str, body: Optional[bytes] = None,
-                headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], bytes]:
+    def request(self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None) -> tuple:
         request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
@@ -299,48 +226,34 @@ class Served:
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read()
 
-    def json(self, method: str, path: str, body: Optional[bytes] = None,
-             headers: Optional[Dict[str, str]] = None) -> Tuple[int, dict]:
-        status, response_headers, data = self.request(method, path, body, headers)
-        assert response_headers.get("content-type", "").startswith("application/json"), (status, data[:300])
-        return status, json.loads(data)
+    def json(self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None) -> tuple:
+        status, response_headers, content = self.request(method, path, body, headers)
+        assert response_headers.get("content-type", "").startswith("application/json"), (status, content[:300])
+        return status, json.loads(content)
 
-    def stop(self) -> str:
-        """SIGTERM, wait, and return all it wrote to stderr."""
+    def close(self) -> None:
+        """SIGTERM and wait; all it wrote to stderr holds no traceback."""
         self.process.terminate()
         self.process.wait(timeout=30)
         self._drain.join(timeout=10)
         self.process.stdout.close()
-        return "".join(self.stderr)
+        assert "Traceback" not in "".join(self.stderr), "".join(self.stderr)[-5000:]
 
 
 @pytest.fixture
 def serve() -> Iterator:
     """Start `mnist serve --root ROOT ...` on a free port: serve(root, *args) -> Served; stopped afterwards."""
-    started: List[Served] = []
-
-    def start(root: Path, *args: str) -> Served:
-        started.append(Served(root, *args))
-        return started[-1]
-
-    yield start
-    for served in started:
-        log = served.stop()
-        assert "Traceback" not in log, log[-5000:]
+    with contextlib.ExitStack() as started:
+        yield lambda root, *args: started.enter_context(contextlib.closing(Served(root, *args)))
 
 
-PATIENCE_S = 120  # how long a test waits for a server to notice a change on the volume
-
-
-def wait_until(condition, what: str):
+def wait_until(condition, what: str, patience_s: float = 120):
     """Poll condition() until it returns something truthy (a generous limit catches a hang, not slowness)."""
-    deadline = time.monotonic() + PATIENCE_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
+    deadline = time.monotonic() + patience_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"gave up after {patience_s} s waiting for {what}"
         time.sleep(0.1)
-    raise AssertionError(f"gave up after {PATIENCE_S} s waiting for {what}")
+    return value
 
 
 @pytest.fixture(scope="session")
@@ -349,21 +262,17 @@ def served_trained(trained_root, tmp_path_factory) -> Iterator[Tuple[Served, Pat
     one server start for test_serve's API tests and test_page. A test that changes the volume puts it back."""
     root = tmp_path_factory.mktemp("served") / "volume"
     shutil.copytree(trained_root / "model", root / "model")
-    served = Served(root)
-    wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
-    yield served, root
-    log = served.stop()
-    assert "Traceback" not in log, log[-5000:]
+    with contextlib.closing(Served(root)) as served:
+        wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
+        yield served, root
 
 
 def multipart(files: List[Tuple[str, bytes]], field: str = "file") -> Tuple[bytes, Dict[str, str]]:
     """A multipart/form-data body with one `field` per (filename, content)."""
     boundary = "mnist-test-boundary-7d3f"
-    parts = [
-        (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
-         f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + b"\r\n"
-        for name, content in files
-    ]
+    parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+              f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + b"\r\n"
+             for name, content in files]
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
@@ -375,7 +284,6 @@ def browser():
         missing = f"{CHROMIUM} or {CHROMEDRIVER} is missing: apt-get install chromium chromium-driver"
         pytest.fail(f"{missing} (CI is set)") if os.environ.get("CI") else pytest.skip(missing)
     from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -385,7 +293,7 @@ def browser():
                  "--window-size=1000,1000"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(str(CHROMEDRIVER)), options=options)
     SCREENSHOTS.mkdir(exist_ok=True)
     yield driver
     driver.quit()

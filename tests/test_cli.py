@@ -90,7 +90,7 @@ def test_evaluate_takes_no_seed_it_would_ignore(capsys):
 
 
 def test_epochs_minus_one_from_the_shell_exits_2_without_traceback(tmp_path):
-    result = run_mnist("train", "--root", str(tmp_path), "--epochs", "-1", fresh=True)  # python -m, as typed
+    result = run_mnist("train", "--root", str(tmp_path), "--epochs", "-1")  # python -m, as typed
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--epochs" in result.stderr
     assert not (tmp_path / "model").exists()
@@ -98,7 +98,7 @@ def test_epochs_minus_one_from_the_shell_exits_2_without_traceback(tmp_path):
 
 def test_every_subcommand_help_names_flags_and_env_twins():
     for command in ("train", "evaluate", "infer", "pipeline"):
-        result = run_mnist(command, "--help", fresh=True)  # no torch to load: a new interpreter is quick
+        result = run_mnist(command, "--help")
         assert result.returncode == 0
         for setting in taken_by(command):
             assert setting.flag in result.stdout and setting.env in result.stdout.replace("\n", " ")

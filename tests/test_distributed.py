@@ -2,11 +2,10 @@
 
 Each run is a real torchrun (or `mnist train --nproc-per-node`) with a timeout, so a hang fails the
 test instead of stalling it; interruptions come from fault points (MNIST_FAULT, limited to one rank by
-MNIST_FAULT_RANK), never from timed signals. The agent is forked with torch loaded (tests/forked.py),
-and so are its ranks (forked.rank_server()), but for the first run: its ranks are new interpreters, as
-for a user, and the runs that resume from it must match it bit for bit. A group start still costs about
-a second, so the module-scoped fixtures below run a group once for the tests that check different
-things about the same run; single-process commands run in the test process (run_here).
+MNIST_FAULT_RANK), never from timed signals. The agent and its ranks are new interpreters, as for a
+user. Each start of a group costs every rank an interpreter and torch, so the module-scoped fixtures
+below run a group once for the tests that check different things about the same run; single-process
+commands run in the test process (run_here).
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,6 @@ import torch
 from torch import nn
 
 import conftest
-import forked
 from conftest import private_copy
 from mnist_pipeline import data, distributed
 from mnist_pipeline.storage.locks import exclusive_lock
@@ -64,15 +64,8 @@ if "RANK" in os.environ and "AUDIT_DIR" in os.environ:
 ON_CPU = {"MNIST_DEVICE": "cpu"}
 
 
-def group_env(env=None, fresh_ranks: bool = False) -> dict:
-    """What a group's command adds to conftest.mnist_env: the CPU, and unless `fresh_ranks` the rank server
-    that a forked agent forks its ranks from (tests/forked.py)."""
-    ranks = {} if fresh_ranks else {forked.RANKS_ENV: forked.rank_server()}
-    return {**ON_CPU, **ranks, **(env or {})}
-
-
 def run_mnist(*args: str, env=None, timeout: float = 600):
-    return conftest.run_mnist(*args, env=group_env(env), timeout=timeout)
+    return conftest.run_mnist(*args, env={**ON_CPU, **(env or {})}, timeout=timeout)
 
 
 def run_here(*args: str, env=None):
@@ -92,12 +85,12 @@ def volume(data_volume, tmp_path) -> Path:
     return private_copy(data_volume, tmp_path)
 
 
-def torchrun(root: Path, *flags: str, env=None, torchrun_flags=(), timeout: float = TIMEOUT, fresh_ranks=False):
-    """`torchrun --standalone --nproc-per-node 2 ... -m mnist_pipeline train --root ROOT FLAGS` (the agent
-    forked with torch loaded, as conftest.run_mnist does; its ranks forked too, or new interpreters)."""
-    argv = ["--standalone", "--nproc-per-node", "2", *torchrun_flags,
+def torchrun(root: Path, *flags: str, env=None, torchrun_flags=(), timeout: float = TIMEOUT):
+    """`torchrun --standalone --nproc-per-node 2 ... -m mnist_pipeline train --root ROOT FLAGS`."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *torchrun_flags,
             "-m", "mnist_pipeline", "train", "--root", str(root), *flags]
-    return forked.run(argv, conftest.mnist_env(group_env(env, fresh_ranks)), timeout, module="torch.distributed.run")
+    return subprocess.run(argv, env=conftest.mnist_env({**ON_CPU, **(env or {})}), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def rank_fault(fault: str, rank: int = 1) -> dict:
@@ -114,7 +107,7 @@ def test_each_rank_takes_a_disjoint_slice_of_the_global_batch():
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, mirror) -> SimpleNamespace:
     """One uninterrupted torchrun of STEPS steps on an empty volume (rank 0 fetches the data while rank 1
-    waits), its ranks new interpreters, each one's writes logged by AUDIT_HOOK. Shared: the plain-checkpoint
+    waits), each rank's writes logged by AUDIT_HOOK. Shared: the plain-checkpoint
     test checks it (its evaluate adds eval_results.json), the SIGTERM test compares a resumed run's
     checkpoint against it, the kill -9 test copies it to have a checkpoint to keep intact."""
     base = tmp_path_factory.mktemp("two-rank")
@@ -123,8 +116,7 @@ def two_rank_run(tmp_path_factory, mirror) -> SimpleNamespace:
     audit.mkdir()
     (audit / "sitecustomize.py").write_text(AUDIT_HOOK)
     path = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))
-    result = torchrun(volume, "--max-steps", str(STEPS), env={"AUDIT_DIR": str(audit), "PYTHONPATH": path},
-                      fresh_ranks=True)
+    result = torchrun(volume, "--max-steps", str(STEPS), env={"AUDIT_DIR": str(audit), "PYTHONPATH": path})
     return SimpleNamespace(volume=volume, audit=audit, result=result)
 
 

@@ -97,7 +97,7 @@ def offline_prepared() -> str:
         unavailable("no Docker engine answers (`docker info` failed): start dockerd to run the Compose tests")
     if not MIRROR.is_dir():
         unavailable(f"the MNIST mirror {MIRROR} is missing, so scripts/offline-prep.sh cannot run")
-    prep = run(["bash", "scripts/offline-prep.sh"], timeout=1800, check=False)
+    prep = run(["bash", "scripts/offline-prep.sh", "--mirror", str(MIRROR)], timeout=1800, check=False)
     if prep.returncode != 0:
         unavailable(f"scripts/offline-prep.sh failed: {(prep.stderr or prep.stdout).strip()[-1000:]}")
     return prep.stdout

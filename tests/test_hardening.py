@@ -188,15 +188,6 @@ def test_where_there_is_no_exchange_a_swap_cut_between_its_renames_is_undone(eva
     assert litter(evaluated_root) == []
 
 
-def test_results_swap_uses_one_exchange_here(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.write_text("b")
-    if not atomic._exchange(a, b):
-        pytest.skip("this kernel or file system has no RENAME_EXCHANGE")
-    assert a.read_text() == "b" and b.is_dir()
-
-
 # --- 2. `docker compose up`: evaluate and infer give a starting train a grace ----------------------------
 
 GRACE_STARTED = "giving a train that may be starting"
@@ -205,7 +196,7 @@ GRACE_STARTED = "giving a train that may be starting"
 def test_evaluate_gives_a_train_started_beside_it_a_grace_before_rescoring_the_old_checkpoint(evaluated_root):
     """The checkpoint is already evaluated; a train that takes its lock during the grace is waited for."""
     # a fresh interpreter: the grace counts from the process's start
-    evaluate_ = start_mnist("evaluate", "--root", str(evaluated_root), "--wait", "0", "--grace", "600", fresh=True)
+    evaluate_ = start_mnist("evaluate", "--root", str(evaluated_root), "--wait", "0", "--grace", "600")
     try:
         read_until(evaluate_, GRACE_STARTED)
         the_volume = Volume(evaluated_root)
@@ -534,9 +525,9 @@ def test_train_evaluate_and_infer_started_at_once_end_with_the_new_checkpoint(ev
     write_evaluated(evaluated_root, state)
     root = str(evaluated_root)
     # fresh interpreters: the race is the real one, train's lock before torch loads against the graces
-    processes = [start_mnist("train", "--root", root, fresh=True),
-                 start_mnist("evaluate", "--root", root, "--grace", "600", fresh=True),
-                 start_mnist("infer", "--root", root, "--grace", "600", "--threshold", "0", fresh=True)]
+    processes = [start_mnist("train", "--root", root),
+                 start_mnist("evaluate", "--root", root, "--grace", "600"),
+                 start_mnist("infer", "--root", root, "--grace", "600", "--threshold", "0")]
     try:
         errors = [process.communicate(timeout=300)[1] for process in processes]
     finally:

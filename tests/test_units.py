@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import os
 import runpy
 import sys
@@ -14,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-import forked
 from mnist_pipeline import cli, runtime, settings, signals, train
 from mnist_pipeline.data import png as png_grayscale
 from mnist_pipeline.infer import _file_names
@@ -189,7 +189,7 @@ def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
 
 
 def _train_and_tell_whether_dynamo_loaded(root: str, mirror: str) -> None:
-    """In a fork of tests/forked.py's server, which has imported torch and mnist_pipeline but never torch._dynamo."""
+    """In a new interpreter, which imports torch and mnist_pipeline but never torch._dynamo."""
     runtime.deterministic_cuda()
     code = cli.main(["train", "--root", root, "--mirror", mirror, "--device", "cpu", "--max-steps", "2"])
     Path(root, "answer").write_text(f"{code} {'torch._dynamo' in sys.modules}")
@@ -198,8 +198,8 @@ def _train_and_tell_whether_dynamo_loaded(root: str, mirror: str) -> None:
 def test_train_never_imports_torch_dynamo(tmp_path, mirror):
     """torch.optim.Optimizer's methods and torch.use_deterministic_algorithms import torch._dynamo: seconds of
     every process's start. The CUDA settings are made here too, which needs no GPU."""
-    child = forked.SERVER.Process(target=_train_and_tell_whether_dynamo_loaded, args=(str(tmp_path), str(mirror)),
-                                  daemon=True)
+    child = multiprocessing.get_context("spawn").Process(target=_train_and_tell_whether_dynamo_loaded,
+                                                         args=(str(tmp_path), str(mirror)), daemon=True)
     child.start()
     child.join(600)
     assert (tmp_path / "answer").read_text() == "0 False"
