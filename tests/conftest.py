@@ -242,9 +242,9 @@ class Served:
 
 @pytest.fixture
 def serve() -> Iterator:
-    """Start `mnist serve --root ROOT ...` on a free port: serve(root, *args) -> Served; stopped afterwards."""
+    """`mnist serve --root ROOT ...` on a free port: serve(root, *args, env=None) -> Served; stopped afterwards."""
     with contextlib.ExitStack() as started:
-        yield lambda root, *args: started.enter_context(contextlib.closing(Served(root, *args)))
+        yield lambda root, *args, env=None: started.enter_context(contextlib.closing(Served(root, *args, env=env)))
 
 
 def wait_until(condition, what: str, patience_s: float = 120):

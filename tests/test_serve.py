@@ -15,7 +15,7 @@ from typing import List
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, bomb_png, multipart, run_here, run_mnist, wait_until
+from conftest import write_evaluation, assert_one_line_error, bomb_png, multipart, run_here, run_mnist, wait_until
 from mnist_pipeline import data
 from mnist_pipeline.data import png as png_grayscale
 from mnist_pipeline.storage.atomic import atomic_write_bytes
@@ -57,7 +57,7 @@ def test_starts_not_ready_then_follows_the_volume_to_ready(serve, trained_root, 
 
     # nor does one evaluated below the threshold
     evaluation = json.loads((trained_root / "model" / "eval_results.json").read_text())
-    atomic_write_bytes(root / "model" / "eval_results.json", json.dumps({**evaluation, "accuracy": 0.5}).encode())
+    write_evaluation(root, evaluation["checkpoint"]["sha256"], 1, accuracy=0.5)
     wait_until(lambda: "not above the threshold" in served.json("GET", "/readyz")[1].get("error", ""),
                "the server to refuse the checkpoint below the threshold")
 

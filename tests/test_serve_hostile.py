@@ -13,7 +13,7 @@ import re
 import socket
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 from PIL import Image, ImageDraw
@@ -37,21 +37,6 @@ def seven(size: int = 280, mode: str = "L") -> bytes:
 
 
 PNG = {"Content-Type": "image/png"}
-
-
-@pytest.fixture
-def serve_env() -> Iterator:
-    """Like conftest's `serve`, with an environment for the server: start(root, *args, env=...) -> Served."""
-    started: List[Served] = []
-
-    def start(root: Path, *args: str, env: Optional[Dict[str, str]] = None) -> Served:
-        started.append(Served(root, *args, env=env))
-        return started[-1]
-
-    yield start
-    for served in started:
-        log = served.stop()
-        assert "Traceback" not in log, log[-5000:]
 
 
 def address(served: Served) -> Tuple[str, int]:
@@ -118,9 +103,9 @@ def test_an_image_is_limited_by_what_it_decodes_to_not_by_its_pixels(served_trai
     assert status == 200 and body["predictions"][0]["digit"] == 7, body
 
 
-def test_decodes_beyond_the_slots_wait_in_a_bounded_queue_then_get_503(serve_env, trained_root, tmp_path):
+def test_decodes_beyond_the_slots_wait_in_a_bounded_queue_then_get_503(serve, trained_root, tmp_path):
     release = tmp_path / "release"
-    served = serve_env(trained_root, "--max-decodes", "1", "--max-waiting", "1",
+    served = serve(trained_root, "--max-decodes", "1", "--max-waiting", "1",
                        env={"MNIST_FAULT": f"hold:decode:{release}"})
     wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
     answers: Dict[str, Tuple[int, dict]] = {}
@@ -146,8 +131,8 @@ def test_decodes_beyond_the_slots_wait_in_a_bounded_queue_then_get_503(serve_env
     assert answers["second"][0] == 200, answers["second"]
 
 
-def test_stalled_connections_make_room_for_new_clients(serve_env, trained_root):
-    served = serve_env(trained_root, "--max-connections", "4")
+def test_stalled_connections_make_room_for_new_clients(serve, trained_root):
+    served = serve(trained_root, "--max-connections", "4")
     wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
     stalled = []
     for _ in range(10):  # one header line each, then nothing
@@ -164,8 +149,8 @@ def test_stalled_connections_make_room_for_new_clients(serve_env, trained_root):
         sock.close()
 
 
-def test_a_request_head_or_body_that_stalls_is_answered_408_and_closed(serve_env, trained_root):
-    served = serve_env(trained_root, "--read-timeout", "1")
+def test_a_request_head_or_body_that_stalls_is_answered_408_and_closed(serve, trained_root):
+    served = serve(trained_root, "--read-timeout", "1")
     head = exchange(served, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the blank line never comes
     assert_json_error(head, 408, "head")
     body = exchange(served, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"

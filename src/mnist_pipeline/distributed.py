@@ -147,6 +147,8 @@ def main_first(world: World) -> Iterator[None]:
     dist.broadcast(status, src=0)
     if status.item():
         dist.barrier()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the agent may stop the group meanwhile: already ending
+            signal.signal(signum, signal.SIG_IGN)
         raise Follows(int(status.item()))
     yield
 
