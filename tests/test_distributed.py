@@ -175,6 +175,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_the_resumed_epoch_
     shutil.copytree(stopped, other_world)
     result = run_here("train", "--root", str(other_world))
     assert result.returncode == 0 and f"from step {STOP_AT}" in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("resuming training of 2 process(es) with 1: the epoch will not be bit-identical") == 1
     assert load(other_world / "model" / "mnist_cnn.pt")["epoch"] == 1
 
 
@@ -187,13 +188,14 @@ def killed_run(two_rank_run, tmp_path_factory) -> SimpleNamespace:
     shutil.copytree(two_rank_run.volume, volume)  # a checkpoint: the killed run trains its next epoch
     before = (volume / "model" / "mnist_cnn.pt").read_bytes()
     # the subprocess timeout is the promise: the surviving rank does not hang
-    result = torchrun(volume, "--save-every", "0.000001", env=rank_fault(f"sigkill-at-step:{KILL_AT}"), timeout=60)
+    result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", "--save-every", "0.000001",
+                       env=rank_fault(f"sigkill-at-step:{KILL_AT}"), timeout=60)
     return SimpleNamespace(volume=volume, result=result, checkpoint_before=before)
 
 
 def test_a_rank_killed_with_kill_9_ends_the_run_with_a_clear_error_and_the_checkpoint_intact(killed_run):
     volume, result = killed_run.volume, killed_run.result
-    assert result.returncode != 0
+    assert result.returncode == 137, result.stderr[-3000:]  # the first failed rank's: killed by SIGKILL
     assert "error: rank 0 of 2 lost its process group: another rank died" in result.stderr, result.stderr[-3000:]
     assert (volume / "model" / "mnist_cnn.pt").read_bytes() == killed_run.checkpoint_before
     # rank 0 saved progress after the last step both ranks finished, and nothing half-written
@@ -274,6 +276,9 @@ def test_mnist_train_nproc_per_node_starts_the_group_itself(sigterm_runs):
     result = sigterm_runs.resumed
     assert result.returncode == 0 and f"from step {STOP_AT}" in result.stderr, result.stderr[-3000:]
     assert "train: epoch 1" in result.stdout
+    # nothing set on the command line or in MNIST_*: no rank says it ignores a setting, none says the
+    # world changed
+    assert "ignoring" not in result.stderr and "bit-identical" not in result.stderr, result.stderr[-3000:]
 
 
 def test_a_world_size_that_does_not_divide_the_batch_is_a_usage_error(volume):
@@ -287,8 +292,9 @@ def test_a_world_size_that_does_not_divide_the_batch_is_a_usage_error(volume):
     checkpoint = volume / "model" / "mnist_cnn.pt"
     before = checkpoint.read_bytes()
     result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT)
-    assert result.returncode == 2 and "127 does not split evenly over 2 processes" in result.stderr, \
-        result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]  # once: rank 0's
+    assert "trained at batch size 127" in errors[0] and "127 does not split evenly over 2 processes" in errors[0]
     assert "Traceback" not in result.stderr and checkpoint.read_bytes() == before
 
 

@@ -48,7 +48,7 @@ def run(config: TrainConfig) -> TrainResult:
                 if config.fresh:
                     resume.move_aside(volume)
                 history.set_aside_unreadable(volume, resume.set_aside)
-            state = resume.starting_point(volume, config.recipe, config.explicit, device, world.size)
+            state = resume.starting_point(volume, config.recipe, config.explicit, device, world)
             warm_up = cuda.start_warm_up(state.model, state.recipe)
             train_set = data.load_split(volume.data_dir, "train", config.mirror)
             # the test files too: evaluate and infer may run without network

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mnist_pipeline import model
+from mnist_pipeline.distributed import World
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import checkpoint
 from mnist_pipeline.settings import RECIPE_FIELDS, Recipe
@@ -87,11 +88,11 @@ class TrainingState:
 
 
 def starting_point(volume: Volume, recipe: Recipe, explicit: frozenset, device: torch.device,
-                   world_size: int) -> TrainingState:
+                   world: World) -> TrainingState:
     """Continue an interrupted epoch, else the checkpoint, else start from scratch.
 
-    `explicit`: the Recipe fields the user set; a resumed run keeps the checkpoint's and says which of
-    those it ignores.
+    `explicit`: the Recipe fields the user set; a resumed run keeps the checkpoint's and says (once per
+    group) which of those it ignores, and that a different world size makes the epoch a different one.
     """
     try:
         saved = checkpoint.read(volume.checkpoint)
@@ -101,25 +102,31 @@ def starting_point(volume: Volume, recipe: Recipe, explicit: frozenset, device: 
     source = progress or saved
     if source is None:
         log.info("no checkpoint at %s: training from scratch", describe(volume.checkpoint))
-        return TrainingState.fresh(recipe, device)
-    state = TrainingState.restore(source, device)
-    kept, asked = dataclasses.asdict(state.recipe), dataclasses.asdict(recipe)
+        state = TrainingState.fresh(recipe, device)
+    else:
+        state = TrainingState.restore(source, device)
+        if world.is_main:
+            _tell_what_differs(state.recipe, recipe, explicit, source.state.get("world_size"), world.size)
+        if progress:
+            log.info("continuing epoch %d at step %d from %s", state.epoch + 1, state.step, describe(volume.progress))
+        else:
+            log.info("resuming from %s (epoch %d)", describe(volume.checkpoint), state.epoch)
+    state.world_size = world.size
+    return state
+
+
+def _tell_what_differs(kept: Recipe, asked: Recipe, explicit: frozenset, saved_world: Optional[int],
+                       world_size: int) -> None:
     flags = {field: "--" + name.replace("_", "-") for name, field in RECIPE_FIELDS.items()}
-    ignored = [f"{flags[k]} {asked[k]} (the checkpoint's: {kept[k]})" for k in sorted(explicit) if kept[k] != asked[k]]
+    ignored = [f"{flags[k]} {getattr(asked, k)} (the checkpoint's: {getattr(kept, k)})"
+               for k in sorted(explicit) if getattr(kept, k) != getattr(asked, k)]
     if ignored:
         log.warning("resuming with the checkpoint's hyper-parameters; ignoring %s (--fresh starts over)",
                     ", ".join(ignored))
-    state.world_size = world_size
-    saved_world = source.state.get("world_size")  # (format 1 does not say)
-    if saved_world is not None and saved_world != world_size:
+    if saved_world is not None and saved_world != world_size:  # (format 1 does not say)
         log.warning("resuming training of %d process(es) with %d: the epoch will not be bit-identical to an "
                     "uninterrupted run (BatchNorm normalises each process's slice of the batch)", saved_world,
                     world_size)
-    if progress:
-        log.info("continuing epoch %d at step %d from %s", state.epoch + 1, state.step, describe(volume.progress))
-    else:
-        log.info("resuming from %s (epoch %d)", describe(volume.checkpoint), state.epoch)
-    return state
 
 
 def _load_progress(volume: Volume, saved: Optional[checkpoint.Checkpoint]) -> Optional[checkpoint.Checkpoint]:
