@@ -30,8 +30,8 @@ class MnistCNN(nn.Module):
     """Stages of 3x3 conv -> BatchNorm -> ReLU, each optionally followed by a 2x2 max-pool.
 
     The defaults (16-32-64 channels, a strided first stage, then pooling) reach
-    99% in one epoch on two CPU cores in well under the reference recipe's time:
-    bench/ has the figures. The constructor's arguments are its whole config,
+    99% in one epoch on two CPU cores in a fraction of the reference recipe's time
+    (docs/performance.md). The constructor's arguments are its whole config,
     stored in each checkpoint so the loader rebuilds the same network.
     """
 
@@ -58,7 +58,7 @@ class MnistCNN(nn.Module):
             in_channels = out_channels
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_channels * size * size, NUM_CLASSES)
-        # channels-last convolutions run faster on CPU (bench/); inputs follow suit in forward()
+        # channels-last convolutions run faster on CPU (docs/performance.md); inputs follow suit in forward()
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

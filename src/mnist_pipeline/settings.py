@@ -33,7 +33,7 @@ class Recipe:
     """Hyper-parameters. Saved in the checkpoint; a resumed run keeps the saved ones."""
 
     seed: int = 0
-    # the same on every device: 256 and 512 lose accuracy in one epoch (README, Speed and size); a GPU
+    # the same on every device: 256 and 512 lose accuracy in one epoch (docs/performance.md); a GPU
     # makes 128 fast by replaying each step's kernels as one CUDA graph instead
     batch_size: int = 128
     peak_lr: float = 0.4
