@@ -71,6 +71,9 @@ def test_each_new_checkpoint_is_a_version_and_production_moves_only_to_a_better_
     assert [row["version"] for row in listed(root)] == [1, 2, 3]
     table = ok("models", "--root", str(root))
     assert "production" in table.splitlines()[-1] and table.splitlines()[-1].split()[0] == "3"
+    report = (root / "model" / "report" / "index.html").read_text()
+    assert f"<td>3</td><td>1</td><td>{better:.2%}</td>" in report and "<td>production</td>" in report
+    assert "auto-promotion" in report
 
 
 def test_a_worse_version_leaves_production_and_never_promotes_is_obeyed(versions_copy):

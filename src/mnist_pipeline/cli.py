@@ -188,7 +188,7 @@ def _infer_config(v: Values) -> InferConfig:
 def write_report(volume: Volume, mirror: Optional[str]) -> Path:
     """model/report/ from the evaluation, the history and infer's predictions on the volume."""
     from mnist_pipeline import data, report as reports
-    from mnist_pipeline.records import evaluation, history, predictions
+    from mnist_pipeline.records import aliases, evaluation, history, predictions
 
     try:
         scores = evaluation.read(volume)
@@ -202,7 +202,8 @@ def write_report(volume: Volume, mirror: Optional[str]) -> Path:
         logging.getLogger(__name__).warning("the report leaves out results/: %s", exc)
         inferred = None
     test_images = data.load_split(volume.data_dir, "test", mirror).images
-    return reports.write(volume, scores, history.read(volume), test_images, inferred)
+    return reports.write(volume, scores, history.read(volume), test_images, inferred, aliases.catalogue(volume),
+                         aliases.history(volume))
 
 
 def _report_after(volume: Volume, mirror: Optional[str], stage: str) -> None:
