@@ -178,6 +178,10 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
     def service(name: str, timeout: float = 1800) -> subprocess.CompletedProcess:
         return run(compose + ["run", "--rm", name], project, timeout=timeout)
 
+    def versions() -> list:
+        """`mnist models --json` in a container of the evaluate service."""
+        return json.loads(run(compose + ["run", "--rm", "evaluate", "mnist", "models", "--json"], project).stdout)
+
     def inspect_volume() -> dict:
         found = run(["docker", "run", "--rm", "-v", f"{volume}:/opt/mount", images["train"],
                      "python", "-c", INSPECT_VOLUME])
@@ -212,6 +216,8 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
         pngs = [name for name in found["results"] if name.endswith(".png")]
         assert len(pngs) == 5 and all(found["png_magic"]), found
         assert all(re.fullmatch(r"[0-9](_[0-9]+)?\.png", name) for name in pngs), pngs
+        # evaluate kept the checkpoint as version 1 and, above the threshold, made it production
+        assert [(v["version"], v["epoch"], v["aliases"]) for v in versions()] == [(1, 1, ["production"])]
 
         check_serve(compose, project, serve_image)
 
@@ -231,6 +237,7 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
         assert (up.stdout + up.stderr).count("exited with code 0") == 3, up.stdout[-3000:] + up.stderr[-3000:]
         found = inspect_volume()
         assert (found["epoch"], found["evaluated"], found["inferred"]) == (4, 4, 4), found
+        assert [(v["version"], v["epoch"]) for v in versions()] == [(1, 1), (2, 4)], "one version per evaluate"
     finally:
         run(compose + ["rm", "-s", "-f", "serve"], project, timeout=120, check=False)
         run(compose + ["--profile", "ddp", "down", "--volumes", "--remove-orphans"], project, timeout=300,

@@ -27,8 +27,8 @@ def write_checkpoint(volume: Volume, epoch: int, model_config=None) -> str:
 def test_follows_only_gated_checkpoints_and_looks_only_when_files_change(tmp_path, monkeypatch):
     volume = Volume(tmp_path)
     gate_calls = []
-    real_gate = follow.evaluated
-    monkeypatch.setattr(follow, "evaluated", lambda *args: gate_calls.append(1) or real_gate(*args))
+    real_gate = follow.gated
+    monkeypatch.setattr(follow, "gated", lambda *args: gate_calls.append(1) or real_gate(*args))
     swapped = []
     follower = follow.Follower(volume, 0.95, torch.device("cpu"), on_swap=swapped.append)
 

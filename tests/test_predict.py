@@ -64,6 +64,8 @@ def test_gate_not_passed_exits_3_saying_what_to_run(trained_root, images, tmp_pa
     assert_one_line_error(result, 3, "no checkpoint", "mnist train")
     result = run_here("predict", "--root", str(trained_copy), "--threshold", "0.9999", image)
     assert_one_line_error(result, 3, "not above the threshold 0.9999")
+    # with no production version, predict falls back to the current checkpoint, which needs its evaluation
+    (trained_copy / "model" / "aliases" / "production.json").unlink()
     (trained_copy / "model" / "eval_results.json").unlink()
     result = run_here("predict", "--root", str(trained_copy), image)
     assert_one_line_error(result, 3, "mnist evaluate")

@@ -84,7 +84,7 @@ def test_predict_multipart_several_files_in_upload_order(served_trained, digits)
     status, answer = served.json("POST", "/predict", body, headers)
     assert status == 200, answer
     sha256 = json.loads((root / "model" / "eval_results.json").read_text())["checkpoint"]["sha256"]
-    assert answer["checkpoint"] == {"sha256": sha256, "epoch": 1}
+    assert answer["checkpoint"] == {"sha256": sha256, "epoch": 1, "version": 1}  # evaluate kept it as version 1
     assert [p["digit"] for p in answer["predictions"]] == [label for label, _ in digits]
     for prediction in answer["predictions"]:
         assert len(prediction["probabilities"]) == 10

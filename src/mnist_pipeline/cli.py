@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from mnist_pipeline import distributed, faults, settings, signals
+from mnist_pipeline import distributed, faults, registry_cli, settings, signals
 from mnist_pipeline.errors import PipelineError, UsageError
 from mnist_pipeline.settings import EvaluateConfig, InferConfig, PredictConfig, ServeConfig, TrainConfig
 from mnist_pipeline.storage.files import describe
@@ -43,6 +43,7 @@ class Command:
     run: Callable[[argparse.Namespace, Values], int]
     modules: tuple = ()  # imported before a signal may interrupt (torch's import is never cut short)
     interruptible: bool = True  # serve: uvicorn handles SIGTERM itself, a graceful shutdown
+    arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None  # what it takes besides settings
 
 
 # --- the commands ------------------------------------------------------------------------------------
@@ -127,7 +128,14 @@ def serve(args: argparse.Namespace, v: Values) -> int:
     return 0
 
 
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON list (file, digit, confidence, probabilities) instead of lines")
+
+
 _REPORT = ("mnist_pipeline.report",)
+_REGISTRY = ("mnist_pipeline.records.aliases",)
 COMMANDS: Dict[str, Command] = {
     "train": Command("Resume from model/mnist_cnn.pt if present, train --epochs more epochs, save atomically.", train,
                      ("mnist_pipeline.train",)),
@@ -140,10 +148,19 @@ COMMANDS: Dict[str, Command] = {
                         ("mnist_pipeline.train", "mnist_pipeline.evaluate", "mnist_pipeline.infer") + _REPORT),
     "report": Command("Rebuild model/report/ (index.html and its pictures) from eval_results.json, the history "
                       "and results/.", report, _REPORT),
-    "predict": Command("Read the digit in each IMAGE (any image Pillow reads) with the current checkpoint, "
-                       "if its evaluation passes --threshold.", predict, ("mnist_pipeline.predict",)),
-    "serve": Command("HTTP prediction API and a draw-a-digit page at http://HOST:PORT; follows each new "
-                     "evaluated checkpoint that passes --threshold.", serve, ("mnist_pipeline.serve",),
+    "predict": Command("Read the digit in each IMAGE (any image Pillow reads) with the --model version "
+                       "(production), if its evaluation passes --threshold.", predict, ("mnist_pipeline.predict",),
+                       arguments=_predict_arguments),
+    "models": Command("The versions evaluate has kept (model/versions/), with their aliases; `models log`: every "
+                      "alias move; `models prune`: remove the oldest versions no alias points to.",
+                      registry_cli.models, _REGISTRY, arguments=registry_cli.models_arguments),
+    "promote": Command("Point --alias (production) at version N.", registry_cli.promote, _REGISTRY,
+                       arguments=registry_cli.promote_arguments),
+    "rollback": Command("Point --alias (production) back at the version it pointed to before.",
+                        registry_cli.rollback, _REGISTRY),
+    "serve": Command("HTTP prediction API and a draw-a-digit page at http://HOST:PORT; serves the --model "
+                     "version (production: follows the alias as it moves) if it passes --threshold.", serve,
+                     ("mnist_pipeline.serve",),
                      interruptible=False),
 }
 
@@ -159,7 +176,8 @@ def _train_config(v: Values, explicit: frozenset) -> TrainConfig:
 
 def _evaluate_config(v: Values) -> EvaluateConfig:
     return EvaluateConfig(root=v["root"], mirror=v["mirror"], device=v["device"], threads=v["threads"],
-                          wait_s=v["wait"], grace_s=v["grace"], started=v["started"])
+                          wait_s=v["wait"], grace_s=v["grace"], started=v["started"], threshold=v["threshold"],
+                          promote=v["promote"], keep=v["keep"])
 
 
 def _infer_config(v: Values) -> InferConfig:
@@ -171,7 +189,7 @@ def _infer_config(v: Values) -> InferConfig:
 def write_report(volume: Volume, mirror: Optional[str]) -> Path:
     """model/report/ from the evaluation, the history and infer's predictions on the volume."""
     from mnist_pipeline import data, report as reports
-    from mnist_pipeline.records import evaluation, history, predictions
+    from mnist_pipeline.records import aliases, evaluation, history, predictions
 
     try:
         scores = evaluation.read(volume)
@@ -185,7 +203,8 @@ def write_report(volume: Volume, mirror: Optional[str]) -> Path:
         logging.getLogger(__name__).warning("the report leaves out results/: %s", exc)
         inferred = None
     test_images = data.load_split(volume.data_dir, "test", mirror).images
-    return reports.write(volume, scores, history.read(volume), test_images, inferred)
+    return reports.write(volume, scores, history.read(volume), test_images, inferred, aliases.catalogue(volume),
+                         aliases.history(volume))
 
 
 def _report_after(volume: Volume, mirror: Optional[str], written: str) -> None:
@@ -219,10 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                 sub.add_argument(s.flag, action="store_const", const=True, default=None, help=text)
             else:
                 sub.add_argument(s.flag, type=_flag_type(s), default=None, metavar=s.metavar, help=text)
-        if name == "predict":
-            sub.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-            sub.add_argument("--json", action="store_true",
-                             help="print a JSON list (file, digit, confidence, probabilities) instead of lines")
+        if command.arguments is not None:
+            command.arguments(sub)
     return parser
 
 
@@ -270,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
     if args.command in ("evaluate", "infer", "pipeline"):
         values["started"] = started
     try:
-        if args.command in ("evaluate", "infer") and not volume.root.is_dir():
+        if args.command in ("evaluate", "infer", "models", "promote", "rollback") and not volume.root.is_dir():
             raise PipelineError(
                 f"no volume at {describe(volume.root)} (no such folder): run `mnist train --root "
                 f"{describe(volume.root)}` first, or fix --root / MNIST_ROOT"

@@ -1,8 +1,9 @@
-"""evaluate: wait for a finished checkpoint, score it on all 10,000 test images."""
+"""evaluate: wait for a finished checkpoint, score it on all 10,000 test images, keep it as a version."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from typing import Optional
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from mnist_pipeline import data, runtime
-from mnist_pipeline.records import checkpoint, evaluation, history
+from mnist_pipeline.records import aliases, checkpoint, evaluation, history, versions
 from mnist_pipeline.records.evaluation import Evaluation, Mistake
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import predict
@@ -23,11 +24,14 @@ from mnist_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
 
+# the data's identity: data.py checks every file against these on each read
+DATA_SHA256 = hashlib.sha256("".join(data.FILES[name] for name in sorted(data.FILES)).encode()).hexdigest()
 MISTAKES_KEPT = 40  # the most confident mistakes listed in eval_results.json (the report shows them)
 
 
 def run(config: EvaluateConfig) -> Evaluation:
-    """Score the current checkpoint, write model/eval_results.json and the history's test scores."""
+    """Score the current checkpoint, write model/eval_results.json and the history's test scores, register
+    the checkpoint as a version if it is new, move production by config.promote and prune old versions."""
     volume = Volume(config.root)
     # Announce ourselves: infer keeps waiting while an evaluate is at work.
     with shared_lock(volume, "evaluate"):
@@ -40,7 +44,23 @@ def run(config: EvaluateConfig) -> Evaluation:
                                      compute_seconds=round(time.monotonic() - started, 3))
         evaluation.write(volume, result)
     history.add_evaluation(volume, saved.epoch, saved.sha256, result.accuracy, result.test_loss)
+    keep(volume, saved, result, config)
     return result
+
+
+def keep(volume: Volume, saved: checkpoint.Checkpoint, result: Evaluation, config: EvaluateConfig) -> None:
+    """Register the scored checkpoint as a version, move production by the rule, drop the oldest unaliased."""
+    version = versions.register(volume, saved, result, DATA_SHA256)
+    if version is None:
+        log.info("epoch %d (sha256 %s) is a version already", saved.epoch, saved.sha256[:12])
+        return
+    log.info("registered version %d (epoch %d, accuracy %.4f)", version.number, version.epoch, version.accuracy)
+    if aliases.auto_promote(volume, version, config.threshold, config.promote) is None:
+        log.info("production stays at version %s (--promote %s, --threshold %s)",
+                 aliases.read(volume, aliases.PRODUCTION) or "none", config.promote, config.threshold)
+    gone = aliases.prune(volume, config.keep)
+    if gone:
+        log.info("removed versions %s (no alias points to them; --keep %d)", ", ".join(map(str, gone)), config.keep)
 
 
 def wait_for_checkpoint(volume: Volume, wait_s: float, grace_s: float = 0.0,

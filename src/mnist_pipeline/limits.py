@@ -7,11 +7,23 @@ Each check takes a parsed value and returns it, or raises ValueError saying what
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Dict
 
 TRAIN_IMAGES = 60000  # a batch cannot be larger than the training split
 MAX_SEED = 2**32 - 1  # torch's generators take 64 bits; the data order mixes the epoch into the seed
 MAX_EPOCHS = 1000  # one call's worth; more is a typo, not a plan
+
+
+ALIAS = re.compile(r"[a-z][a-z0-9-]{0,39}")  # a file name on every file system: no slash, no dot
+
+
+def alias(value: Any) -> str:
+    """A version alias's name (production, staging, ...)."""
+    if not isinstance(value, str) or not ALIAS.fullmatch(value):
+        raise ValueError(f"{str(value)[:60]!r} is not an alias name: a lowercase letter, then lowercase letters, "
+                         f"digits or '-' (at most 40), e.g. production")
+    return value
 
 
 def _integer(value: Any) -> int:

@@ -1,4 +1,4 @@
-"""predict: the digit in each of the user's own images, with the current checkpoint if it passes the gate."""
+"""predict: the digit in each of the user's own images, with the --model version (production) if it passes the gate."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from mnist_pipeline import preprocess, runtime
 from mnist_pipeline.model import describe, predict
-from mnist_pipeline.records.evaluation import evaluated
+from mnist_pipeline.records.aliases import gated
 from mnist_pipeline.settings import PredictConfig
 from mnist_pipeline.storage.files import describe as describe_path
 from mnist_pipeline.storage.files import NotReadable, read_regular
@@ -19,8 +19,8 @@ MAX_FILE_BYTES = 64 * 1024 * 1024  # a large photo; a bigger file is refused bef
 
 def run(config: PredictConfig) -> List[Dict[str, Any]]:
     """{file, digit, confidence, probabilities} per image in argument order; {file, error} for one that
-    cannot be read. Raises NotEvaluated / BelowThreshold (exit 3) when the checkpoint fails the gate."""
-    saved, _ = evaluated(Volume(config.root), config.threshold)
+    cannot be read. Raises NotEvaluated / BelowThreshold (exit 3) when the model fails the gate."""
+    _, saved, _ = gated(Volume(config.root), config.model, config.threshold)
     device = runtime.setup(config.device, config.threads)
     model = saved.build_model().to(device)
     inputs, results = [], []

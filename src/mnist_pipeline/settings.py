@@ -14,7 +14,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Union
 
 from mnist_pipeline import limits
 
@@ -26,6 +26,7 @@ DEVICE = "auto"  # CUDA when torch sees a GPU
 WAIT_S = 30.0  # for the input, longer while its producer still runs
 GRACE_S = 5.0  # see storage.waiting.wait_for
 THRESHOLD = 0.95  # the gate: accuracy a checkpoint must exceed to be used
+PRODUCTION = "production"  # the alias serve and predict follow, and evaluate promotes to
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class EvaluateConfig:
     device: str = DEVICE
     threads: Optional[int] = None
     started: float = dataclasses.field(default_factory=time.monotonic)  # --grace counts from the command's start
+    threshold: float = THRESHOLD  # what a new version must pass to become production by itself
+    promote: str = "auto"  # auto: when it passes and is at least as accurate as production; never; always
+    keep: int = 20  # versions no alias points to kept after registering one (the newest)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class PredictConfig:
     root: Path
     images: Tuple[Path, ...]
     threshold: float = THRESHOLD
+    model: Union[str, int] = PRODUCTION  # an alias, or a version number (pinned)
     device: str = DEVICE
     threads: Optional[int] = None
 
@@ -101,6 +106,7 @@ class PredictConfig:
 class ServeConfig:
     root: Path
     threshold: float = THRESHOLD
+    model: Union[str, int] = PRODUCTION  # the alias followed, or a version number (pinned)
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = DEVICE
@@ -215,6 +221,26 @@ def _mirror(text: str) -> str:
     return text
 
 
+def _promote(text: str) -> str:
+    if text not in ("auto", "never", "always"):
+        raise ValueError("must be auto, never or always")
+    return text
+
+
+def _alias(text: str) -> str:
+    return limits.alias(text)
+
+
+def _model(text: str) -> Union[str, int]:
+    """A version number (pinned) or an alias name (followed)."""
+    if text.isdigit():
+        return limits.positive(int(text))
+    try:
+        return limits.alias(text)
+    except ValueError:
+        raise ValueError(f"{text[:60]!r} is neither a version number nor an alias name (e.g. production, 3)") from None
+
+
 @dataclass(frozen=True)
 class Setting:
     """One option: its flag, its MNIST_* twin, how to read it, its default."""
@@ -262,6 +288,14 @@ _ALL = [
     Setting("--nproc-per-node", _positive_int, NPROC_PER_NODE,
             "processes training together (data parallel) through torchrun's elastic agent; ignored inside torchrun",
             "N"),
+    Setting("--promote", _promote, default_of(EvaluateConfig, "promote"),
+            "move the production alias to the new version: auto (when it passes --threshold and is at least as "
+            "accurate as production), never or always", "auto|never|always"),
+    Setting("--keep", _positive_int, default_of(EvaluateConfig, "keep"),
+            "versions no alias points to that are kept (the newest); older ones are removed", "K"),
+    Setting("--alias", _alias, PRODUCTION, "the alias to move", "NAME"),
+    Setting("--model", _model, PRODUCTION, "the model used: an alias (followed as it moves) or a version number "
+            "(pinned)", "ALIAS|N"),
     Setting("--count", _positive_int, default_of(InferConfig, "count"), "how many random test images to label", "N"),
     Setting("--host", _host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
     Setting("--port", _port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
@@ -282,15 +316,19 @@ SETTINGS: Dict[str, Setting] = {s.dest: s for s in _ALL}
 _COMMON = ("root", "mirror", "device", "threads")
 _TRAIN = ("epochs", "batch_size", "lr", "fresh", "max_steps", "save_every")
 _INFER = ("wait", "grace", "threshold", "count")
-_PREDICT = ("root", "device", "threads", "threshold")
+_PREDICT = ("root", "device", "threads", "threshold", "model")
+_EVALUATE = ("wait", "grace", "threshold", "promote", "keep")
 # which settings each command takes, in --help's order
 COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "train": _COMMON + ("seed",) + _TRAIN + ("nproc_per_node",),  # (pipeline: no torchrun)
-    "evaluate": _COMMON + ("wait", "grace"),  # no --seed: scoring draws nothing at random
+    "evaluate": _COMMON + _EVALUATE,  # no --seed: scoring draws nothing at random
     "infer": _COMMON + ("seed",) + _INFER,
-    "pipeline": _COMMON + ("seed",) + _TRAIN + _INFER,
+    "pipeline": _COMMON + ("seed",) + _TRAIN + _INFER + ("promote", "keep"),
     "report": ("root", "mirror"),
     "predict": _PREDICT,
+    "models": ("root", "keep"),
+    "promote": ("root", "alias"),
+    "rollback": ("root", "alias"),
     "serve": _PREDICT + ("host", "port", "max_connections", "max_decodes", "max_waiting", "read_timeout",
                          "keep_alive"),
 }

@@ -52,5 +52,25 @@ class Volume:
         """The evaluation report (index.html and its pictures), replaced as a whole."""
         return self.model_dir / "report"
 
+    @property
+    def versions_dir(self) -> Path:
+        """Every evaluated checkpoint kept as model/versions/<N>/ (records/versions.py)."""
+        return self.model_dir / "versions"
+
+    def version_dir(self, number: int) -> Path:
+        return self.versions_dir / str(number)
+
+    @property
+    def aliases_dir(self) -> Path:
+        """Named pointers to versions, <name>.json each, and log.jsonl, every move of one."""
+        return self.model_dir / "aliases"
+
+    def alias_path(self, name: str) -> Path:
+        return self.aliases_dir / f"{name}.json"
+
+    @property
+    def alias_log(self) -> Path:
+        return self.aliases_dir / "log.jsonl"
+
     def lock_path(self, role: str) -> Path:
         return self.model_dir / f".{role}.lock"

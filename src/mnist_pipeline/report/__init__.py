@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from mnist_pipeline import data
 from mnist_pipeline.records import history
+from mnist_pipeline.records.aliases import Move
 from mnist_pipeline.records.evaluation import Evaluation
 from mnist_pipeline.records.predictions import Predictions
 from mnist_pipeline.report.chart import training_svg
-from mnist_pipeline.report.page import page
+from mnist_pipeline.report.page import page, versions_section
 from mnist_pipeline.report.pictures import confusion_image, mistakes_image
 from mnist_pipeline.storage.atomic import replace_dir
 from mnist_pipeline.volume import Volume
@@ -31,9 +32,11 @@ FILES = ("index.html", "confusion_matrix.png", "mistakes.png", "training.svg")
 
 
 def write(volume: Volume, evaluation: Evaluation, records: list, test_images: torch.Tensor,
-          predictions: Optional[Predictions]) -> Path:
-    """Replace model/report/ with the report of `evaluation`, the history `records` and infer's `predictions`
-    (None: infer has not run); returns index.html's path."""
+          predictions: Optional[Predictions], versions: Optional[List[Dict[str, Any]]] = None,
+          moves: Sequence[Move] = ()) -> Path:
+    """Replace model/report/ with the report of `evaluation`, the history `records`, infer's `predictions`
+    (None: infer has not run) and the `versions` kept (aliases.catalogue) with the alias `moves`; returns
+    index.html's path."""
     summary = history.summary(records)
     # infer's images are test images: drawn from them, the report reads nothing in results/
     pictures = {p.file: "data:image/png;base64," + base64.b64encode(data.png(test_images[p.test_index])).decode()
@@ -45,7 +48,8 @@ def write(volume: Volume, evaluation: Evaluation, records: list, test_images: to
         chart = training_svg(summary)
         (folder / "training.svg").write_text(chart)
         inline = chart.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1)  # HTML needs no namespace URL
-        (folder / "index.html").write_text(page(evaluation, summary, inline, predictions, pictures))
+        listed = versions_section(versions, moves) if versions is not None else ""
+        (folder / "index.html").write_text(page(evaluation, summary, inline, predictions, pictures, listed))
 
     replace_dir(volume.report_dir, fill)
     return volume.report_dir / "index.html"

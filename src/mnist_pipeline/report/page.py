@@ -6,8 +6,9 @@ Every value that comes from a file is escaped: the page is served on the API's o
 from __future__ import annotations
 
 import html
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
+from mnist_pipeline.records.aliases import Move
 from mnist_pipeline.records.evaluation import Evaluation
 from mnist_pipeline.records.predictions import Predictions
 
@@ -26,11 +27,33 @@ table { border-collapse: collapse; } td, th { padding: .25rem .7rem; text-align:
 
 
 MAX_EPOCH_ROWS = 200  # the table shows the latest epochs; the chart shows them all
+MAX_MOVE_ROWS = 50  # the latest alias moves; `mnist models log` has them all
+
+
+def versions_section(versions: List[Dict[str, Any]], moves: Sequence[Move]) -> str:
+    """The versions kept (as aliases.catalogue lists them) and the latest alias moves."""
+    e = html.escape
+    if not versions:
+        return '<p class="muted">No versions yet: <code>mnist evaluate</code> keeps each checkpoint it scores.</p>'
+    rows = "".join(
+        f"<tr><td>{v['version']}</td>" + (
+            f'<td colspan="3" class="low">corrupt: {e(v["corrupt"])}</td>' if "corrupt" in v else
+            f"<td>{v['epoch']}</td><td>{v['accuracy']:.2%}</td><td>{e(v['created'])}</td>")
+        + f"<td>{e(', '.join(v['aliases']))}</td></tr>"
+        for v in versions)
+    history = "".join(
+        f"<tr><td>{e(m.time)}</td><td>{e(m.alias)}</td><td>{m.before or '-'}</td><td>{m.to}</td>"
+        f"<td>{e(m.reason)}</td></tr>" for m in reversed(moves[-MAX_MOVE_ROWS:]))
+    return (f"<table><tr><th>version</th><th>epoch</th><th>test accuracy</th><th>created</th><th>aliases</th></tr>"
+            f"{rows}</table>\n<h3>Alias moves, latest first</h3>\n" +
+            (f"<table><tr><th>time</th><th>alias</th><th>from</th><th>to</th><th>why</th></tr>{history}</table>"
+             if moves else '<p class="muted">No alias has moved yet.</p>'))
 
 
 def page(evaluation: Evaluation, summary: Dict[str, Any], chart: str, predictions: Optional[Predictions],
-         pictures: Dict[str, str]) -> str:
-    """index.html: `chart` the inline SVG, `pictures` infer's images by file name (data: URIs)."""
+         pictures: Dict[str, str], versions: str = "") -> str:
+    """index.html: `chart` the inline SVG, `pictures` infer's images by file name (data: URIs), `versions`
+    versions_section's HTML."""
     e = html.escape
     matrix = evaluation.confusion_matrix
     per_class = []
@@ -100,6 +123,9 @@ is a mistake (darker: more). <a href="confusion_matrix.png">confusion_matrix.png
 {chart}
 <table><tr><th>epoch</th><th>steps</th><th>train loss</th><th>test accuracy</th><th>test loss</th></tr>
 {epoch_rows}</table>
+
+<h2>Versions</h2>
+{versions or '<p class="muted">No versions listed.</p>'}
 
 <h2>Latest infer images</h2>
 {infer_html}

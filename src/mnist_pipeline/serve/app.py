@@ -25,7 +25,9 @@ from starlette.requests import ClientDisconnect
 
 from mnist_pipeline import faults, preprocess, runtime
 from mnist_pipeline.model import describe
-from mnist_pipeline.serve.follow import Follower, Live
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.records import aliases, versions
+from mnist_pipeline.serve.follow import Follower, Kept, Live
 from mnist_pipeline.serve.http import ClientError, Front, busy
 from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
@@ -67,6 +69,8 @@ class Metrics:
                                  registry=self.registry)
         self.epoch = Gauge("mnist_checkpoint_epoch", "epoch of the checkpoint being served (0: none yet)",
                            registry=self.registry)
+        self.version = Gauge("mnist_model_version", "version being served (0: none yet, or a volume without "
+                             "a production version)", registry=self.registry)
         self.decoding = Gauge("mnist_decodes_running", "images being decoded now", registry=self.registry)
         self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=self.registry)
 
@@ -134,7 +138,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     metrics = Metrics()
     slots = Slots(limits.max_decodes, limits.max_waiting, metrics)
     uploads = Uploads(UPLOADS_BYTES)
-    follower = Follower(volume, config.threshold, device, on_swap=lambda live: metrics.epoch.set(live.epoch))
+    def swapped(live: Live) -> None:
+        metrics.epoch.set(live.epoch)
+        metrics.version.set(live.version or 0)
+
+    follower = Follower(volume, config.threshold, device, on_swap=swapped, model=config.model)
+    kept = Kept(volume, config.threshold, device)
     report_dir = volume.report_dir
     private = _private_paths(volume.root)
 
@@ -186,17 +195,37 @@ def create_app(config: ServeConfig) -> FastAPI:
         live, problem = follower.live, _public(follower.problem, private)
         if live is None:
             return JSONResponse({"error": problem}, status_code=503)
-        return JSONResponse({**_describe(live, config.threshold), **({"pending": problem} if problem else {})})
+        return JSONResponse({**_describe(live, config.threshold), "model": config.model,
+                             **({"pending": problem} if problem else {})}, headers=_version_header(live))
+
+    @app.get("/models")
+    def models() -> JSONResponse:
+        listed = aliases.catalogue(volume)
+        for row in listed:
+            if "corrupt" in row:
+                row["corrupt"] = _public(row["corrupt"], private)
+        live = follower.live
+        return JSONResponse({"model": config.model, "serving": live.version if live else None,
+                             "aliases": aliases.every(volume), "versions": listed})
 
     @app.get("/metrics")
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/predict")
-    async def predict(request: Request) -> Dict[str, Any]:
+    async def predict(request: Request) -> JSONResponse:
+        asked = request.query_params.get("version")
+        if asked is not None and not (asked.isdigit() and 0 < int(asked) <= versions.MAX_VERSION):
+            raise ClientError(400, f"version {asked[:40]!r} is not a version number: GET /models lists them")
         with uploads.account() as take:
             images = await _images(request, take)
             live = follower.live  # this request keeps this model, even if a newer one is swapped in meanwhile
+            if asked is not None:
+                try:
+                    live = await run_in_threadpool(kept.get, int(asked))
+                except PipelineError as exc:
+                    raise ClientError(404 if isinstance(exc, versions.NoSuchVersion) else 409,
+                                      _public(str(exc), private)) from None
             if live is None:
                 raise ClientError(503, f"no model to serve yet: {_public(follower.problem, private)}")
             started = time.perf_counter()
@@ -207,7 +236,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                 images[number - 1] = b""  # its bytes are done with
             predictions = await run_in_threadpool(_predict, live, inputs, device)
             metrics.latency.observe(time.perf_counter() - started)
-        return {"checkpoint": {"sha256": live.sha256, "epoch": live.epoch}, "predictions": predictions}
+        return JSONResponse({"checkpoint": live.describe(), "predictions": predictions},
+                            headers=_version_header(live))
 
     @app.get("/report", include_in_schema=False)
     def report_root() -> Response:
@@ -221,8 +251,11 @@ def create_app(config: ServeConfig) -> FastAPI:
 
 
 def _describe(live: Live, threshold: float) -> Dict[str, Any]:
-    return {"checkpoint": {"sha256": live.sha256, "epoch": live.epoch}, "accuracy": live.accuracy,
-            "threshold": threshold}
+    return {"checkpoint": live.describe(), "accuracy": live.accuracy, "threshold": threshold}
+
+
+def _version_header(live: Live) -> Dict[str, str]:
+    return {"X-Model-Version": str(live.version)} if live.version is not None else {}
 
 
 def _private_paths(root: Path) -> List[str]:

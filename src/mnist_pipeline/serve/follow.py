@@ -1,7 +1,9 @@
-"""The newest model on the volume that passes the gate, kept current while serve runs.
+"""The model serve answers with, kept current while serve runs: the version --model names.
 
-A thread stats model/mnist_cnn.pt and model/eval_results.json every POLL_S seconds (cheap: no
-hashing) and runs the gate (records.evaluation.evaluated) only when either changed. The records read
+--model production (or another alias) follows the alias: a thread stats its file (and, while
+production is unset, model/mnist_cnn.pt and model/eval_results.json, served as before versions) every
+POLL_S seconds (cheap: no hashing) and runs the gate (records.aliases.gated) only when one changed.
+--model N pins version N, which never changes. The records read
 only regular files, with O_NONBLOCK: a FIFO planted in place of a file is a reason not to serve it
 (/readyz says so), never a blocked thread. A model that passes
 is loaded, warmed up, then swapped in with one reference assignment: a request holds the Live
@@ -16,7 +18,8 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from collections import OrderedDict
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
@@ -24,7 +27,8 @@ from torch import nn
 
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import IMAGE_SIZE, predict
-from mnist_pipeline.records.evaluation import evaluated
+from mnist_pipeline.records import versions
+from mnist_pipeline.records.aliases import gated
 from mnist_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,12 @@ class Live:
     sha256: str
     epoch: int
     accuracy: float
+    version: Optional[int] = None  # None: the current checkpoint of a volume with no production version yet
+
+    def describe(self) -> dict:
+        """The `checkpoint` object of serve's answers."""
+        return {"sha256": self.sha256, "epoch": self.epoch,
+                **({"version": self.version} if self.version is not None else {})}
 
     def predict(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         """uint8 [N, 28, 28] -> probabilities [N, 10]."""
@@ -47,11 +57,12 @@ class Live:
 
 
 class Follower:
-    """Keeps `live` at the newest gated model of `volume`; `problem` says why the newest is not live."""
+    """Keeps `live` at the gated version `model` names; `problem` says why that one is not live."""
 
     def __init__(self, volume: Volume, threshold: float, device: torch.device,
-                 on_swap: Optional[Callable[[Live], None]] = None):
+                 on_swap: Optional[Callable[[Live], None]] = None, model: Union[str, int] = "production"):
         self.volume, self.threshold, self.device, self.on_swap = volume, threshold, device, on_swap
+        self.model = model
         self.live: Optional[Live] = None
         self.problem = "starting: the model is not loaded yet"
         self._seen: Optional[Tuple[Any, ...]] = None
@@ -74,18 +85,20 @@ class Follower:
             self._stop.wait(POLL_S)
 
     def poll(self) -> None:
-        """Load and swap in the current checkpoint if its files changed since the last look and it passes the gate."""
-        seen = (_stat(self.volume.checkpoint), _stat(self.volume.eval_results))
+        """Load and swap in the model --model names if its files changed since the last look and it passes the gate."""
+        if isinstance(self.model, int):
+            seen: Tuple[Any, ...] = (_stat(self.volume.version_dir(self.model) / versions.METADATA),)
+        else:
+            seen = (_stat(self.volume.alias_path(self.model)), _stat(self.volume.checkpoint),
+                    _stat(self.volume.eval_results))
         if seen == self._seen:
             return
         self._seen = seen
         try:
-            saved, evaluation = evaluated(self.volume, self.threshold)
-            if self.live is not None and saved.sha256 == self.live.sha256:
+            live = load(self.volume, self.model, self.threshold, self.device, self.live)
+            if live is self.live:
                 self.problem = ""
                 return
-            live = Live(model=saved.build_model().to(self.device), sha256=saved.sha256, epoch=saved.epoch,
-                        accuracy=evaluation.accuracy)
         except PipelineError as exc:
             self.problem = str(exc)
             if self.live is not None:
@@ -93,11 +106,47 @@ class Follower:
             else:
                 log.info("not ready: %s", exc)
             return
-        live.predict(torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), self.device)  # warm up off the hot path
         self.live, self.problem = live, ""
-        log.info("serving epoch %d (sha256 %s, accuracy %.4f)", live.epoch, live.sha256[:12], live.accuracy)
+        log.info("serving %sepoch %d (sha256 %s, accuracy %.4f)", f"version {live.version}, " if live.version else "",
+                 live.epoch, live.sha256[:12], live.accuracy)
         if self.on_swap is not None:
             self.on_swap(live)
+
+
+def load(volume: Volume, model: Union[str, int], threshold: float, device: torch.device,
+         current: Optional[Live] = None) -> Live:
+    """The gated model `model` names, loaded and warmed up; `current` itself if it is that one already."""
+    version, saved, evaluation = gated(volume, model, threshold)
+    number = version.number if version is not None else None
+    if current is not None and (current.sha256, current.version) == (saved.sha256, number):
+        return current
+    live = Live(model=saved.build_model().to(device), sha256=saved.sha256, epoch=saved.epoch,
+                accuracy=evaluation.accuracy, version=number)
+    live.predict(torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), device)  # warm up off the hot path
+    return live
+
+
+class Kept:
+    """Versions asked for by number (POST /predict?version=N): at most `size` loaded, the least recently used
+    dropped. Loads happen one at a time, on the caller's thread."""
+
+    def __init__(self, volume: Volume, threshold: float, device: torch.device, size: int = 3):
+        self.volume, self.threshold, self.device, self.size = volume, threshold, device, size
+        self._loaded: "OrderedDict[int, Live]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, number: int) -> Live:
+        """Version `number`, gated; PipelineError (versions.NoSuchVersion for one not kept) when it cannot serve."""
+        with self._lock:
+            live = self._loaded.get(number)
+            if live is None or not self.volume.version_dir(number).is_dir():  # (pruned since)
+                self._loaded.pop(number, None)
+                live = load(self.volume, number, self.threshold, self.device)
+            self._loaded[number] = live
+            self._loaded.move_to_end(number)
+            while len(self._loaded) > self.size:
+                self._loaded.popitem(last=False)
+            return live
 
 
 def _stat(path: os.PathLike) -> Optional[Tuple[int, int, int]]:

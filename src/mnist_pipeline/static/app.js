@@ -132,7 +132,8 @@ async function loadModel() {
     const response = await fetch("/readyz");
     const info = await response.json();
     if (response.ok) {
-      model.textContent = `Model: epoch ${info.checkpoint.epoch}, test accuracy ` +
+      const version = info.checkpoint.version ? `version ${info.checkpoint.version}, ` : "";
+      model.textContent = `Model: ${version}epoch ${info.checkpoint.epoch}, test accuracy ` +
                           `${(info.accuracy * 100).toFixed(2)}% (checkpoint ${info.checkpoint.sha256.slice(0, 12)})`;
     } else {
       model.textContent = `Not ready: ${info.error}`;
