@@ -29,7 +29,7 @@ from torch import nn  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from mnist_pipeline import cli  # noqa: E402
+from mnist_pipeline.commands.stages import write_report  # noqa: E402
 from mnist_pipeline.records import history  # noqa: E402
 from mnist_pipeline.model import MnistCNN  # noqa: E402
 from mnist_pipeline.volume import Volume  # noqa: E402
@@ -84,7 +84,7 @@ def main() -> None:
         timings = []
         for _ in range(3):
             started = time.perf_counter()
-            cli.write_report(Volume(root), None)
+            write_report(Volume(root), None)
             timings.append(time.perf_counter() - started)
         size = sum(p.stat().st_size for p in Volume(root).report_dir.iterdir())
         print(f"the report: {statistics.median(timings):.2f} s (median of 3), model/report/ {size / 1e3:.0f} kB")

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, assert_one_line_error, run_here, run_mnist
 from mnist_pipeline import cli, settings as table
+from mnist_pipeline.commands import stages
 
 
 def settings(argv, env):
@@ -157,11 +158,11 @@ def test_the_cli_defaults_build_each_stage_config_with_its_own_defaults():
     root = table.DEFAULT_ROOT
     assert values["train"]["root"] == root
     for v in (values["train"], values["pipeline"]):
-        assert cli._train_config(v, frozenset()) == table.TrainConfig(root=root)
+        assert stages.train_config(v, frozenset()) == table.TrainConfig(root=root)
     for v in (values["evaluate"], values["pipeline"]):
-        assert cli._evaluate_config({**v, "started": 0.0}) == table.EvaluateConfig(root=root, started=0.0)
+        assert stages.evaluate_config({**v, "started": 0.0}) == table.EvaluateConfig(root=root, started=0.0)
     for v in (values["infer"], values["pipeline"]):
-        assert cli._infer_config({**v, "started": 0.0}) == table.InferConfig(root=root, started=0.0)
+        assert stages.infer_config({**v, "started": 0.0}) == table.InferConfig(root=root, started=0.0)
     assert table.ServeConfig(**values["serve"]) == table.ServeConfig(root=root)
     assert table.PredictConfig(images=(), **values["predict"]) == table.PredictConfig(root=root, images=())
 

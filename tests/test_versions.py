@@ -164,7 +164,8 @@ def test_two_evaluates_at_once_get_distinct_numbers(short_trained_copy, tmp_path
         second = start_mnist("evaluate", "--root", str(root))
         read_until(second, "waiting for another process")
         release.touch()
-        assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0
+        assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+        assert second.wait(timeout=300) == 0, second.stderr.read()[-2000:]
     finally:
         release.touch()
     rows = listed(root)

@@ -5,7 +5,7 @@ the volume from follow.py. Nothing here writes to the volume. Every error is a 4
 retry) with a JSON {"error": ...}; the process keeps serving whatever a client sends.
 
 What a client may cost is bounded, since the port is open to anyone:
-- memory: an upload is at most MAX_BODY_BYTES, all uploads held at once at most UPLOADS_BYTES, an
+- memory: an upload is at most MAX_BODY_BYTES, all uploads held at once at most UPLOADS_BYTES (app.py), an
   image's decoded pixels at most preprocess.MAX_DECODED_BYTES, and at most --max-decodes images are
   decoded at once (one at a time per request); --max-waiting requests may wait for a decode, more get
   a 503 with Retry-After;
@@ -14,7 +14,8 @@ What a client may cost is bounded, since the port is open to anyone:
   idle after an answer for --keep-alive seconds (connections.Guard, and http.Front's receive);
 - logs: a message that repeats is logged at most once a second (OncePerSecond).
 
-  app.py          the routes, and what a request may hold (Limits, Slots, Uploads)
+  app.py          the routes
+  budget.py       what requests may hold at once: the limits, decode slots, upload bytes
   http.py         the edge every answer passes: JSON errors, security headers, counts, body timeouts
   connections.py  the socket and uvicorn's protocol with a head timeout and a connection cap
   follow.py       the gated model, kept current as the volume changes
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import logging
 
-from mnist_pipeline.serve.app import Limits, create_app
+from mnist_pipeline.serve.app import create_app
+from mnist_pipeline.serve.budget import Limits
 from mnist_pipeline.serve.connections import (BACKLOG, OncePerSecond, allow_open_files, give_back_freed_memory,
                                               guarded, listen)
 from mnist_pipeline.settings import ServeConfig

@@ -1,15 +1,13 @@
 """The routes: the page, /predict, the probes, /metrics, the report. What a request may hold is bounded
-here (Limits, Slots, Uploads); the model that follows the volume comes from follow.py."""
+in budget.py; the model that follows the volume comes from follow.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List
+from typing import Any, AsyncIterator, Dict, List
 
 import torch
 from fastapi import FastAPI, Request
@@ -27,8 +25,9 @@ from mnist_pipeline import faults, preprocess, runtime
 from mnist_pipeline.model import describe
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import aliases, versions
+from mnist_pipeline.serve.budget import Limits, Slots, Uploads
 from mnist_pipeline.serve.follow import Follower, Kept, Live
-from mnist_pipeline.serve.http import ClientError, Front, busy
+from mnist_pipeline.serve.http import ClientError, Front
 from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
 
@@ -40,23 +39,6 @@ MAX_FILES = 64
 MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
 DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
 UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """ServeConfig's limits, as the server applies them."""
-
-    max_connections: int
-    max_decodes: int
-    max_waiting: int
-    read_timeout: float
-    keep_alive: float
-
-    @classmethod
-    def of(cls, config: ServeConfig) -> "Limits":
-        return cls(max_connections=config.max_connections,
-                   max_decodes=config.max_decodes or runtime.available_cpus(),
-                   max_waiting=config.max_waiting, read_timeout=config.read_timeout, keep_alive=config.keep_alive)
 
 
 class Metrics:
@@ -75,60 +57,6 @@ class Metrics:
         self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=self.registry)
 
 
-class Slots:
-    """At most `running` images decoded at once; at most `waiting` requests wait their turn, more are refused.
-
-    A request takes a slot for each of its images in turn, so a 64-file request holds one decoded
-    image at a time and lets other requests' images in between its own.
-    """
-
-    def __init__(self, running: int, waiting: int, metrics: Metrics):
-        self.semaphore, self.max_waiting, self.metrics = asyncio.Semaphore(running), waiting, metrics
-        self.waiting = 0
-
-    @contextlib.asynccontextmanager
-    async def slot(self, newcomer: bool) -> AsyncIterator[None]:
-        """A decode slot; a `newcomer` (a request's first image) gets 503 when the queue is full."""
-        if newcomer and self.semaphore.locked() and self.waiting >= self.max_waiting:
-            raise busy(f"{self.waiting} requests already wait for one of the image decoders")
-        self.waiting += 1
-        self.metrics.waiting.set(self.waiting)
-        try:
-            await self.semaphore.acquire()
-        finally:
-            self.waiting -= 1
-            self.metrics.waiting.set(self.waiting)
-        self.metrics.decoding.inc()
-        try:
-            yield
-        finally:
-            self.metrics.decoding.dec()
-            self.semaphore.release()
-
-
-class Uploads:
-    """The bytes of request bodies (and their parsed copies) held at once, at most `limit`: a 503 beyond."""
-
-    def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
-
-    @contextlib.contextmanager
-    def account(self) -> Iterator[Callable[[int], None]]:
-        """take(n) for each piece a request holds; all of it is given back when the request ends."""
-        taken = [0]
-
-        def take(size: int) -> None:
-            if self.held + size > self.limit:
-                raise busy("too many uploads at once")
-            self.held += size
-            taken[0] += size
-
-        try:
-            yield take
-        finally:
-            self.held -= taken[0]
-
-
 def create_app(config: ServeConfig) -> FastAPI:
     volume = Volume(config.root)
     limits = Limits.of(config)
@@ -136,7 +64,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     # and one image is too little work to split (bench/serve_bench.py: 1 beats 2 on 2 cores)
     device = runtime.setup(config.device, config.threads or 1)
     metrics = Metrics()
-    slots = Slots(limits.max_decodes, limits.max_waiting, metrics)
+    slots = Slots(limits.max_decodes, limits.max_waiting, metrics.decoding, metrics.waiting)
     uploads = Uploads(UPLOADS_BYTES)
     def swapped(live: Live) -> None:
         metrics.epoch.set(live.epoch)

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.serve.app import Limits
+from mnist_pipeline.serve.budget import Limits
 from mnist_pipeline.serve.http import CSP, RETRY_AFTER_S, SECURITY_HEADERS, phrase
 
 log = logging.getLogger(__name__)

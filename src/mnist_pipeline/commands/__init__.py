@@ -1,0 +1,55 @@
+"""The `mnist` commands: each is one entry in COMMANDS, its help and the function that runs it.
+
+  stages.py    train, evaluate, infer, pipeline, report
+  use.py       predict, serve
+  registry.py  models, promote, rollback
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+from mnist_pipeline.commands import registry, stages, use
+
+Values = Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[[argparse.Namespace, Values], int]
+    modules: tuple = ()  # imported before a signal may interrupt (torch's import is never cut short)
+    interruptible: bool = True  # serve: uvicorn handles SIGTERM itself, a graceful shutdown
+    arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None  # what it takes besides settings
+
+_REPORT = ("mnist_pipeline.report",)
+_REGISTRY = ("mnist_pipeline.records.aliases",)
+COMMANDS: Dict[str, Command] = {
+    "train": Command("Resume from model/mnist_cnn.pt if present, train --epochs more epochs, save atomically.",
+                     stages.train, ("mnist_pipeline.train",)),
+    "evaluate": Command("Wait for a finished checkpoint, score it on the 10,000 test images, write "
+                        "model/eval_results.json and the report (model/report/).", stages.evaluate,
+                        ("mnist_pipeline.evaluate",) + _REPORT),
+    "infer": Command("Wait for the current checkpoint's evaluation; if accuracy is above --threshold, "
+                     "write --count labelled test images to results/.", stages.infer, ("mnist_pipeline.infer",)),
+    "pipeline": Command("train, evaluate, infer in order, then the report (with infer's images).", stages.pipeline,
+                        ("mnist_pipeline.train", "mnist_pipeline.evaluate", "mnist_pipeline.infer") + _REPORT),
+    "report": Command("Rebuild model/report/ (index.html and its pictures) from eval_results.json, the history "
+                      "and results/.", stages.report, _REPORT),
+    "predict": Command("Read the digit in each IMAGE (any image Pillow reads) with the --model version "
+                       "(production), if its evaluation passes --threshold.", use.predict, ("mnist_pipeline.predict",),
+                       arguments=use.predict_arguments),
+    "models": Command("The versions evaluate has kept (model/versions/), with their aliases; `models log`: every "
+                      "alias move; `models prune`: remove the oldest versions no alias points to.",
+                      registry.models, _REGISTRY, arguments=registry.models_arguments),
+    "promote": Command("Point --alias (production) at version N.", registry.promote, _REGISTRY,
+                       arguments=registry.promote_arguments),
+    "rollback": Command("Point --alias (production) back at the version it pointed to before.",
+                        registry.rollback, _REGISTRY),
+    "serve": Command("HTTP prediction API and a draw-a-digit page at http://HOST:PORT; serves the --model "
+                     "version (production: follows the alias as it moves) if it passes --threshold.", use.serve,
+                     ("mnist_pipeline.serve",),
+                     interruptible=False),
+}

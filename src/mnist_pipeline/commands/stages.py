@@ -1,0 +1,128 @@
+"""The pipeline's commands: train, evaluate, infer, all three in one process, and the report.
+
+The stages never import one another or the report: what one hands the next goes through here or the
+volume. The report is written once per command, from the records on the volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from mnist_pipeline import distributed, settings, signals
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.settings import EvaluateConfig, InferConfig, TrainConfig
+from mnist_pipeline.storage.files import describe
+from mnist_pipeline.volume import Volume
+
+Values = Dict[str, Any]
+
+
+def train(args: argparse.Namespace, v: Values) -> int:
+    from mnist_pipeline import train as stage
+
+    result = stage.run(train_config(v, args.explicit))
+    if distributed.world().is_main:  # one summary per group
+        print(f"train: epoch {result.epoch}, train loss {result.train_loss:.4f}, "
+              f"{result.seconds:.1f} s -> {describe(result.checkpoint)}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace, v: Values) -> int:
+    from mnist_pipeline import evaluate as stage
+
+    result = stage.run(evaluate_config(v))
+    print(f"evaluate: accuracy {result.accuracy:.4f} ({result.correct}/{result.total}), "
+          f"test loss {result.test_loss:.4f}, epoch {result.epoch}")
+    volume = Volume(v["root"])
+    _report_after(volume, v["mirror"], describe(volume.eval_results))
+    return 0
+
+
+def infer(args: argparse.Namespace, v: Values) -> int:
+    from mnist_pipeline import infer as stage
+
+    result = stage.run(infer_config(v))
+    files = ", ".join(f"{p.file} (true {p.label})" for p in result.predictions)
+    print(f"infer: accuracy {result.accuracy:.4f} > {result.threshold}: {files}")
+    return 0
+
+
+def pipeline(args: argparse.Namespace, v: Values) -> int:
+    """train, evaluate, infer in one process, then one report of all three."""
+    from mnist_pipeline import evaluate as evaluate_stage, infer as infer_stage, train as train_stage
+
+    volume = Volume(v["root"])
+    result = train_stage.run(train_config(v, args.explicit))
+    args.train_lock.close()  # taken by main(); evaluate would wait for it
+    print(f"train: epoch {result.epoch}, train loss {result.train_loss:.4f}, {result.seconds:.1f} s -> "
+          f"{describe(result.checkpoint)}")
+    check_signal("train")
+    scores = evaluate_stage.run(evaluate_config(v))
+    print(f"evaluate: accuracy {scores.accuracy:.4f} ({scores.correct}/{scores.total}), "
+          f"test loss {scores.test_loss:.4f}, epoch {scores.epoch}")
+    check_signal("evaluate")
+    inferred = infer_stage.run(infer_config(v))
+    files = ", ".join(f"{p.file} (true {p.label})" for p in inferred.predictions)
+    print(f"infer: accuracy {inferred.accuracy:.4f} > {inferred.threshold}: {files}")
+    check_signal("infer")
+    _report_after(volume, v["mirror"], f"{describe(volume.results_dir)}/")
+    return 0
+
+
+def report(args: argparse.Namespace, v: Values) -> int:
+    print(f"report: {describe(write_report(Volume(v['root']), v['mirror']))}")
+    return 0
+
+
+def train_config(v: Values, explicit: frozenset) -> TrainConfig:
+    return TrainConfig(root=v["root"], mirror=v["mirror"], device=v["device"], threads=v["threads"],
+                       epochs=v["epochs"], recipe=settings.recipe(v), fresh=v["fresh"], save_every_s=v["save_every"],
+                       explicit=frozenset(settings.RECIPE_FIELDS[k] for k in explicit if k in settings.RECIPE_FIELDS))
+
+
+def evaluate_config(v: Values) -> EvaluateConfig:
+    return EvaluateConfig(root=v["root"], mirror=v["mirror"], device=v["device"], threads=v["threads"],
+                          wait_s=v["wait"], grace_s=v["grace"], started=v["started"], threshold=v["threshold"],
+                          promote=v["promote"], keep=v["keep"])
+
+
+def infer_config(v: Values) -> InferConfig:
+    return InferConfig(root=v["root"], mirror=v["mirror"], device=v["device"], threads=v["threads"],
+                       wait_s=v["wait"], grace_s=v["grace"], threshold=v["threshold"], count=v["count"],
+                       seed=v["seed"], started=v["started"])
+
+
+def write_report(volume: Volume, mirror: Optional[str]) -> Path:
+    """model/report/ from the evaluation, the history and infer's predictions on the volume."""
+    from mnist_pipeline import data, report as reports
+    from mnist_pipeline.records import aliases, evaluation, history, predictions
+
+    try:
+        scores = evaluation.read(volume)
+    except FileNotFoundError:
+        raise PipelineError(f"no {describe(volume.eval_results)} yet: run `mnist evaluate` first") from None
+    try:
+        inferred = predictions.read(volume)
+    except FileNotFoundError:
+        inferred = None
+    except PipelineError as exc:
+        logging.getLogger(__name__).warning("the report leaves out results/: %s", exc)
+        inferred = None
+    test_images = data.load_split(volume.data_dir, "test", mirror).images
+    return reports.write(volume, scores, history.read(volume), test_images, inferred, aliases.catalogue(volume),
+                         aliases.history(volume))
+
+
+def _report_after(volume: Volume, mirror: Optional[str], written: str) -> None:
+    try:
+        print(f"report: {describe(write_report(volume, mirror))}")
+    except PipelineError as exc:
+        raise PipelineError(f"{written} is written, but not the report: {exc}; `mnist report` tries again") from None
+
+
+def check_signal(stage: str) -> None:
+    if signals.received() is not None:  # arrived after the stage's last save: nothing is lost
+        raise signals.interrupted(f"after {stage} finished and saved its results")

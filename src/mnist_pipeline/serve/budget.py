@@ -1,0 +1,87 @@
+"""What requests may hold at once: the limits from the settings, decode slots with a bounded queue, and
+the bytes of uploads. Beyond them a request gets 503 with Retry-After, never more memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from typing import AsyncIterator, Callable, Iterator
+
+from prometheus_client import Gauge
+
+from mnist_pipeline import runtime
+from mnist_pipeline.serve.http import busy
+from mnist_pipeline.settings import ServeConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """ServeConfig's limits, as the server applies them."""
+
+    max_connections: int
+    max_decodes: int
+    max_waiting: int
+    read_timeout: float
+    keep_alive: float
+
+    @classmethod
+    def of(cls, config: ServeConfig) -> "Limits":
+        return cls(max_connections=config.max_connections,
+                   max_decodes=config.max_decodes or runtime.available_cpus(),
+                   max_waiting=config.max_waiting, read_timeout=config.read_timeout, keep_alive=config.keep_alive)
+
+
+class Slots:
+    """At most `running` images decoded at once; at most `waiting` requests wait their turn, more are refused.
+
+    A request takes a slot for each of its images in turn, so a 64-file request holds one decoded
+    image at a time and lets other requests' images in between its own.
+    """
+
+    def __init__(self, running: int, waiting: int, decoding: Gauge, queued: Gauge):
+        self.semaphore, self.max_waiting = asyncio.Semaphore(running), waiting
+        self.decoding, self.queued = decoding, queued  # the metrics of what runs and what waits
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, newcomer: bool) -> AsyncIterator[None]:
+        """A decode slot; a `newcomer` (a request's first image) gets 503 when the queue is full."""
+        if newcomer and self.semaphore.locked() and self.waiting >= self.max_waiting:
+            raise busy(f"{self.waiting} requests already wait for one of the image decoders")
+        self.waiting += 1
+        self.queued.set(self.waiting)
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+            self.queued.set(self.waiting)
+        self.decoding.inc()
+        try:
+            yield
+        finally:
+            self.decoding.dec()
+            self.semaphore.release()
+
+
+class Uploads:
+    """The bytes of request bodies (and their parsed copies) held at once, at most `limit`: a 503 beyond."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def account(self) -> Iterator[Callable[[int], None]]:
+        """take(n) for each piece a request holds; all of it is given back when the request ends."""
+        taken = [0]
+
+        def take(size: int) -> None:
+            if self.held + size > self.limit:
+                raise busy("too many uploads at once")
+            self.held += size
+            taken[0] += size
+
+        try:
+            yield take
+        finally:
+            self.held -= taken[0]
