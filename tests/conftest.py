@@ -28,9 +28,12 @@ from unittest import mock
 
 import pytest
 
-from mnist_pipeline import cli, data, faults
-from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.storage.atomic import TEMP_PREFIX
+# run_here runs `mnist` in this process: as cli.main does before torch loads, idle OpenMP threads sleep
+# instead of spinning, which starves the other tests' processes on a machine with few cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from mnist_pipeline import cli, data, faults  # noqa: E402  (loads torch)
+from mnist_pipeline.errors import PipelineError  # noqa: E402
+from mnist_pipeline.storage.atomic import TEMP_PREFIX  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = os.environ.get("MNIST_TEST_MIRROR", "")  # a folder or an http(s) URL
