@@ -2,6 +2,7 @@
 MNIST comes from MNIST_TEST_MIRROR (a folder, or an http(s) URL that fills the cache) or else from a cache,
 $XDG_CACHE_HOME/mnist-compose, that the product's checksummed fetch fills once from the public mirrors."""
 
+import concurrent.futures
 import contextlib
 import fcntl
 import functools
@@ -10,10 +11,12 @@ import http.server
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -23,7 +26,7 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from unittest import mock
 
 import pytest
@@ -83,14 +86,82 @@ def litter(root: Path) -> list:
     return sorted(str(p.relative_to(root)) for p in root.rglob(TEMP_PREFIX + "*"))
 
 
-def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m mnist_pipeline ARGS` in a new interpreter, as a user runs it; a hang fails the test."""
-    return subprocess.run([sys.executable, "-m", "mnist_pipeline", *args], env=mnist_env(env), capture_output=True,
-                          text=True, timeout=timeout)
+# `mnist` (and torchrun's agent) fork from multiprocessing's forkserver, which has imported torch and the
+# stages once: a new interpreter spends seconds on that. The server runs no torch op, so each child starts
+# torch's thread pools as a new process does; torchrun's ranks stay new interpreters, started by torchrun.
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["mnist_pipeline.cli", "torch", "mnist_pipeline.train", "mnist_pipeline.evaluate",
+                              "mnist_pipeline.infer", "mnist_pipeline.serve", "uvicorn", "torch.distributed.run"])
 
 
-def start_mnist(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-    """run_mnist's twin for a process the test talks to while it runs."""
+def _forked(main: Callable[[], None], argv: List[str], env: Dict[str, str], out, err) -> None:
+    """The child: `main()` (cli.script, as `python -m mnist_pipeline` runs it) with this argv, environment and
+    outputs. A SystemExit or an exception ends it as it ends an interpreter (multiprocessing's doing)."""
+    os.environ.clear()
+    os.environ.update(env)
+    for stream, fd in ((out, 1), (err, 2)):
+        os.dup2(stream.fileno(), fd)
+        stream.close()
+    sys.argv = [sys.executable, *argv]
+    main()
+
+
+class Forked:
+    """A forked `mnist ARGV` (or main()) with the part of subprocess.Popen's interface the tests use."""
+
+    def __init__(self, argv: List[str], env: Dict[str, str], main: Callable[[], None] = cli.script):
+        pairs = [socket.socketpair() for _ in range(2)]  # (ours, the child's): stdout, stderr
+        self._process = FORKS.Process(target=_forked, args=(main, argv, env, pairs[0][1], pairs[1][1]), daemon=True)
+        self._process.start()
+        self.args, self.pid = argv, self._process.pid
+        self.stdout, self.stderr = (ours.makefile("r", encoding="utf-8") for ours, _ in pairs)
+        for ours, theirs in pairs:
+            ours.close(), theirs.close()  # (the files keep ours open) EOF comes when the child ends
+
+    returncode = property(lambda self: self._process.exitcode)  # -N: killed by signal N, as Popen says it
+    poll = returncode.fget
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        self._process.join(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    terminate, kill = (lambda self: self.send_signal(signal.SIGTERM)), (lambda self: self.send_signal(signal.SIGKILL))
+
+    def communicate(self, timeout: Optional[float] = None) -> Tuple[str, str]:
+        """Both outputs to their end, each read on a thread of its own: a full pipe would block the child."""
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        reads = [pool.submit(stream.read) for stream in (self.stdout, self.stderr)]
+        pool.shutdown(wait=False)
+        self.wait(timeout)
+        return reads[0].result(timeout), reads[1].result(timeout)
+
+
+def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600, fresh: bool = False,
+              main: Callable[[], None] = cli.script) -> subprocess.CompletedProcess:
+    """`mnist ARGS` in a process of its own, as a user runs it; a hang fails the test. Forked (above) unless
+    `fresh`: a new interpreter, for what depends on the start itself (python -m as typed, PYTHONIOENCODING, a
+    race against torch's import). `main`: torch.distributed.run.main runs torchrun ARGS instead."""
+    process = start_mnist(*args, env=env, fresh=fresh, main=main)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return subprocess.CompletedProcess(list(args), process.returncode, out, err)
+
+
+def start_mnist(*args: str, env: Optional[Dict[str, str]] = None, fresh: bool = False,
+                main: Callable[[], None] = cli.script):
+    """run_mnist's twin for a process the test talks to while it runs: a subprocess.Popen, or its like."""
+    if not fresh:
+        return Forked(list(args), mnist_env(env), main)
+    assert main is cli.script, "a fresh interpreter runs `python -m mnist_pipeline`"
     return subprocess.Popen([sys.executable, "-m", "mnist_pipeline", *args], env=mnist_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
