@@ -86,28 +86,27 @@ def litter(root: Path) -> list:
     return sorted(str(p.relative_to(root)) for p in root.rglob(TEMP_PREFIX + "*"))
 
 
-# `mnist` and torchrun's agent fork from multiprocessing's forkserver, which has imported torch and the stages
-# once: a new interpreter spends seconds on that. The server runs no torch op, so a child starts torch's thread
-# pools as a new process does. torchrun's ranks stay new interpreters, started by torchrun.
+# `mnist` and torchrun's agent fork from a server that has imported torch and the stages (a new interpreter spends
+# seconds on that) and runs no torch op, so a child starts torch's thread pools as a new process does.
 FORKS = multiprocessing.get_context("forkserver")
 FORKS.set_forkserver_preload(["mnist_pipeline.cli", "torch", "mnist_pipeline.train", "mnist_pipeline.evaluate",
                               "mnist_pipeline.infer", "mnist_pipeline.serve", "uvicorn", "torch.distributed.run"])
 
 
 class Forked(FORKS.Process):
-    """A forked `mnist ARGV` (main(): cli.script, what `python -m mnist_pipeline` runs) with the part of
-    subprocess.Popen's interface the tests use; pid, terminate and kill are multiprocessing's."""
+    """A forked `mnist ARGV` (main(): what `python -m mnist_pipeline` runs) with subprocess.Popen's interface."""
 
     def __init__(self, argv: List[str], env: Dict[str, str], main: Callable[[], None]):
         pairs = [socket.socketpair() for _ in range(2)]  # (ours, the child's) for stdout, then stderr
-        super().__init__(args=(main, argv, env, pairs[0][1], pairs[1][1]), daemon=True)
+        super().__init__(daemon=True)
+        self.child = (main, argv, env, pairs[0][1], pairs[1][1])  # pickled for the child, as the whole process is
         self.start()
         self.args, self.stdout, self.stderr = argv, *(ours.makefile("r", encoding="utf-8") for ours, _ in pairs)
         for end in (*pairs[0], *pairs[1]):  # (the files keep ours open) EOF comes when the child ends
             end.close()
 
     def run(self) -> None:  # the child: a SystemExit or an exception ends it as it ends an interpreter
-        main, argv, env, out, err = self._args
+        main, argv, env, out, err = self.child
         os.environ.clear()
         os.environ.update(env)
         os.dup2(out.fileno(), 1)
@@ -138,9 +137,8 @@ class Forked(FORKS.Process):
 
 def start_mnist(*args: str, env: Optional[Dict[str, str]] = None, fresh: bool = False,
                 main: Callable[[], None] = cli.script):
-    """`mnist ARGS` in a process the test talks to while it runs: forked, or with `fresh` a subprocess.Popen of a new
-    interpreter, where the start matters (python -m as typed, PYTHONIOENCODING, a race with torch's import).
-    main=torch.distributed.run.main: torchrun ARGS."""
+    """`mnist ARGS` (main=torch.distributed.run.main: torchrun ARGS) in a process the test talks to while it runs:
+    forked, or with `fresh` a new interpreter, where the start matters (python -m as typed, PYTHONIOENCODING)."""
     if not fresh:
         return Forked(list(args), mnist_env(env), main)
     return subprocess.Popen([sys.executable, "-m", "mnist_pipeline", *args], env=mnist_env(env),
@@ -165,8 +163,7 @@ def fault_survivable(fault: Optional[str]) -> bool:
 
 
 def run_here(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """`mnist ARGS` in this test process, where torch is loaded already: same exit code, stdout and stderr as
-    run_mnist. MNIST_FAULT only for a SIGTERM or SIGINT that main() handles (fault_survivable)."""
+    """`mnist ARGS` in this test process: run_mnist's exit code, stdout and stderr, without a process to start."""
     environment = mnist_env(env)
     fault = environment.get(faults.ENV)
     assert fault_survivable(fault), f"MNIST_FAULT={fault} would kill the test process or never fire here: use run_mnist"
@@ -229,8 +226,7 @@ def http_server(folder: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory, worker_id) -> Path:
-    """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing), built once as pytest-xdist's
-    docs show: the first worker to need it builds it, the others wait for it."""
+    """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing), built by the first worker."""
     shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     with open(shared / "trained.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -317,8 +313,7 @@ def wait_until(condition, what: str, patience_s: float = 120):
 
 @pytest.fixture(scope="session")
 def served_trained(trained_root, tmp_path_factory) -> Iterator[Tuple[Served, Path]]:
-    """One ready `mnist serve` of a copy of trained_root's model/ (all serve reads), and that root: one server start
-    for test_serve's API tests and test_page. A test that changes the volume puts it back."""
+    """A ready `mnist serve` of a copy of trained_root's model/, and that root (a test that changes it puts it back)."""
     root = tmp_path_factory.mktemp("served") / "volume"
     shutil.copytree(trained_root / "model", root / "model")
     with contextlib.closing(Served(root)) as served:
