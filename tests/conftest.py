@@ -2,6 +2,7 @@
 MNIST comes from MNIST_TEST_MIRROR (a folder, or an http(s) URL that fills the cache) or else from a cache,
 $XDG_CACHE_HOME/mnist-compose, that the product's checksummed fetch fills once from the public mirrors."""
 
+import concurrent.futures
 import contextlib
 import fcntl
 import functools
@@ -10,10 +11,12 @@ import http.server
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -23,22 +26,26 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from unittest import mock
 
 import pytest
 
-from mnist_pipeline import cli, data, faults
-from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.storage.atomic import TEMP_PREFIX
+# run_here runs `mnist` in this process: as cli.main does before torch loads, idle OpenMP threads sleep
+# instead of spinning, which starves the other tests' processes on a machine with few cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from mnist_pipeline import cli, data, faults  # noqa: E402  (loads torch)
+from mnist_pipeline.errors import PipelineError  # noqa: E402
+from mnist_pipeline.records import evaluation  # noqa: E402
+from mnist_pipeline.storage.atomic import TEMP_PREFIX  # noqa: E402
+from mnist_pipeline.volume import Volume  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = os.environ.get("MNIST_TEST_MIRROR", "")  # a folder or an http(s) URL
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-compose"
 # the folder every test reads MNIST from: the one named, or the cache
 MIRROR = Path(NAMED).absolute() if NAMED and not NAMED.startswith(("http://", "https://")) else CACHE
-# screenshots the browser tests leave for people to look at (git-ignored)
-SCREENSHOTS = REPO / "test-artifacts"
+SCREENSHOTS = REPO / "test-artifacts"  # what the browser tests leave for people to look at (git-ignored)
 # Debian's chromium and chromium-driver (.ci/run installs them): Selenium downloads nothing
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -69,8 +76,7 @@ def mirror() -> Path:
 
 
 def mnist_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment of a test's `mnist` process: no stray MNIST_* settings, the tests' mirror, and no start-up
-    grace (for `docker compose up`) unless a test asks for one."""
+    """A test's `mnist` environment: no stray MNIST_* settings, the tests' mirror, no start-up grace unless asked."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
     return {**env, "MNIST_MIRROR": str(MIRROR), "MNIST_GRACE": "0", **(extra or {})}
 
@@ -80,16 +86,74 @@ def litter(root: Path) -> list:
     return sorted(str(p.relative_to(root)) for p in root.rglob(TEMP_PREFIX + "*"))
 
 
-def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m mnist_pipeline ARGS` in a new interpreter, as a user runs it; a hang fails the test."""
-    return subprocess.run([sys.executable, "-m", "mnist_pipeline", *args], env=mnist_env(env), capture_output=True,
-                          text=True, timeout=timeout)
+# `mnist` and torchrun's agent fork from a server that has imported torch and the stages (a new interpreter spends
+# seconds on that) and runs no torch op, so a child starts torch's thread pools as a new process does.
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["mnist_pipeline.cli", "torch", "mnist_pipeline.train", "mnist_pipeline.evaluate",
+                              "mnist_pipeline.infer", "mnist_pipeline.serve", "uvicorn", "torch.distributed.run"])
 
 
-def start_mnist(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-    """run_mnist's twin for a process the test talks to while it runs."""
+class Forked(FORKS.Process):
+    """A forked `mnist ARGV` (main(): what `python -m mnist_pipeline` runs) with subprocess.Popen's interface."""
+
+    def __init__(self, argv: List[str], env: Dict[str, str], main: Callable[[], None]):
+        pairs = [socket.socketpair() for _ in range(2)]  # (ours, the child's) for stdout, then stderr
+        super().__init__(daemon=True)
+        self.child = (main, argv, env, pairs[0][1], pairs[1][1])  # pickled for the child, as the whole process is
+        self.start()
+        self.args, self.stdout, self.stderr = argv, *(ours.makefile("r", encoding="utf-8") for ours, _ in pairs)
+        for end in (*pairs[0], *pairs[1]):  # (the files keep ours open) EOF comes when the child ends
+            end.close()
+
+    def run(self) -> None:  # the child: a SystemExit or an exception ends it as it ends an interpreter
+        main, argv, env, out, err = self.child
+        os.environ.clear()
+        os.environ.update(env)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.argv = [sys.executable, *argv]
+        main()
+
+    returncode = property(lambda self: self.exitcode)  # -N: killed by signal N, as Popen says it
+    poll = returncode.fget
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        self.join(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: Optional[float] = None) -> Tuple[str, str]:
+        """Both outputs to their end, each read on a thread: a full pipe would block the child."""
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        reads = [pool.submit(stream.read) for stream in (self.stdout, self.stderr)]
+        pool.shutdown(wait=False)
+        self.wait(timeout)  # (a hang: TimeoutExpired; the caller kills the child, which ends the reads)
+        return reads[0].result(), reads[1].result()
+
+
+def start_mnist(*args: str, env: Optional[Dict[str, str]] = None, fresh: bool = False,
+                main: Callable[[], None] = cli.script):
+    """`mnist ARGS` (main=torch.distributed.run.main: torchrun ARGS) in a process the test talks to while it runs:
+    forked, or with `fresh` a new interpreter, where the start matters (python -m as typed, PYTHONIOENCODING)."""
+    if not fresh:
+        return Forked(list(args), mnist_env(env), main)
     return subprocess.Popen([sys.executable, "-m", "mnist_pipeline", *args], env=mnist_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 600, fresh: bool = False,
+              main: Callable[[], None] = cli.script) -> subprocess.CompletedProcess:
+    """start_mnist's twin that waits for the end, as a user runs `mnist`; a hang fails the test."""
+    process = start_mnist(*args, env=env, fresh=fresh, main=main)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        process.kill()  # (after a hang; a no-op otherwise)
+    return subprocess.CompletedProcess(list(args), process.returncode, out, err)
 
 
 def fault_survivable(fault: Optional[str]) -> bool:
@@ -99,19 +163,15 @@ def fault_survivable(fault: Optional[str]) -> bool:
 
 
 def run_here(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """`mnist ARGS` in this test process, where torch is loaded already: no interpreter to start. Same exit
-    code, stdout and stderr as run_mnist. MNIST_FAULT only for a SIGTERM or SIGINT that main() handles: a
-    SIGKILL, or a signal after main() returns, needs run_mnist."""
+    """`mnist ARGS` in this test process: run_mnist's exit code, stdout and stderr, without a process to start."""
     environment = mnist_env(env)
     fault = environment.get(faults.ENV)
     assert fault_survivable(fault), f"MNIST_FAULT={fault} would kill the test process or never fire here: use run_mnist"
     out, err = io.StringIO(), io.StringIO()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    logger, log_handler, level = logging.getLogger(), logging.StreamHandler(err), logging.getLogger().level
-    logger.addHandler(log_handler)
-    logger.setLevel(logging.INFO)
-    try:
-        with mock.patch.dict(os.environ), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:  # the root logger as a new process has it, for cli.main's logging.basicConfig (pytest's put back after)
+        with mock.patch.dict(os.environ), mock.patch.multiple(logging.root, handlers=[], level=logging.WARNING), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             os.environ.pop(faults.ENV, None)
             os.environ.update({faults.ENV: fault} if fault else {})  # faults.py reads the process environment
             try:
@@ -119,8 +179,6 @@ def run_here(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Com
             except SystemExit as exc:  # argparse's usage errors
                 code = exc.code
     finally:
-        logger.removeHandler(log_handler)
-        logger.setLevel(level)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
@@ -141,8 +199,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert all(fragment in errors[0] for fragment in fragments), (fragments, errors[0])
+    assert len(errors) == 1 and all(fragment in errors[0] for fragment in fragments), (fragments, result.stderr)
 
 
 def bomb_png(side: int = 30000) -> bytes:
@@ -169,8 +226,7 @@ def http_server(folder: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory, worker_id) -> Path:
-    """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing), built once as pytest-xdist's
-    docs show: the first worker to need it builds it, the others wait for it."""
+    """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing), built by the first worker."""
     shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     with open(shared / "trained.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -194,8 +250,7 @@ def short_trained_root(tmp_path_factory) -> Path:
 
 def private_copy(shared: Path, tmp_path: Path) -> Path:
     """A copy of a shared (session or module) volume for one test to change."""
-    shutil.copytree(shared, tmp_path / "volume")
-    return tmp_path / "volume"
+    return Path(shutil.copytree(shared, tmp_path / "volume"))
 
 
 @pytest.fixture
@@ -258,8 +313,7 @@ def wait_until(condition, what: str, patience_s: float = 120):
 
 @pytest.fixture(scope="session")
 def served_trained(trained_root, tmp_path_factory) -> Iterator[Tuple[Served, Path]]:
-    """One ready `mnist serve` of a copy of trained_root's model/ (all serve reads), and that root:
-    one server start for test_serve's API tests and test_page. A test that changes the volume puts it back."""
+    """A ready `mnist serve` of a copy of trained_root's model/, and that root (a test that changes it puts it back)."""
     root = tmp_path_factory.mktemp("served") / "volume"
     shutil.copytree(trained_root / "model", root / "model")
     with contextlib.closing(Served(root)) as served:
@@ -301,13 +355,9 @@ def browser():
 
 def write_evaluation(root: Path, sha256: str, epoch: int, accuracy: float = 0.99) -> None:
     """A valid evaluation naming that checkpoint: `accuracy` of 10,000 images right (wrong ones taken for 1)."""
-    from mnist_pipeline.records import evaluation
-    from mnist_pipeline.volume import Volume
-
     correct = round(accuracy * 10_000)
     matrix = tuple((correct, 10_000 - correct, *[0] * 8) if row == 0 else (0,) * 10 for row in range(10))
     evaluation.write(Volume(root), evaluation.Evaluation(
         accuracy=correct / 10_000, test_loss=0.1, correct=correct, total=10_000, per_class_accuracy=(1.0,) * 10,
         confusion_matrix=matrix, mistakes=(), sha256=sha256, epoch=epoch, compute_seconds=0.0, device="cpu",
         evaluated_at="2026-12-04T00:00:00+0000"))
-

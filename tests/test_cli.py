@@ -91,7 +91,7 @@ def test_evaluate_takes_no_seed_it_would_ignore(capsys):
 
 
 def test_epochs_minus_one_from_the_shell_exits_2_without_traceback(tmp_path):
-    result = run_mnist("train", "--root", str(tmp_path), "--epochs", "-1")  # python -m, as typed
+    result = run_mnist("train", "--root", str(tmp_path), "--epochs", "-1", fresh=True)  # python -m, as typed
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--epochs" in result.stderr
     assert not (tmp_path / "model").exists()

@@ -2,10 +2,10 @@
 
 Each run is a real torchrun (or `mnist train --nproc-per-node`) with a timeout, so a hang fails the
 test instead of stalling it; interruptions come from fault points (MNIST_FAULT, limited to one rank by
-MNIST_FAULT_RANK), never from timed signals. The agent and its ranks are new interpreters, as for a
-user. Each start of a group costs every rank an interpreter and torch, so the module-scoped fixtures
-below run a group once for the tests that check different things about the same run; single-process
-commands run in the test process (run_here).
+MNIST_FAULT_RANK), never from timed signals. The agent forks from the tests' forkserver (conftest); its
+ranks are new interpreters that torchrun starts, as for a user. Each start of a group costs every rank an
+interpreter and torch, so the module-scoped fixtures below run a group once for the tests that check
+different things about the same run; single-process commands run in the test process (run_here).
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from torch.distributed.run import main as torchrun_main
 
 import conftest
 from conftest import private_copy
-from mnist_pipeline import data, distributed
+from mnist_pipeline import cli, data, distributed
 from mnist_pipeline.storage.locks import exclusive_lock
 from mnist_pipeline.volume import Volume
 from test_interrupts import assert_same_state, litter, load
@@ -64,8 +63,8 @@ if "RANK" in os.environ and "AUDIT_DIR" in os.environ:
 ON_CPU = {"MNIST_DEVICE": "cpu"}
 
 
-def run_mnist(*args: str, env=None, timeout: float = 600):
-    return conftest.run_mnist(*args, env={**ON_CPU, **(env or {})}, timeout=timeout)
+def run_mnist(*args: str, env=None, timeout: float = 600, main=cli.script):
+    return conftest.run_mnist(*args, env={**ON_CPU, **(env or {})}, timeout=timeout, main=main)
 
 
 def run_here(*args: str, env=None):
@@ -87,10 +86,9 @@ def volume(data_volume, tmp_path) -> Path:
 
 def torchrun(root: Path, *flags: str, env=None, torchrun_flags=(), timeout: float = TIMEOUT):
     """`torchrun --standalone --nproc-per-node 2 ... -m mnist_pipeline train --root ROOT FLAGS`."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *torchrun_flags,
-            "-m", "mnist_pipeline", "train", "--root", str(root), *flags]
-    return subprocess.run(argv, env=conftest.mnist_env({**ON_CPU, **(env or {})}), capture_output=True, text=True,
-                          timeout=timeout)
+    argv = ["--standalone", "--nproc-per-node", "2", *torchrun_flags, "-m", "mnist_pipeline", "train", "--root",
+            str(root), *flags]
+    return run_mnist(*argv, env=env, timeout=timeout, main=torchrun_main)  # the agent forked, its ranks new
 
 
 def rank_fault(fault: str, rank: int = 1) -> dict:

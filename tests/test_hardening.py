@@ -195,7 +195,7 @@ GRACE_STARTED = "giving a train that may be starting"
 
 def test_evaluate_gives_a_train_started_beside_it_a_grace_before_rescoring_the_old_checkpoint(evaluated_root):
     """The checkpoint is already evaluated; a train that takes its lock during the grace is waited for."""
-    # a fresh interpreter: the grace counts from the process's start
+    # the grace counts from the start of cli.main (a forked process's too)
     evaluate_ = start_mnist("evaluate", "--root", str(evaluated_root), "--wait", "0", "--grace", "600")
     try:
         read_until(evaluate_, GRACE_STARTED)
@@ -525,9 +525,9 @@ def test_train_evaluate_and_infer_started_at_once_end_with_the_new_checkpoint(ev
     write_evaluated(evaluated_root, state)
     root = str(evaluated_root)
     # fresh interpreters: the race is the real one, train's lock before torch loads against the graces
-    processes = [start_mnist("train", "--root", root),
-                 start_mnist("evaluate", "--root", root, "--grace", "600"),
-                 start_mnist("infer", "--root", root, "--grace", "600", "--threshold", "0")]
+    processes = [start_mnist("train", "--root", root, fresh=True),
+                 start_mnist("evaluate", "--root", root, "--grace", "600", fresh=True),
+                 start_mnist("infer", "--root", root, "--grace", "600", "--threshold", "0", fresh=True)]
     try:
         errors = [process.communicate(timeout=300)[1] for process in processes]
     finally:

@@ -44,7 +44,8 @@ def test_predict_prints_a_name_that_is_not_utf8_with_escapes(trained_root, tmp_p
     image = tmp_path / name
     shutil.copy(trained_root / "model" / "report" / "confusion_matrix.png", image)
     # (a new interpreter: the encoding is chosen at its start)
-    result = run_mnist("predict", "--root", str(trained_root), str(image), env={"PYTHONIOENCODING": "utf-8"})
+    result = run_mnist("predict", "--root", str(trained_root), str(image), env={"PYTHONIOENCODING": "utf-8"},
+                       fresh=True)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stdout.startswith(f"{tmp_path}/digit-\\xff.png: ")
 

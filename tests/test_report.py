@@ -210,7 +210,7 @@ def test_a_failing_report_is_an_error_that_keeps_eval_results(reported_copy, mon
     folder = reported_copy / "model" / "report"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     monkeypatch.setattr(report, "training_svg", full_disk)
-    code = cli.main(["evaluate", "--root", str(reported_copy)], env={})
+    code = cli.main(["evaluate", "--root", str(reported_copy), "--grace", "0"], env={})  # no train is starting
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1
     assert "eval_results.json is written, but not the report" in errors[0] and "No space left" in errors[0]
