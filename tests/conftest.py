@@ -5,9 +5,7 @@ $XDG_CACHE_HOME/mnist-compose, that the product's checksummed fetch fills once f
 import concurrent.futures
 import contextlib
 import fcntl
-import functools
 import gzip
-import http.server
 import io
 import json
 import logging
@@ -17,14 +15,12 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from unittest import mock
@@ -36,9 +32,7 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from mnist_pipeline import cli, data, faults  # noqa: E402  (loads torch)
 from mnist_pipeline.errors import PipelineError  # noqa: E402
-from mnist_pipeline.records import evaluation  # noqa: E402
 from mnist_pipeline.storage.atomic import TEMP_PREFIX  # noqa: E402
-from mnist_pipeline.volume import Volume  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = os.environ.get("MNIST_TEST_MIRROR", "")  # a folder or an http(s) URL
@@ -46,8 +40,6 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnis
 # the folder every test reads MNIST from: the one named, or the cache
 MIRROR = Path(NAMED).absolute() if NAMED and not NAMED.startswith(("http://", "https://")) else CACHE
 SCREENSHOTS = REPO / "test-artifacts"  # what the browser tests leave for people to look at (git-ignored)
-# Debian's chromium and chromium-driver (.ci/run installs them): Selenium downloads nothing
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts its workers
@@ -202,28 +194,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert len(errors) == 1 and all(fragment in errors[0] for fragment in fragments), (fragments, result.stderr)
 
 
-def bomb_png(side: int = 30000) -> bytes:
-    """A decompression bomb: a side x side black 1-bit PNG, a few hundred KB that decode to ~side**2 / 8 bytes."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    packer, row = zlib.compressobj(9), b"\x00" * (1 + (side + 7) // 8)  # filter byte, then the row's bits
-    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
-
-
-@contextlib.contextmanager
-def http_server(folder: Path) -> Iterator[str]:
-    """The URL of an HTTP server of `folder` (the internet, to the product); silent: run_here reads stderr."""
-    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *args: None})
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=folder)) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/"
-        finally:
-            server.shutdown()
-
-
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory, worker_id) -> Path:
     """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing), built by the first worker."""
@@ -319,45 +289,3 @@ def served_trained(trained_root, tmp_path_factory) -> Iterator[Tuple[Served, Pat
     with contextlib.closing(Served(root)) as served:
         wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
         yield served, root
-
-
-def multipart(files: List[Tuple[str, bytes]], field: str = "file") -> Tuple[bytes, Dict[str, str]]:
-    """A multipart/form-data body with one `field` per (filename, content)."""
-    boundary = "mnist-test-boundary-7d3f"
-    parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
-              f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + b"\r\n"
-             for name, content in files]
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """Headless Chromium driven by Selenium; skipped where it is not installed (a failure under CI)."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        missing = f"{CHROMIUM} or {CHROMEDRIVER} is missing: apt-get install chromium chromium-driver"
-        pytest.fail(f"{missing} (CI is set)") if os.environ.get("CI") else pytest.skip(missing)
-    from selenium import webdriver
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    # no background traffic: this machine's closed network refuses it, many connections at a time
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1000,1000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=webdriver.ChromeService(str(CHROMEDRIVER)), options=options)
-    SCREENSHOTS.mkdir(exist_ok=True)
-    yield driver
-    driver.quit()
-
-
-def write_evaluation(root: Path, sha256: str, epoch: int, accuracy: float = 0.99) -> None:
-    """A valid evaluation naming that checkpoint: `accuracy` of 10,000 images right (wrong ones taken for 1)."""
-    correct = round(accuracy * 10_000)
-    matrix = tuple((correct, 10_000 - correct, *[0] * 8) if row == 0 else (0,) * 10 for row in range(10))
-    evaluation.write(Volume(root), evaluation.Evaluation(
-        accuracy=correct / 10_000, test_loss=0.1, correct=correct, total=10_000, per_class_accuracy=(1.0,) * 10,
-        confusion_matrix=matrix, mistakes=(), sha256=sha256, epoch=epoch, compute_seconds=0.0, device="cpu",
-        evaluated_at="2026-12-04T00:00:00+0000"))

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
+import http.server
 import shutil
 import socket
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, http_server, run_here
+from conftest import assert_one_line_error, run_here
 from mnist_pipeline import data
 from mnist_pipeline.errors import PipelineError
+
+
+@contextlib.contextmanager
+def http_server(folder: Path) -> Iterator[str]:
+    """The URL of an HTTP server of `folder` (the internet, to the product); silent: run_here reads stderr."""
+    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *args: None})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=folder)) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
+        finally:
+            server.shutdown()
+
 
 
 def test_local_mirror_gives_the_real_mnist(tmp_path, mirror):

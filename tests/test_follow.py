@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from conftest import write_evaluation
+from test_records import write_evaluation
 from mnist_pipeline.serve import follow
 from mnist_pipeline.model import MEAN, STD, MnistCNN, normalize
 from mnist_pipeline.records import checkpoint

@@ -13,7 +13,8 @@ from typing import Iterator
 
 import pytest
 
-from conftest import REPO, http_server
+from conftest import REPO
+from test_data import http_server
 from mnist_pipeline import data
 
 # loaded into the inner pytest (-p) before its session starts: the public mirrors are this machine's stand-in

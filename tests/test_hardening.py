@@ -22,8 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (MIRROR, assert_one_line_error, http_server, litter, mnist_env, read_until, run_here,
-                      run_mnist, start_mnist, write_evaluation)
+from conftest import (MIRROR, assert_one_line_error, litter, mnist_env, read_until, run_here,
+                      run_mnist, start_mnist)
+from test_data import http_server
+from test_records import write_evaluation
 from mnist_pipeline import cli, data, evaluate, limits, settings
 from mnist_pipeline.records import checkpoint
 from mnist_pipeline.storage import atomic, locks

@@ -3,10 +3,39 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 
 from conftest import SCREENSHOTS
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Selenium; skipped where it is not installed (a failure under CI)."""
+    chromium, chromedriver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's (.ci/run)
+    if not (chromium.exists() and chromedriver.exists()):
+        missing = f"{chromium} or {chromedriver} is missing: apt-get install chromium chromium-driver"
+        pytest.fail(f"{missing} (CI is set)") if os.environ.get("CI") else pytest.skip(missing)
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(chromium)
+    # no background traffic: this machine's closed network refuses it, many connections at a time
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1000,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=webdriver.ChromeService(str(chromedriver)), options=options)
+    SCREENSHOTS.mkdir(exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+
+
 
 # strokes in pad pixels (the pad is 280x280, its centre is 0,0 for Selenium's offsets)
 STROKES = {

@@ -16,6 +16,17 @@ from mnist_pipeline.records import checkpoint, evaluation, history, predictions
 from mnist_pipeline.report import chart
 from mnist_pipeline.volume import Volume
 
+
+def write_evaluation(root: Path, sha256: str, epoch: int, accuracy: float = 0.99) -> None:
+    """A valid evaluation naming that checkpoint: `accuracy` of 10,000 images right (wrong ones taken for 1)."""
+    correct = round(accuracy * 10_000)
+    matrix = tuple((correct, 10_000 - correct, *[0] * 8) if row == 0 else (0,) * 10 for row in range(10))
+    evaluation.write(Volume(root), evaluation.Evaluation(
+        accuracy=correct / 10_000, test_loss=0.1, correct=correct, total=10_000, per_class_accuracy=(1.0,) * 10,
+        confusion_matrix=matrix, mistakes=(), sha256=sha256, epoch=epoch, compute_seconds=0.0, device="cpu",
+        evaluated_at="2026-12-04T00:00:00+0000"))
+
+
 FORMAT1 = Path(__file__).parent / "fixtures" / "format1"
 
 

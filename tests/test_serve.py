@@ -10,15 +10,28 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 import pytest
 from PIL import Image
 
-from conftest import write_evaluation, assert_one_line_error, bomb_png, multipart, run_here, run_mnist, wait_until
+from conftest import assert_one_line_error, run_here, run_mnist, wait_until
+from test_preprocess import bomb_png
+from test_records import write_evaluation
 from mnist_pipeline import data
 from mnist_pipeline.data import png as png_grayscale
 from mnist_pipeline.storage.atomic import atomic_write_bytes
+
+
+def multipart(files: List[Tuple[str, bytes]], field: str = "file") -> Tuple[bytes, Dict[str, str]]:
+    """A multipart/form-data body with one `field` per (filename, content)."""
+    boundary = "mnist-test-boundary-7d3f"
+    parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+              f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + b"\r\n"
+             for name, content in files]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
 
 @pytest.fixture(scope="module")
 def digits(mirror, tmp_path_factory) -> List[tuple]:

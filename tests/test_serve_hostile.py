@@ -18,7 +18,9 @@ from typing import Dict, Optional, Tuple
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import Served, multipart, wait_until
+from conftest import Served, wait_until
+from test_page import browser  # noqa: F401 (a fixture: a test's parameter)
+from test_serve import multipart
 from mnist_pipeline.serve import connections as serve_module
 
 
