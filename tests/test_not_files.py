@@ -53,7 +53,9 @@ def test_predict_prints_a_name_that_is_not_utf8_with_escapes(trained_root, tmp_p
 def test_serve_says_why_a_fifo_in_place_of_the_checkpoint_is_not_served_and_goes_on_following(
         serve, trained_root, tmp_path):
     root = tmp_path / "volume"
-    shutil.copytree(trained_root / "model", root / "model")
+    (root / "model").mkdir(parents=True)  # a volume from before versions: serve reads model/mnist_cnn.pt itself
+    for name in ("mnist_cnn.pt", "eval_results.json"):
+        shutil.copy(trained_root / "model" / name, root / "model" / name)
     good = root / "model" / "good.pt"
     os.replace(root / "model" / "mnist_cnn.pt", good)
     os.mkfifo(root / "model" / "mnist_cnn.pt")
