@@ -70,7 +70,9 @@ def mirror() -> Path:
 def mnist_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """A test's `mnist` environment: no stray MNIST_* settings, the tests' mirror, no start-up grace unless asked."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
-    return {**env, "MNIST_MIRROR": str(MIRROR), "MNIST_GRACE": "0", **(extra or {})}
+    # pytest-xdist's workers share the CPUs: each one's processes take their share, not all of them each
+    share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    return {**env, "MNIST_MIRROR": str(MIRROR), "MNIST_GRACE": "0", "MNIST_THREADS": str(share), **(extra or {})}
 
 
 def litter(root: Path) -> list:
