@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from mnist_pipeline import distributed, faults, settings, signals
+from mnist_pipeline import distributed, faults, parse, settings, signals
 from mnist_pipeline.commands import COMMANDS
 from mnist_pipeline.commands.stages import check_signal
 from mnist_pipeline.errors import PipelineError, UsageError
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
             s = settings.SETTINGS[dest]
             default = f" (default: {s.default})" if s.default not in (None, False) else ""
             text = f"{s.help}; env {s.env}{default}"
-            if s.parse is settings.boolean:
+            if s.parse is parse.boolean:
                 sub.add_argument(s.flag, action="store_const", const=True, default=None, help=text)
             else:
                 sub.add_argument(s.flag, type=_flag_type(s), default=None, metavar=s.metavar, help=text)

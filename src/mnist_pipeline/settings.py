@@ -1,5 +1,5 @@
-"""Every setting, once: its flag, MNIST_* twin, default, check and help (SETTINGS), which commands take it
-(COMMAND_SETTINGS), and the frozen config each stage receives, built at the CLI edge.
+"""Every setting, once: its flag, MNIST_* twin, default, check (parse.py) and help (SETTINGS), which
+commands take it (COMMAND_SETTINGS), and the frozen config each stage receives, built at the CLI edge.
 
 Flags win over MNIST_* variables, which win over the defaults; argparse type-checks a variable's
 value with the flag's own check. docs/settings.md and the Compose file's environment lists are
@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Union
 
-from mnist_pipeline import limits
+from mnist_pipeline import parse
 
 DEFAULT_ROOT = Path("mnist-volume")  # beside where you run it, named after the Compose volume
 NPROC_PER_NODE = 1  # train's processes: one, no torchrun
@@ -135,112 +134,6 @@ def default_of(config: type, name: str) -> Any:
 # --- the table -------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    return limits.positive(int(text))
-
-
-def _non_negative_int(text: str) -> int:
-    return limits.non_negative_int(int(text))
-
-
-def _non_negative_float(text: str) -> float:
-    return limits.non_negative(float(text))
-
-
-def _positive_float(text: str) -> float:
-    return limits.positive_number(float(text))
-
-
-def _learning_rate(text: str) -> float:
-    return limits.learning_rate(float(text))
-
-
-def _fraction(text: str) -> float:
-    return limits.fraction(float(text))
-
-
-def _seed(text: str) -> int:
-    return limits.seed(int(text))
-
-
-def _epochs(text: str) -> int:
-    return limits.epochs(int(text))
-
-
-def _batch_size(text: str) -> int:
-    return limits.batch_size(int(text))
-
-
-def boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be 1/0, true/false, yes/no or on/off")
-
-
-def _device(text: str) -> str:
-    if text not in ("auto", "cpu", "cuda"):
-        raise ValueError("must be auto, cpu or cuda")
-    return text
-
-
-def _host(text: str) -> str:
-    if not text.strip() or any(c.isspace() for c in text):
-        raise ValueError("must be a host name or IP address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
-    return text
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a TCP port from 1 to 65535 (0: any free one)")
-    return value
-
-
-def _root(text: str) -> Path:
-    if not text.strip():
-        raise ValueError("must be a folder (empty would mean the current one)")
-    return Path(text)
-
-
-def _mirror(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must be a folder or an http(s) URL")
-    if "://" in text:
-        try:
-            parts = urllib.parse.urlsplit(text)
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-        except ValueError as exc:
-            raise ValueError(f"is not a usable URL ({exc})") from None
-        if parts.scheme not in ("http", "https"):
-            raise ValueError("must be a folder or an http(s) URL")
-        if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in text):
-            raise ValueError("is not a usable URL (no host name, or a space in it)")
-    return text
-
-
-def _promote(text: str) -> str:
-    if text not in ("auto", "never", "always"):
-        raise ValueError("must be auto, never or always")
-    return text
-
-
-def _alias(text: str) -> str:
-    return limits.alias(text)
-
-
-def _model(text: str) -> Union[str, int]:
-    """A version number (pinned) or an alias name (followed)."""
-    if text.isdigit():
-        return limits.positive(int(text))
-    try:
-        return limits.alias(text)
-    except ValueError:
-        raise ValueError(f"{text[:60]!r} is neither a version number nor an alias name (e.g. production, 3)") from None
-
-
 @dataclass(frozen=True)
 class Setting:
     """One option: its flag, its MNIST_* twin, how to read it, its default."""
@@ -261,54 +154,58 @@ class Setting:
 
 
 _ALL = [
-    Setting("--root", _root, DEFAULT_ROOT, "volume root holding data/, model/, results/ (containers: /opt/mount)",
+    Setting("--root", parse.root, DEFAULT_ROOT, "volume root holding data/, model/, results/ (containers: /opt/mount)",
             "DIR"),
-    Setting("--mirror", _mirror, None, "MNIST source: a folder or http(s) base URL with the four files (.gz or "
+    Setting("--mirror", parse.mirror, None, "MNIST source: a folder or http(s) base URL with the four files (.gz or "
             "raw); unset: the public mirrors", "DIR_OR_URL"),
-    Setting("--device", _device, DEVICE, "auto (CUDA when present), cpu or cuda", "DEVICE"),
-    Setting("--threads", _positive_int, None, "CPU threads (default: the CPUs this process may use)", "N"),
-    Setting("--seed", _seed, None, f"train: seed for weights and data order (default {default_of(Recipe, 'seed')}, "
-            "kept in the checkpoint); infer: seed for the image pick (default: a new pick every run)", "N"),
-    Setting("--wait", _non_negative_float, WAIT_S,
+    Setting("--device", parse.device, DEVICE, "auto (CUDA when present), cpu or cuda", "DEVICE"),
+    Setting("--threads", parse.positive_int, None, "CPU threads (default: the CPUs this process may use)", "N"),
+    Setting("--seed", parse.seed, None,
+            f"train: seed for weights and data order (default {default_of(Recipe, 'seed')}, kept in the "
+            "checkpoint); infer: seed for the image pick (default: a new pick every run)", "N"),
+    Setting("--wait", parse.non_negative_float, WAIT_S,
             "seconds to wait for the input (longer while its producer is still running)", "SECONDS"),
-    Setting("--grace", _non_negative_float, GRACE_S,
+    Setting("--grace", parse.non_negative_float, GRACE_S,
             "seconds after start during which work already done is not used yet: a train started at the same "
             "time (`docker compose up`) takes its lock first", "SECONDS"),
-    Setting("--threshold", _fraction, THRESHOLD, "accuracy the model must exceed", "FRACTION"),
-    Setting("--epochs", _epochs, default_of(TrainConfig, "epochs"), "epochs to train on top of the checkpoint", "N"),
-    Setting("--batch-size", _batch_size, default_of(Recipe, "batch_size"), "training batch size", "N"),
-    Setting("--lr", _learning_rate, default_of(Recipe, "peak_lr"), "peak learning rate of each epoch's cycle", "LR"),
-    Setting("--fresh", boolean, default_of(TrainConfig, "fresh"),
+    Setting("--threshold", parse.fraction, THRESHOLD, "accuracy the model must exceed", "FRACTION"),
+    Setting("--epochs", parse.epochs, default_of(TrainConfig, "epochs"), "epochs to train on top of the checkpoint",
+            "N"),
+    Setting("--batch-size", parse.batch_size, default_of(Recipe, "batch_size"), "training batch size", "N"),
+    Setting("--lr", parse.learning_rate, default_of(Recipe, "peak_lr"), "peak learning rate of each epoch's cycle",
+            "LR"),
+    Setting("--fresh", parse.boolean, default_of(TrainConfig, "fresh"),
             "move an existing checkpoint aside and start from scratch"),
-    Setting("--max-steps", _non_negative_int, default_of(Recipe, "max_steps"),
+    Setting("--max-steps", parse.non_negative_int, default_of(Recipe, "max_steps"),
             "batches per epoch, the learning-rate cycle included (0: the whole training set); for quick trials", "N"),
-    Setting("--save-every", _non_negative_float, default_of(TrainConfig, "save_every_s"),
+    Setting("--save-every", parse.non_negative_float, default_of(TrainConfig, "save_every_s"),
             "seconds between progress saves within an epoch, so a kill -9 loses at most that (0: only on SIGTERM)",
             "SECONDS"),
-    Setting("--nproc-per-node", _positive_int, NPROC_PER_NODE,
+    Setting("--nproc-per-node", parse.positive_int, NPROC_PER_NODE,
             "processes training together (data parallel) through torchrun's elastic agent; ignored inside torchrun",
             "N"),
-    Setting("--promote", _promote, default_of(EvaluateConfig, "promote"),
+    Setting("--promote", parse.promote, default_of(EvaluateConfig, "promote"),
             "move the production alias to the new version: auto (when it passes --threshold and is at least as "
             "accurate as production), never or always", "auto|never|always"),
-    Setting("--keep", _positive_int, default_of(EvaluateConfig, "keep"),
+    Setting("--keep", parse.positive_int, default_of(EvaluateConfig, "keep"),
             "versions no alias points to that are kept (the newest); older ones are removed", "K"),
-    Setting("--alias", _alias, PRODUCTION, "the alias to move", "NAME"),
-    Setting("--model", _model, PRODUCTION, "the model used: an alias (followed as it moves) or a version number "
+    Setting("--alias", parse.alias, PRODUCTION, "the alias to move", "NAME"),
+    Setting("--model", parse.model, PRODUCTION, "the model used: an alias (followed as it moves) or a version number "
             "(pinned)", "ALIAS|N"),
-    Setting("--count", _positive_int, default_of(InferConfig, "count"), "how many random test images to label", "N"),
-    Setting("--host", _host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
-    Setting("--port", _port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
+    Setting("--count", parse.positive_int, default_of(InferConfig, "count"), "how many random test images to label",
+            "N"),
+    Setting("--host", parse.host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
+    Setting("--port", parse.port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
             "PORT"),
-    Setting("--max-connections", _positive_int, default_of(ServeConfig, "max_connections"),
+    Setting("--max-connections", parse.positive_int, default_of(ServeConfig, "max_connections"),
             "connections open at once; a new one closes the one idle longest", "N"),
-    Setting("--max-decodes", _positive_int, default_of(ServeConfig, "max_decodes"),
+    Setting("--max-decodes", parse.positive_int, default_of(ServeConfig, "max_decodes"),
             "images decoded at once (default: the CPUs this process may use)", "N"),
-    Setting("--max-waiting", _non_negative_int, default_of(ServeConfig, "max_waiting"),
+    Setting("--max-waiting", parse.non_negative_int, default_of(ServeConfig, "max_waiting"),
             "requests waiting for a decode; more get 503 with Retry-After", "N"),
-    Setting("--read-timeout", _positive_float, default_of(ServeConfig, "read_timeout"),
+    Setting("--read-timeout", parse.positive_float, default_of(ServeConfig, "read_timeout"),
             "seconds a request's head or body may stall before the connection is closed (408)", "SECONDS"),
-    Setting("--keep-alive", _positive_float, default_of(ServeConfig, "keep_alive"),
+    Setting("--keep-alive", parse.positive_float, default_of(ServeConfig, "keep_alive"),
             "seconds an idle connection stays open after an answer", "SECONDS"),
 ]
 SETTINGS: Dict[str, Setting] = {s.dest: s for s in _ALL}
