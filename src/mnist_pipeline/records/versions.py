@@ -32,7 +32,7 @@ from mnist_pipeline.faults import crash_point, hold_point
 from mnist_pipeline.records import _json as j
 from mnist_pipeline.records import checkpoint as checkpoints
 from mnist_pipeline.records import evaluation as evaluations
-from mnist_pipeline.storage.atomic import _fsync_dir, ensure_dir, remove_dead_temps, temp_dir, write_failed
+from mnist_pipeline.storage.atomic import fsync_dir, ensure_dir, remove_dead_temps, temp_dir, write_failed
 from mnist_pipeline.storage.files import describe, read_regular
 from mnist_pipeline.storage.locks import brief_lock, is_running
 from mnist_pipeline.volume import Volume
@@ -100,7 +100,7 @@ def register(volume: Volume, saved: checkpoints.Checkpoint, scores: evaluations.
             hold_point("version-before-rename")
             crash_point("version-before-rename")
             os.rename(staging, volume.version_dir(number))
-            _fsync_dir(folder)
+            fsync_dir(folder)
             j.dump(volume.versions_dir / "counter.json", {"format_version": FORMAT_VERSION, "next": number + 1},
                    fault_point="")
         return dataclasses.replace(version, number=number)
@@ -241,7 +241,7 @@ def prune(volume: Volume, keep: int, aliased: set) -> List[int]:
         fd, aside = temp_dir(volume.versions_dir, f"{number}.pruned")
         try:
             os.rename(volume.version_dir(number), aside / str(number))
-            _fsync_dir(volume.versions_dir)
+            fsync_dir(volume.versions_dir)
         except OSError as exc:
             raise write_failed(volume.version_dir(number), exc) from None
         finally:

@@ -48,7 +48,7 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -118,7 +118,7 @@ def atomic_write_bytes(path: Path, data: bytes, fault_point: Optional[str] = Non
             crash_point(fault_point)
         os.replace(tmp, path)
         tmp = None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise write_failed(path, exc) from None
     finally:
@@ -174,10 +174,10 @@ def replace_dir(target: Path, fill: Callable[[Path], T]) -> T:
         for entry in staging.iterdir():
             with open(entry, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if os.path.lexists(target) and _exchange(staging, target):
             crash_point("results-between-renames")  # the old folder waits under the temp name
-            _fsync_dir(parent)
+            fsync_dir(parent)
             _remove(staging)  # now the old folder
         else:
             old = None
@@ -187,7 +187,7 @@ def replace_dir(target: Path, fill: Callable[[Path], T]) -> T:
                 os.replace(target, old / target.name)
                 crash_point("results-between-renames")
             os.replace(staging, target)
-            _fsync_dir(parent)
+            fsync_dir(parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         staging = None

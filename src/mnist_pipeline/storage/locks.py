@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 from mnist_pipeline.errors import Busy, PipelineError
 from mnist_pipeline.storage.atomic import ensure_dir, write_failed
@@ -77,23 +77,21 @@ def exclusive_lock(volume: Volume, role: str) -> Iterator[None]:
         os.close(fd)  # closing drops the flock
 
 
-@contextlib.contextmanager
-def shared_lock(volume: Volume, role: str) -> Iterator[None]:
+def shared_lock(volume: Volume, role: str) -> ContextManager[None]:
     """Announce a `role` at work without excluding others (readers of is_running see it)."""
-    fd = _open_lock(volume.lock_path(role))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
+    return _held(volume, role, fcntl.LOCK_SH)
+
+
+def brief_lock(volume: Volume, role: str) -> ContextManager[None]:
+    """Wait for and hold the `role` lock around a short read-modify-write of a shared file."""
+    return _held(volume, role, fcntl.LOCK_EX)
 
 
 @contextlib.contextmanager
-def brief_lock(volume: Volume, role: str) -> Iterator[None]:
-    """Wait for and hold the `role` lock around a short read-modify-write of a shared file."""
+def _held(volume: Volume, role: str, kind: int) -> Iterator[None]:
     fd = _open_lock(volume.lock_path(role))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, kind)  # waits for it
         yield
     finally:
         os.close(fd)
