@@ -21,55 +21,61 @@ Values = Dict[str, Any]
 
 
 def train(args: argparse.Namespace, v: Values) -> int:
-    from mnist_pipeline import train as stage
-
-    result = stage.run(train_config(v, args.explicit))
-    if distributed.world().is_main:  # one summary per group
-        print(f"train: epoch {result.epoch}, train loss {result.train_loss:.4f}, "
-              f"{result.seconds:.1f} s -> {describe(result.checkpoint)}")
+    _train(args, v)
     return 0
 
 
 def evaluate(args: argparse.Namespace, v: Values) -> int:
-    from mnist_pipeline import evaluate as stage
-
-    result = stage.run(evaluate_config(v))
-    print(f"evaluate: accuracy {result.accuracy:.4f} ({result.correct}/{result.total}), "
-          f"test loss {result.test_loss:.4f}, epoch {result.epoch}")
+    _evaluate(v)
     volume = Volume(v["root"])
     _report_after(volume, v["mirror"], describe(volume.eval_results))
     return 0
 
 
 def infer(args: argparse.Namespace, v: Values) -> int:
-    from mnist_pipeline import infer as stage
-
-    result = stage.run(infer_config(v))
-    files = ", ".join(f"{p.file} (true {p.label})" for p in result.predictions)
-    print(f"infer: accuracy {result.accuracy:.4f} > {result.threshold}: {files}")
+    _infer(v)
     return 0
 
 
 def pipeline(args: argparse.Namespace, v: Values) -> int:
     """train, evaluate, infer in one process, then one report of all three."""
-    from mnist_pipeline import evaluate as evaluate_stage, infer as infer_stage, train as train_stage
-
-    volume = Volume(v["root"])
-    result = train_stage.run(train_config(v, args.explicit))
+    _train(args, v)
     args.train_lock.close()  # taken by main(); evaluate would wait for it
-    print(f"train: epoch {result.epoch}, train loss {result.train_loss:.4f}, {result.seconds:.1f} s -> "
-          f"{describe(result.checkpoint)}")
     check_signal("train")
-    scores = evaluate_stage.run(evaluate_config(v))
-    print(f"evaluate: accuracy {scores.accuracy:.4f} ({scores.correct}/{scores.total}), "
-          f"test loss {scores.test_loss:.4f}, epoch {scores.epoch}")
+    _evaluate(v)
     check_signal("evaluate")
-    inferred = infer_stage.run(infer_config(v))
-    files = ", ".join(f"{p.file} (true {p.label})" for p in inferred.predictions)
-    print(f"infer: accuracy {inferred.accuracy:.4f} > {inferred.threshold}: {files}")
+    _infer(v)
     check_signal("infer")
+    volume = Volume(v["root"])
     _report_after(volume, v["mirror"], f"{describe(volume.results_dir)}/")
     return 0
+
+
+# each stage, run and summed up in one line on stdout (the full results are in the volume's files)
+
+def _train(args: argparse.Namespace, v: Values) -> None:
+    from mnist_pipeline import train as stage
+
+    result = stage.run(train_config(v, args.explicit))
+    if distributed.world().is_main:  # one summary per group
+        print(f"train: epoch {result.epoch}, train loss {result.train_loss:.4f}, "
+              f"{result.seconds:.1f} s -> {describe(result.checkpoint)}")
+
+
+def _evaluate(v: Values) -> None:
+    from mnist_pipeline import evaluate as stage
+
+    result = stage.run(evaluate_config(v))
+    print(f"evaluate: accuracy {result.accuracy:.4f} ({result.correct}/{result.total}), "
+          f"test loss {result.test_loss:.4f}, epoch {result.epoch}")
+
+
+def _infer(v: Values) -> None:
+    from mnist_pipeline import infer as stage
+
+    result = stage.run(infer_config(v))
+    files = ", ".join(f"{p.file} (true {p.label})" for p in result.predictions)
+    print(f"infer: accuracy {result.accuracy:.4f} > {result.threshold}: {files}")
 
 
 def report(args: argparse.Namespace, v: Values) -> int:
