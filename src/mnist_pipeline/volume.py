@@ -60,6 +60,10 @@ class Volume:
     def version_dir(self, number: int) -> Path:
         return self.versions_dir / str(number)
 
+    def exported(self, number: int) -> Path:
+        """Version `number` as an ONNX model, for serving without torch (export.py)."""
+        return self.version_dir(number) / "mnist_cnn.onnx"
+
     @property
     def aliases_dir(self) -> Path:
         """Named pointers to versions, <name>.json each, and log.jsonl, every move of one."""
