@@ -2,15 +2,16 @@
 # Prepare this machine so the unmodified `docker-compose build` / `docker-compose run SERVICE`
 # (and `docker compose ...`) work with no container registry and no internet:
 #   1. a base image built from Debian packages (debootstrap), tagged $BASE_IMAGE;
-#   2. wheelhouse/: the wheels of requirements-docker.txt, fetched with this machine's pip setup,
-#      and in wheelhouse/debs/ the Debian packages of binutils (the build stage's `strip`);
+#   2. wheelhouse/: the wheels of requirements-docker.txt (the default image) and
+#      requirements-serve.txt (the serve and export images), fetched with this machine's pip setup,
+#      and in wheelhouse/debs/ the Debian packages of binutils (the build stages' `strip`);
 #   3. docker-compose.override.yml: points the build at 1 and 2 and mounts the MNIST mirror
 #      folder read-only into the services (MNIST_MIRROR).
 # Idempotent: each step is skipped when its result exists and is still valid.
 # Usage: scripts/offline-prep.sh [--mirror DIR]   (default DIR: ../shared/mnist beside the repo)
 set -euo pipefail
 
-usage() { sed -n '2,10s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,11s/^# \{0,1\}//p' "$0"; }
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mirror=""
@@ -28,7 +29,7 @@ BASE_IMAGE=mnist-compose-base:bookworm
 BASE_RECIPE=1
 SUITE=bookworm
 WHEELHOUSE=$repo/wheelhouse
-REQUIREMENTS=$repo/requirements-docker.txt
+REQUIREMENTS=("$repo/requirements-docker.txt" "$repo/requirements-serve.txt")
 OVERRIDE=$repo/docker-compose.override.yml
 # wheels for the image's interpreter (Debian bookworm and python:3.11-slim: CPython 3.11, x86_64),
 # whatever Python this machine runs; each manylinux tag named, since pip does not take an older one
@@ -84,10 +85,11 @@ else
 fi
 
 # --- 2. wheelhouse ----------------------------------------------------------------------------
-# the stamp records what the wheelhouse was made from; a change to either remakes it
-stamp="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1) ${PIP_PLATFORM[*]}"
+# the stamp records what the wheelhouse was made from; a change to any of it remakes it
+stamp="$(cat "${REQUIREMENTS[@]}" | sha256sum | cut -d' ' -f1) ${PIP_PLATFORM[*]}"
 wheel_count() { find "$1" -maxdepth 1 -name '*.whl' | wc -l; }
-wanted=$(grep -cE '^[A-Za-z0-9]' "$REQUIREMENTS")
+# one wheel a distinct name (the serve list names packages of the default list again)
+wanted=$(grep -hoE '^[A-Za-z0-9][A-Za-z0-9._-]*' "${REQUIREMENTS[@]}" | tr 'A-Z_.' 'a-z--' | sort -u | wc -l)
 if [ -f "$WHEELHOUSE/.stamp" ] && [ "$(cat "$WHEELHOUSE/.stamp")" = "$stamp" ] \
    && [ "$(wheel_count "$WHEELHOUSE")" -eq "$wanted" ]; then
   say "wheelhouse: $wanted wheels present, kept"
@@ -100,8 +102,9 @@ else
     if command -v "$py" >/dev/null && "$py" -m pip --version >/dev/null 2>&1; then pip_python=$py; break; fi
   done
   [ -n "$pip_python" ] || die "no pip on this machine (python3 -m pip): apt-get install python3-pip"
-  "$pip_python" -m pip download --quiet --no-deps "${PIP_PLATFORM[@]}" -d "$tmp" -r "$REQUIREMENTS" \
-    || die "pip download failed: this machine's pip cannot reach the wheels of $REQUIREMENTS"
+  "$pip_python" -m pip download --quiet --no-deps "${PIP_PLATFORM[@]}" -d "$tmp" \
+      "${REQUIREMENTS[@]/#/--requirement=}" \
+    || die "pip download failed: this machine's pip cannot reach the wheels of ${REQUIREMENTS[*]}"
   [ "$(wheel_count "$tmp")" -eq "$wanted" ] || die "pip download gave $(wheel_count "$tmp") wheels, expected $wanted"
   mkdir -p "$WHEELHOUSE"
   find "$WHEELHOUSE" -maxdepth 1 \( -name '*.whl' -o -name .stamp \) -delete
@@ -151,6 +154,7 @@ services:
   evaluate: *offline
   infer: *offline
   serve: *offline
+  export: *offline
   ddp-leader: *offline-run
   ddp-worker: *offline-run
 EOF
