@@ -230,6 +230,7 @@ COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "models": ("root", "keep"),
     "promote": ("root", "alias"),
     "rollback": ("root", "alias"),
+    "export": ("root", "mirror", "threads"),  # on the CPU: onnxruntime's answers are checked against torch's there
     "serve": _PREDICT + ("runtime", "host", "port", "max_connections", "max_decodes", "max_waiting", "read_timeout",
                          "keep_alive"),
 }
