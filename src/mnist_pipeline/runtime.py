@@ -1,4 +1,7 @@
-"""Where the math runs: device choice, deterministic CUDA, and a thread count that respects container limits."""
+"""Where the math runs: device choice, deterministic CUDA, and a thread count that respects container limits.
+
+torch is imported where it is used: serve's ONNX runtime counts CPUs here and never loads torch.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,12 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from mnist_pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ def _cgroup_quota(cgroup_root: Path) -> Optional[float]:
 
 def setup(device: str, threads: Optional[int]) -> torch.device:
     """Resolve `device` ('auto' picks CUDA when present), make CUDA deterministic, set torch's thread count."""
+    import torch
+
     resolved = resolve(device)
     if resolved.type == "cuda":
         deterministic_cuda()
@@ -53,6 +59,8 @@ def setup(device: str, threads: Optional[int]) -> torch.device:
 
 def resolve(device: str) -> torch.device:
     """'auto' -> cuda when torch sees a GPU, else cpu; 'cuda' without a GPU is an error."""
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -73,6 +81,8 @@ def deterministic_cuda() -> None:
     Must run before the first CUDA computation: cuBLAS sizes its workspace from
     CUBLAS_WORKSPACE_CONFIG when PyTorch creates its handle.
     """
+    import torch
+
     if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in CUBLAS_DETERMINISTIC:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
     torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing, so a run's sums could differ
