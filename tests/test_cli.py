@@ -131,6 +131,7 @@ def test_compose_passes_on_every_setting_of_the_cli():
     for name in ("train", "evaluate", "infer"):
         assert set(compose["services"][name]["environment"]) == set(batch), name
     assert set(compose["services"]["serve"]["environment"]) == set(all_settings("serve"))
+    assert set(compose["services"]["export"]["environment"]) == set(all_settings("export"))
 
 
 def test_the_settings_doc_table_matches_the_cli():

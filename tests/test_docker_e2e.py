@@ -2,15 +2,17 @@
 
 Builds the images with scripts/offline-prep.sh's override (these machines reach no registry), runs
 train, evaluate, infer one after another in a project of its own, looks into the volume, brings
-`serve` up and predicts from the host, trains again to check it resumes, trains once more with
-the `ddp` profile (two containers, one rank each), then `up` (all three at once: evaluate and infer
-must use the new epoch), and removes what it made. Slow (four trainings
-per flavor): deselect with -m "not docker". Skipped where no Docker engine answers or offline-prep
+`serve` up (the slim image, no torch, with `export` writing the ONNX model it answers from) and
+predicts from the host, as `mnist predict` on torch does, trains again to check it resumes, trains
+once more with the `ddp` profile (two containers, one rank each), then `up` (all three at once:
+evaluate and infer must use the new epoch), and removes what it made. Slow (four trainings per
+flavor): deselect with -m "not docker". Skipped where no Docker engine answers or offline-prep
 cannot run; under CI (CI set) those are failures instead, and both Compose flavors must be present.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -61,6 +63,10 @@ if os.path.exists(f"{root}/results/predictions.json"):
 print(json.dumps(found))
 """
 TORCH_VERSION = "import pkg_resources; print(pkg_resources.get_distribution('torch').version)"
+READ_FILES = ("import base64, json, sys; "
+              "print(json.dumps({p: base64.b64encode(open(p, 'rb').read()).decode() for p in sys.argv[1:]}))")
+# export's parity check: the largest |probability difference| between onnxruntime and torch
+PARITY = 1e-4
 
 
 def docker_env(project: str = "", settings: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -142,30 +148,50 @@ def http(url: str, body: Optional[bytes] = None, headers: Optional[Dict[str, str
         return None, str(exc)
 
 
-def check_serve(compose: List[str], project: str, image: str) -> None:
-    """`compose up -d serve` (named, as its profile needs), ready from the host, one prediction, down."""
+def check_serve(compose: List[str], project: str, images: Dict[str, str], pngs: List[str]) -> None:
+    """`compose up -d serve` (named, as its profile needs; export comes with it), ready from the host on
+    the onnx runtime, the same answers as torch's for infer's test images, then both down."""
     port = free_port()
     run(compose + ["up", "-d", "serve"], project, timeout=1200, settings={"MNIST_PORT": str(port)})
-    size = int(run(["docker", "image", "inspect", "--format", "{{.Size}}", image]).stdout)
-    assert size <= MAX_IMAGE_BYTES, f"{image} is {size / 1e6:.0f} MB, over 990 MB"
-    container = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
-                     "--filter", "label=com.docker.compose.service=serve"]).stdout.split()
-    assert len(container) == 1, container
-    mounts = json.loads(run(["docker", "inspect", "--format", "{{json .Mounts}}", container[0]]).stdout)
-    assert [m["RW"] for m in mounts if m["Destination"] == "/opt/mount"] == [False], mounts
+    for image in (images["serve"], images["export"]):
+        size = int(run(["docker", "image", "inspect", "--format", "{{.Size}}", image]).stdout)
+        assert size <= MAX_IMAGE_BYTES, f"{image} is {size / 1e6:.0f} MB, over 990 MB"
+    no_torch = run(["docker", "run", "--rm", images["serve"], "python", "-c", "import torch"], check=False)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr, no_torch
+    for name, writable in (("serve", False), ("export", True)):
+        container = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
+                         "--filter", f"label=com.docker.compose.service={name}"]).stdout.split()
+        assert len(container) == 1, (name, container)
+        mounts = json.loads(run(["docker", "inspect", "--format", "{{json .Mounts}}", container[0]]).stdout)
+        assert [m["RW"] for m in mounts if m["Destination"] == "/opt/mount"] == [writable], (name, mounts)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180  # a limit for a hang, never a speed assertion
     status, ready = http(base + "/readyz")
     while status != 200 and time.monotonic() < deadline:
         time.sleep(0.5)
         status, ready = http(base + "/readyz")
-    logs = run(compose + ["logs", "serve"], project, check=False).stdout[-3000:]
+    logs = run(compose + ["logs", "serve", "export"], project, check=False).stdout[-3000:]
     assert status == 200, f"/readyz: {status} {ready}\n{logs}"
-    assert ready["checkpoint"]["epoch"] == 1
+    assert (ready["checkpoint"]["epoch"], ready["runtime"]) == (1, "onnx"), ready
     status, answer = http(base + "/predict", drawn_one(), {"Content-Type": "image/png"})
     assert status == 200 and answer["predictions"][0]["digit"] == 1, (status, answer)
-    run(compose + ["stop", "serve"], project, timeout=120)
-    run(compose + ["rm", "-f", "serve"], project, timeout=120)
+
+    # the torch path: `mnist predict` in the default image, on the same PNGs
+    paths = [f"/opt/mount/results/{name}" for name in pngs]
+    expected = json.loads(run(compose + ["run", "--rm", "evaluate", "mnist", "predict", "--json", *paths],
+                              project).stdout)
+    assert [item["file"] for item in expected] == paths, expected
+    files = json.loads(run(["docker", "run", "--rm", "-v", f"{project}_mnist:/opt/mount:ro", images["train"],
+                            "python", "-c", READ_FILES, *paths]).stdout)
+    for item in expected:
+        status, answer = http(base + "/predict", base64.b64decode(files[item["file"]]), {"Content-Type": "image/png"})
+        assert status == 200, (item["file"], status, answer)
+        served = answer["predictions"][0]
+        assert served["digit"] == item["digit"], (item, served)
+        difference = max(abs(a - b) for a, b in zip(served["probabilities"], item["probabilities"], strict=True))
+        assert difference <= PARITY, (item, served)
+    run(compose + ["stop", "serve", "export"], project, timeout=120)
+    run(compose + ["rm", "-f", "serve", "export"], project, timeout=120)
 
 
 @pytest.mark.parametrize("flavor", ["v1", "v2"])
@@ -197,9 +223,9 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
             version = run(["docker", "run", "--rm", image, "python", "-c", TORCH_VERSION]).stdout.strip()
             assert tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups()) >= (1, 10), version
         assert len(set(layers.values())) == 1, "the three services must share every layer (one build)"
-        serve_image = f"{project}_serve"
-        assert run(["docker", "image", "inspect", serve_image], check=False).returncode != 0, \
-            "a plain `compose build` must leave serve (profile serve) out"
+        for name in ("serve", "export"):
+            assert run(["docker", "image", "inspect", f"{project}_{name}"], check=False).returncode != 0, \
+                f"a plain `compose build` must leave {name} (profile serve) out"
 
         service("train")
         assert run(["docker", "volume", "inspect", volume], check=False).returncode == 0, \
@@ -219,7 +245,8 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
         # evaluate kept the checkpoint as version 1 and, above the threshold, made it production
         assert [(v["version"], v["epoch"], v["aliases"]) for v in versions()] == [(1, 1, ["production"])]
 
-        check_serve(compose, project, serve_image)
+        check_serve(compose, project, {**images, "serve": f"{project}_serve", "export": f"{project}_export"}, pngs)
+        assert inspect_volume()["results"] == found["results"], "export and serve must leave results/ alone"
 
         service("train")
         assert inspect_volume()["epoch"] == 2, "a second train must resume from the checkpoint in the volume"
@@ -239,9 +266,9 @@ def test_compose_build_and_run_train_evaluate_infer(flavor, offline_prepared):
         assert (found["epoch"], found["evaluated"], found["inferred"]) == (4, 4, 4), found
         assert [(v["version"], v["epoch"]) for v in versions()] == [(1, 1), (2, 4)], "one version per evaluate"
     finally:
-        run(compose + ["rm", "-s", "-f", "serve"], project, timeout=120, check=False)
+        run(compose + ["rm", "-s", "-f", "serve", "export"], project, timeout=120, check=False)
         run(compose + ["--profile", "ddp", "down", "--volumes", "--remove-orphans"], project, timeout=300,
             check=False)
         run(["docker", "volume", "rm", "-f", volume], check=False)
         # --no-prune keeps the cached build layers, so the next run builds in seconds
-        run(["docker", "rmi", "--no-prune", *images.values(), f"{project}_serve"], check=False)
+        run(["docker", "rmi", "--no-prune", *images.values(), f"{project}_serve", f"{project}_export"], check=False)
