@@ -3,11 +3,18 @@
     python bench/image_bench.py [--compose v1|v2] [--project mnistbench] [--repeat 5] [--skip-train]
 
 Assumes a running Docker engine and, where no registry is reachable, scripts/offline-prep.sh
-already run. Builds (cached: seconds), then measures
-  - each service image's size (docker inspect .Size, decimal MB) and its largest layers;
-  - a bare container start: `docker run --rm IMAGE python -c pass`, and one that imports torch;
+already run. Builds (cached: seconds) the default image and the serve and export targets, then
+measures
+  - each image's size (docker inspect .Size, decimal MB; the serve image's goal: at most 250 MB),
+    the largest layers of the default and the serve image, and what each package of the serve
+    image's venv takes;
+  - a bare container start: `docker run --rm IMAGE python -c pass`, and one that imports torch (the
+    default image) or onnxruntime (the serve image);
   - `compose run --rm train|evaluate|infer` wall time with the data already in the volume (the
-    volume <project>_mnist is kept between runs, so train resumes: one more epoch each time).
+    volume <project>_mnist is kept between runs, so train resumes: one more epoch each time), then
+    `compose run --rm export mnist export` (the new version's ONNX model);
+  - serve's start: `docker run` of the serve image (onnx) and of the default image (`mnist serve
+    --runtime torch`) on that volume, to the first 200 of /readyz, and the container's memory then.
 With --variants, also the two choices the Dockerfile made, measured in a throwaway container:
 numpy added (its size, and `import torch` time with it) and the .pyc files removed (`import torch`
 time without them; the venv is read-only to the services' user, so they would never be rewritten).
@@ -20,15 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = ("train", "evaluate", "infer")
+TARGETS = ("serve", "export")  # profile serve: built when named
+SERVE_GOAL_MB = 250
 COMPOSE = {"v1": ["docker-compose"], "v2": ["docker", "compose"]}
 CHECKPOINT_EXISTS = "import os, sys; sys.exit(0 if os.path.exists('/opt/mount/model/mnist_cnn.pt') else 1)"
 WHEEL_TAGS = "import platform, sys; print(f'{sys.version_info[0]}.{sys.version_info[1]} {platform.machine()}')"
@@ -98,18 +110,102 @@ def measure_variants(image: str, project: str) -> dict:
     return json.loads(found.strip().splitlines()[-1])
 
 
+# run in the serve image: the bytes of each top-level entry of its venv's site-packages
+SITE_SIZES = r"""
+import json, sysconfig
+from pathlib import Path
+site = Path(sysconfig.get_paths()["purelib"])
+def size(path):
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+print(json.dumps({entry.name: size(entry) for entry in site.iterdir()}))
+"""
+# the serve image's venv in parts: a site-packages entry belongs to the first part its name starts with
+SERVE_PARTS = (("onnxruntime", ("onnxruntime",)), ("numpy", ("numpy",)), ("Pillow", ("PIL", "pillow")),
+               ("mnist package", ("mnist_pipeline",)))
+# every process's resident memory in a container, but this one's
+CONTAINER_RSS = r"""
+import os, re
+total = 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    if int(pid) != os.getpid():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
+        except (OSError, AttributeError):
+            pass
+print(total)
+"""
+READY_POLL_S = 0.02
+
+
+def image_mb(image: str, project: str) -> float:
+    return round(int(sh(["docker", "image", "inspect", "--format", "{{.Size}}", image], project).stdout) / 1e6, 1)
+
+
+def largest_layers(image: str, project: str, count: int = 3) -> list:
+    history = sh(["docker", "history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}",
+                  image], project).stdout
+    layers = sorted((line.split("\t", 1) for line in history.splitlines()), key=lambda layer: -int(layer[0]))
+    return [{"mb": round(int(size) / 1e6, 1), "created_by": by[-100:] or "(base image)"} for size, by in layers[:count]]
+
+
+def serve_venv_parts(image: str, project: str) -> dict:
+    """MB of each part of the serve image's venv; "HTTP stack" is the rest (FastAPI and its dependencies)."""
+    sizes = json.loads(sh(["docker", "run", "--rm", image, "python", "-c", SITE_SIZES], project).stdout)
+    parts = {name: 0 for name, _ in SERVE_PARTS}
+    parts["HTTP stack"] = 0
+    for entry, size in sizes.items():
+        part = next((name for name, prefixes in SERVE_PARTS if entry.startswith(prefixes)), "HTTP stack")
+        parts[part] += size
+    return {name: round(size / 1e6, 1) for name, size in parts.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_start(image: str, volume: str, runtime: str, project: str) -> dict:
+    """`docker run` of `mnist serve --runtime RUNTIME` to the first 200 of /readyz; then every process's RSS."""
+    port = free_port()
+    start = time.perf_counter()
+    container = sh(["docker", "run", "-d", "--rm", "-v", f"{volume}:/opt/mount:ro", "-p", f"127.0.0.1:{port}:8000",
+                    image, "mnist", "serve", "--runtime", runtime], project).stdout.strip()
+    try:
+        ready = None
+        while ready is None and time.perf_counter() - start < 120:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                    ready = json.load(response)
+            except (urllib.error.URLError, OSError):  # not listening yet, or 503: not ready
+                time.sleep(READY_POLL_S)
+        ready_s = time.perf_counter() - start
+        if ready is None:
+            logs = sh(["docker", "logs", container], project, check=False)
+            sys.exit(f"error: {image} `mnist serve --runtime {runtime}` not ready within 120 s: "
+                     f"{(logs.stdout + logs.stderr)[-2000:]}")
+        rss = int(sh(["docker", "exec", container, "python", "-c", CONTAINER_RSS], project).stdout)
+    finally:
+        sh(["docker", "stop", "-t", "5", container], project, check=False)
+    return {"ready_s": round(ready_s, 2), "rss_mb": round(rss / 1e6, 1), "runtime": ready.get("runtime"),
+            "version": ready["checkpoint"].get("version")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compose", choices=sorted(COMPOSE), default="v1")
     parser.add_argument("--project", default="mnistbench")
-    parser.add_argument("--repeat", type=int, default=5, help="runs of each bare container start")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each bare container start and serve start")
     parser.add_argument("--skip-train", action="store_true", help="time evaluate and infer only")
     parser.add_argument("--variants", action="store_true", help="also measure numpy added and .pyc removed")
     parser.add_argument("--clean", action="store_true", help="remove the project's volume and images at the end")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "images.json")
     args = parser.parse_args()
     compose, project = COMPOSE[args.compose], args.project
-    images = {service: f"{project}_{service}" for service in SERVICES}
+    images = {service: f"{project}_{service}" for service in SERVICES + TARGETS}
     volume = f"{project}_mnist"
 
     report = {
@@ -122,21 +218,20 @@ def main() -> int:
     }
     print(f"building ({' '.join(compose)}, project {project}) ...", file=sys.stderr)
     report["build_s"] = round(timed(compose + ["build"], project), 1)
+    report["build_serve_export_s"] = round(timed(compose + ["--profile", "serve", "build", *TARGETS], project), 1)
 
-    report["images"] = {}
-    for service, image in images.items():
-        size = int(sh(["docker", "image", "inspect", "--format", "{{.Size}}", image], project).stdout)
-        report["images"][service] = {"image": image, "mb": round(size / 1e6, 1)}
-    history = sh(["docker", "history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}",
-                  images["train"]], project).stdout
-    layers = sorted((line.split("\t", 1) for line in history.splitlines()), key=lambda layer: -int(layer[0]))
-    report["largest_layers"] = [{"mb": round(int(size) / 1e6, 1), "created_by": by[-100:] or "(base image)"}
-                               for size, by in layers[:3]]
+    report["images"] = {service: {"image": image, "mb": image_mb(image, project)} for service, image in images.items()}
+    report["serve_goal_mb"] = SERVE_GOAL_MB
+    report["largest_layers"] = largest_layers(images["train"], project)
+    report["serve_largest_layers"] = largest_layers(images["serve"], project)
+    report["serve_venv_mb"] = serve_venv_parts(images["serve"], project)
 
     report["start"] = {}
-    for label, code in (("python -c pass", "pass"), ("python -c 'import torch'", "import torch")):
-        runs = [timed(["docker", "run", "--rm", images["train"], "python", "-c", code], project)
-                for _ in range(args.repeat)]
+    for image, label, code in ((images["train"], "python -c pass", "pass"),
+                               (images["train"], "python -c 'import torch'", "import torch"),
+                               (images["serve"], "python -c pass (serve image)", "pass"),
+                               (images["serve"], "python -c 'import onnxruntime' (serve image)", "import onnxruntime")):
+        runs = [timed(["docker", "run", "--rm", image, "python", "-c", code], project) for _ in range(args.repeat)]
         report["start"][label] = {"median_s": round(statistics.median(runs), 2), "runs_s": [round(r, 2) for r in runs]}
 
     if args.variants:
@@ -153,9 +248,22 @@ def main() -> int:
             continue
         print(f"timing `run --rm {service}` ...", file=sys.stderr)
         report["services"][service] = round(timed(compose + ["run", "--rm", service], project), 1)
+    print("timing `run --rm export mnist export` ...", file=sys.stderr)
+    report["services"]["export"] = round(timed(compose + ["--profile", "serve", "run", "--rm", "export",
+                                                          "mnist", "export"], project), 1)
+
+    report["serve_start"] = {}
+    for image, runtime in ((images["serve"], "onnx"), (images["train"], "torch")):
+        print(f"timing serve's start in {image} ({runtime}) ...", file=sys.stderr)
+        runs = [serve_start(image, volume, runtime, project) for _ in range(args.repeat)]
+        report["serve_start"][f"{image} --runtime {runtime}"] = {
+            "ready_median_s": round(statistics.median(r["ready_s"] for r in runs), 2),
+            "rss_median_mb": round(statistics.median(r["rss_mb"] for r in runs), 1),
+            "runs": runs,
+        }
 
     if args.clean:
-        sh(compose + ["down", "--volumes"], project, check=False)
+        sh(compose + ["--profile", "serve", "down", "--volumes"], project, check=False)
         sh(["docker", "rmi", "--no-prune", *images.values()], project, check=False)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -163,18 +271,29 @@ def main() -> int:
     print(f"{'image':<28}{'size MB':>10}")
     for info in report["images"].values():
         print(f"{info['image']:<28}{info['mb']:>10}")
-    print(f"\n{'container start to exit':<50}{'median s':>10}")
+    serve_mb = report["images"]["serve"]["mb"]
+    print(f"serve image: {serve_mb} MB, goal at most {SERVE_GOAL_MB} MB: "
+          f"{'met' if serve_mb <= SERVE_GOAL_MB else 'NOT met'}")
+    base_mb = next((layer["mb"] for layer in report["serve_largest_layers"] if layer["created_by"] == "(base image)"),
+                   None)
+    print(f"of it: base image {base_mb} MB; venv " + ", ".join(f"{name} {mb}" for name, mb in
+                                                               report["serve_venv_mb"].items()) + " MB")
+    print(f"\n{'container start to exit':<60}{'median s':>10}")
     for label, info in report["start"].items():
-        print(f"{'docker run --rm IMAGE ' + label:<50}{info['median_s']:>10}")
+        print(f"{'docker run --rm IMAGE ' + label:<60}{info['median_s']:>10}")
     for service, seconds in report["services"].items():
-        print(f"{' '.join(compose) + ' run --rm ' + service:<50}{seconds:>10}")
+        print(f"{' '.join(compose) + ' run --rm ' + service:<60}{seconds:>10}")
+    print(f"\n{'serve: docker run to /readyz 200':<60}{'median s':>10}{'RSS MB':>10}")
+    for label, info in report["serve_start"].items():
+        print(f"{label:<60}{info['ready_median_s']:>10}{info['rss_median_mb']:>10}")
     if "variants" in report:
         v = report["variants"]
         print(f"\nnumpy: +{v['numpy_mb']} MB, import torch {v['import_torch_s']} s -> "
               f"{v['import_torch_with_numpy_s']} s; "
               f".pyc: {v['pyc_mb']} MB, import torch without them {v['import_torch_without_pyc_s']} s")
-    print(f"\nbuild {report['build_s']} s (cached when unchanged); load average at start "
-          f"{report['load_average_at_start'][0]:.1f} on {report['cpus']} CPUs; written to {args.output}")
+    print(f"\nbuild {report['build_s']} s, serve and export {report['build_serve_export_s']} s (cached when "
+          f"unchanged); load average at start {report['load_average_at_start'][0]:.1f} on {report['cpus']} CPUs; "
+          f"written to {args.output}")
     return 0
 
 
