@@ -122,9 +122,9 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
 
 
 def _check_threads(parser: argparse.ArgumentParser, values: Dict[str, Any]) -> None:
-    from mnist_pipeline import runtime
+    from mnist_pipeline.cpus import available_cpus
 
-    cpus = runtime.available_cpus()
+    cpus = available_cpus()
     if values.get("threads") is not None and values["threads"] > cpus:
         parser.error(f"--threads / MNIST_THREADS {values['threads']}: this process may use {cpus} CPUs; "
                      f"pass at most {cpus}")

@@ -119,6 +119,7 @@ class ServeConfig:
     max_waiting: int = 64
     read_timeout: float = 10.0
     keep_alive: float = 5.0
+    workers: Optional[int] = None  # processes answering on the one port (None: the CPUs this process may use)
 
 
 def default_of(config: type, name: str) -> Any:
@@ -197,6 +198,9 @@ _ALL = [
     Setting("--host", parse.host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
     Setting("--port", parse.port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
             "PORT"),
+    Setting("--workers", parse.positive_int, default_of(ServeConfig, "workers"),
+            "processes answering on the one port, each following the volume and each held to the limits below "
+            "(default: the CPUs this process may use)", "N"),
     Setting("--max-connections", parse.positive_int, default_of(ServeConfig, "max_connections"),
             "connections open at once; a new one closes the one idle longest", "N"),
     Setting("--max-decodes", parse.positive_int, default_of(ServeConfig, "max_decodes"),
@@ -226,8 +230,8 @@ COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "models": ("root", "keep"),
     "promote": ("root", "alias"),
     "rollback": ("root", "alias"),
-    "serve": _PREDICT + ("host", "port", "max_connections", "max_decodes", "max_waiting", "read_timeout",
-                         "keep_alive"),
+    "serve": _PREDICT + ("host", "port", "workers", "max_connections", "max_decodes", "max_waiting",
+                         "read_timeout", "keep_alive"),
 }
 
 
