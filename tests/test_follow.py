@@ -8,8 +8,9 @@ import torch
 
 from test_records import write_evaluation
 from mnist_pipeline.serve import follow
+from mnist_pipeline.serve.runtimes import Runtimes
 from mnist_pipeline.model import MEAN, STD, MnistCNN, normalize
-from mnist_pipeline.records import checkpoint
+from mnist_pipeline.records import aliases, checkpoint
 from mnist_pipeline.settings import Recipe
 from mnist_pipeline.volume import Volume
 
@@ -27,10 +28,10 @@ def write_checkpoint(volume: Volume, epoch: int, model_config=None) -> str:
 def test_follows_only_gated_checkpoints_and_looks_only_when_files_change(tmp_path, monkeypatch):
     volume = Volume(tmp_path)
     gate_calls = []
-    real_gate = follow.gated
-    monkeypatch.setattr(follow, "gated", lambda *args: gate_calls.append(1) or real_gate(*args))
+    real_gate = aliases.gate
+    monkeypatch.setattr(aliases, "gate", lambda *args: gate_calls.append(1) or real_gate(*args))
     swapped = []
-    follower = follow.Follower(volume, 0.95, torch.device("cpu"), on_swap=swapped.append)
+    follower = follow.Follower(volume, 0.95, Runtimes("torch", "cpu", torch.get_num_threads()), on_swap=swapped.append)
 
     follower.poll()
     assert follower.live is None and "mnist train" in follower.problem

@@ -475,7 +475,8 @@ def data_root(test_data, tmp_path, mirror) -> Path:
 def test_mnist_pipeline_trains_evaluates_and_infers_in_one_process(data_root):
     result = run_here("pipeline", "--root", str(data_root), "--max-steps", "20", "--threshold", "0")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["train", "evaluate", "infer", "report"]
+    stages = ["train", "evaluate", "infer", "report", "export"]  # (export: onnxruntime is installed here)
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == stages
     sha = hashlib.sha256((data_root / "model" / "mnist_cnn.pt").read_bytes()).hexdigest()
     assert json.loads((data_root / "model" / "eval_results.json").read_text())["checkpoint"]["sha256"] == sha
     predictions = json.loads((data_root / "results" / "predictions.json").read_text())

@@ -94,7 +94,8 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
     if args.command in ("evaluate", "infer", "pipeline"):
         values["started"] = started
     try:
-        if args.command in ("evaluate", "infer", "models", "promote", "rollback") and not volume.root.is_dir():
+        reads_volume = ("evaluate", "infer", "models", "promote", "rollback", "export")
+        if args.command in reads_volume and not volume.root.is_dir():
             raise PipelineError(
                 f"no volume at {describe(volume.root)} (no such folder): run `mnist train --root "
                 f"{describe(volume.root)}` first, or fix --root / MNIST_ROOT"
@@ -122,9 +123,9 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
 
 
 def _check_threads(parser: argparse.ArgumentParser, values: Dict[str, Any]) -> None:
-    from mnist_pipeline.cpus import available_cpus
+    from mnist_pipeline import runtime
 
-    cpus = available_cpus()
+    cpus = runtime.available_cpus()
     if values.get("threads") is not None and values["threads"] > cpus:
         parser.error(f"--threads / MNIST_THREADS {values['threads']}: this process may use {cpus} CPUs; "
                      f"pass at most {cpus}")

@@ -12,10 +12,13 @@ only in the group's first start, so a group that torchrun --max-restarts starts 
 
   hold:<point>:<file>   wait at `point` until <file> exists, having created <file>.held (a
                         moment held still for a test to act in; the process lives on)
+  break:<point>         the code at `point` goes wrong in the way it names, for the check that
+                        must catch it (the process lives on)
 
 Points: <file>-before-rename (the new copy written, not yet in place: checkpoint, progress, data,
 eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit;
-hold points: decode (serve, each image, in its decode slot).
+hold points: decode (serve, each image, in its decode slot); break points: export-weights (the first
+weight written into an ONNX model is off by 1, which its parity check must refuse).
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ def hold_point(point: str) -> None:
         pass
     while not os.path.exists(release):
         time.sleep(0.01)
+
+
+def broken(point: str) -> bool:
+    """Whether MNIST_FAULT=break:`point`."""
+    return _fault() == f"break:{point}"
 
 
 def signal_at_step() -> Tuple[Optional[int], Optional[int]]:

@@ -1,8 +1,8 @@
-"""The networks, by name, and their input contract: the one module every service imports. No I/O here.
+"""The networks, by name, and their input contract: the one module every torch stage imports. No I/O here.
 
-The contract: uint8 images [N, 28, 28] (white ink on black, as in MNIST), normalised with the
-model's own mean and std (part of its config, so they travel in the checkpoint). A user's own
-image becomes such an image in preprocess.py.
+The contract (contract.py, which needs no torch): uint8 images [N, 28, 28] (white ink on black, as in
+MNIST), normalised with the model's own mean and std (part of its config, so they travel in the
+checkpoint). A user's own image becomes such an image in preprocess.py.
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
-# the standard normalisation: the training set's mean and std (older checkpoints, which do not
-# store them, were trained with these)
-MEAN, STD = 0.1307, 0.3081
+from mnist_pipeline.contract import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, describe  # noqa: F401 (the contract, here too)
+
 PREDICT_BATCH = 1000
 
 
@@ -99,8 +96,6 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device) -> tor
     return torch.cat(chunks) if chunks else torch.empty(0, NUM_CLASSES)
 
 
-def describe(probabilities: torch.Tensor) -> dict:
-    """One image's probabilities [10] -> {digit, confidence, probabilities}: the answer of predict and serve."""
-    values = [round(float(p), 6) for p in probabilities]
-    digit = int(probabilities.argmax())
-    return {"digit": digit, "confidence": values[digit], "probabilities": values}
+def stack(images: Sequence[bytes]) -> torch.Tensor:
+    """Images as preprocess.py gives them (IMAGE_BYTES each) -> uint8 [N, 28, 28]."""
+    return torch.frombuffer(bytearray(b"".join(images)), dtype=torch.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)

@@ -63,6 +63,12 @@ def device(text: str) -> str:
     return text
 
 
+def runtime(text: str) -> str:
+    if text not in ("auto", "onnx", "torch"):
+        raise ValueError("must be auto, onnx or torch")
+    return text
+
+
 def host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text):
         raise ValueError("must be a host name or IP address to listen on, e.g. 127.0.0.1 or 0.0.0.0")

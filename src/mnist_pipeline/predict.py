@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-import torch
-
 from mnist_pipeline import preprocess, runtime
-from mnist_pipeline.model import describe, predict
+from mnist_pipeline.model import describe, predict, stack
 from mnist_pipeline.records.aliases import gated
 from mnist_pipeline.settings import PredictConfig
 from mnist_pipeline.storage.files import describe as describe_path
@@ -36,7 +34,7 @@ def run(config: PredictConfig) -> List[Dict[str, Any]]:
         except preprocess.ImageError as exc:
             results.append({"file": name, "error": str(exc)})
     if inputs:
-        probabilities = iter(predict(model, torch.stack(inputs), device))
+        probabilities = iter(predict(model, stack(inputs), device))
         for result in results:
             if "error" not in result:
                 result.update(describe(next(probabilities)))

@@ -4,6 +4,10 @@ MNIST's digits are white on black, cropped to the ink, scaled so the longer side
 the aspect ratio, anti-aliased) and placed in 28x28 with their centre of mass at the centre. A photo
 or a drawing is none of that, so: grayscale; invert when the background is light; stretch the
 background to 0 and the darkest ink to 255; crop to the ink's bounding box; scale; centre by mass.
+
+Pillow and plain Python only: `mnist predict` runs where torch is and numpy is not, serve's slim
+image has numpy and no torch. An image comes out as contract.IMAGE_BYTES bytes; each runtime makes
+its own array of them.
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ import re
 import warnings
 from typing import Tuple
 
-import torch
 from PIL import Image, ImageOps
 
+from mnist_pipeline.contract import IMAGE_SIZE
 from mnist_pipeline.errors import PipelineError, first_line
-from mnist_pipeline.model import IMAGE_SIZE
 
 DIGIT_BOX = 20  # MNIST: the longer side of the digit, inside the 28x28 frame
 # What decoding one image may allocate, whatever its file size: checked from the header, before
@@ -178,11 +181,11 @@ def _reduced(image: Image.Image) -> Image.Image:
     return image.reduce(factor) if factor > 1 else image
 
 
-def to_mnist(image: Image.Image) -> torch.Tensor:
-    """8-bit grayscale image of one digit -> uint8 [28, 28], white ink on black, MNIST-style.
+def to_mnist(image: Image.Image) -> bytes:
+    """8-bit grayscale image of one digit -> 28x28 uint8 pixels row by row, white ink on black, MNIST-style.
 
-    The full-size steps are Pillow's (C, a fraction of a millisecond for a 280x280 drawing); torch
-    only computes the centre of mass of the small 20 px patch.
+    The full-size steps are Pillow's (C, a fraction of a millisecond for a 280x280 drawing); plain
+    Python only computes the centre of mass of the small 20 px patch and places it.
     """
     width, height = image.size
     edges = ((0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height))
@@ -199,22 +202,23 @@ def to_mnist(image: Image.Image) -> torch.Tensor:
     crop = image.crop(box)
 
     scale = DIGIT_BOX / max(crop.size)
-    size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+    width, height = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
     # Pillow's resampling filters average over the source when shrinking (anti-aliasing, as MNIST did)
-    patch_image = crop.resize(size, Image.Resampling.LANCZOS)
-    patch = torch.frombuffer(bytearray(patch_image.tobytes()), dtype=torch.uint8).reshape(size[1], size[0]).float()
+    patch = crop.resize((width, height), Image.Resampling.LANCZOS).tobytes()
+    rows = [patch[y * width:(y + 1) * width] for y in range(height)]
 
     # place the patch so that its centre of mass lands on the frame's centre (kept inside the frame)
-    total = patch.sum().clamp_min(1e-6)
-    com_y = float((patch.sum(dim=1) * torch.arange(size[1])).sum() / total) + 0.5
-    com_x = float((patch.sum(dim=0) * torch.arange(size[0])).sum() / total) + 0.5
-    y = min(max(round(IMAGE_SIZE / 2 - com_y), 0), IMAGE_SIZE - size[1])
-    x = min(max(round(IMAGE_SIZE / 2 - com_x), 0), IMAGE_SIZE - size[0])
-    frame = torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    frame[y:y + size[1], x:x + size[0]] = patch.to(torch.uint8)
-    return frame
+    total = max(sum(patch), 1e-6)
+    com_y = sum(y * sum(row) for y, row in enumerate(rows)) / total + 0.5
+    com_x = sum(x * sum(patch[x::width]) for x in range(width)) / total + 0.5
+    y = min(max(round(IMAGE_SIZE / 2 - com_y), 0), IMAGE_SIZE - height)
+    x = min(max(round(IMAGE_SIZE / 2 - com_x), 0), IMAGE_SIZE - width)
+    frame = bytearray(IMAGE_SIZE * IMAGE_SIZE)
+    for row_number, row in enumerate(rows, y):
+        frame[row_number * IMAGE_SIZE + x:row_number * IMAGE_SIZE + x + width] = row
+    return bytes(frame)
 
 
-def from_bytes(data: bytes) -> torch.Tensor:
-    """Image file bytes -> uint8 [28, 28] for the model."""
+def from_bytes(data: bytes) -> bytes:
+    """Image file bytes -> the model's 28x28 uint8 pixels, row by row (contract.IMAGE_BYTES)."""
     return to_mnist(decode(data))

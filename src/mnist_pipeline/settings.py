@@ -109,7 +109,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = DEVICE
-    threads: Optional[int] = None  # None: one per request (serve.py)
+    threads: Optional[int] = None  # None: one per request (serve/runtimes.py)
+    runtime: str = "auto"  # onnx where onnxruntime imports and the version is exported, else torch (serve/runtimes.py)
     # what a client may hold (serve.py's docstring): connections at once, the first to go when full
     # being the one idle longest; images decoded at once (None: the CPUs this process may use) and
     # requests waiting for that (more: 503); seconds a request's head or body may stall, and an idle
@@ -195,6 +196,9 @@ _ALL = [
             "(pinned)", "ALIAS|N"),
     Setting("--count", parse.positive_int, default_of(InferConfig, "count"), "how many random test images to label",
             "N"),
+    Setting("--runtime", parse.runtime, default_of(ServeConfig, "runtime"),
+            "what answers: onnx (the version's exported model, no torch), torch (its checkpoint), or auto (onnx "
+            "where onnxruntime imports and the version is exported, else torch)", "auto|onnx|torch"),
     Setting("--host", parse.host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
     Setting("--port", parse.port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
             "PORT"),
@@ -230,7 +234,8 @@ COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "models": ("root", "keep"),
     "promote": ("root", "alias"),
     "rollback": ("root", "alias"),
-    "serve": _PREDICT + ("host", "port", "workers", "max_connections", "max_decodes", "max_waiting",
+    "export": ("root", "mirror", "threads"),  # on the CPU: onnxruntime's answers are checked against torch's there
+    "serve": _PREDICT + ("runtime", "host", "port", "workers", "max_connections", "max_decodes", "max_waiting",
                          "read_timeout", "keep_alive"),
 }
 

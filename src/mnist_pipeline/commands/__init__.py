@@ -3,6 +3,7 @@
   stages.py    train, evaluate, infer, pipeline, report
   use.py       predict, serve
   registry.py  models, promote, rollback
+  export.py    export
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from mnist_pipeline.commands import registry, stages, use
+from mnist_pipeline.commands import export, registry, stages, use
 
 Values = Dict[str, Any]
 
@@ -21,7 +22,7 @@ class Command:
     help: str
     run: Callable[[argparse.Namespace, Values], int]
     modules: tuple = ()  # imported before a signal may interrupt (torch's import is never cut short)
-    interruptible: bool = True  # serve: uvicorn handles SIGTERM itself, a graceful shutdown
+    interruptible: bool = True  # serve (uvicorn) and export handle SIGTERM themselves: a graceful shutdown
     arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None  # what it takes besides settings
 
 _REPORT = ("mnist_pipeline.report",)
@@ -48,6 +49,9 @@ COMMANDS: Dict[str, Command] = {
                        arguments=registry.promote_arguments),
     "rollback": Command("Point --alias (production) back at the version it pointed to before.",
                         registry.rollback, _REGISTRY),
+    "export": Command("Write each evaluated version's ONNX model (model/versions/N/mnist_cnn.onnx) once onnxruntime "
+                      "answers as torch does on the 10,000 test images; --follow: each new version, until SIGTERM.",
+                      export.export, ("mnist_pipeline.export",), interruptible=False, arguments=export.arguments),
     "serve": Command("HTTP prediction API and a draw-a-digit page at http://HOST:PORT; serves the --model "
                      "version (production: follows the alias as it moves) if it passes --threshold.", use.serve,
                      ("mnist_pipeline.serve",),

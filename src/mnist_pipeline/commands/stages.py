@@ -1,7 +1,8 @@
 """The pipeline's commands: train, evaluate, infer, all three in one process, and the report.
 
 The stages never import one another or the report: what one hands the next goes through here or the
-volume. The report is written once per command, from the records on the volume.
+volume. The report is written once per command, from the records on the volume. evaluate (and
+pipeline) then export the version they registered as an ONNX model where onnxruntime imports.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from mnist_pipeline import distributed, settings, signals
 from mnist_pipeline.errors import PipelineError
@@ -17,7 +18,11 @@ from mnist_pipeline.settings import EvaluateConfig, InferConfig, TrainConfig
 from mnist_pipeline.storage.files import describe
 from mnist_pipeline.volume import Volume
 
+if TYPE_CHECKING:
+    from mnist_pipeline.records.evaluation import Evaluation  # (it loads torch: the parser answers without it)
+
 Values = Dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 def train(args: argparse.Namespace, v: Values) -> int:
@@ -26,9 +31,10 @@ def train(args: argparse.Namespace, v: Values) -> int:
 
 
 def evaluate(args: argparse.Namespace, v: Values) -> int:
-    _evaluate(v)
+    scored = _evaluate(v)
     volume = Volume(v["root"])
     _report_after(volume, v["mirror"], describe(volume.eval_results))
+    _export_after(volume, scored, v, f"{describe(volume.eval_results)} and the report are written")
     return 0
 
 
@@ -42,12 +48,13 @@ def pipeline(args: argparse.Namespace, v: Values) -> int:
     _train(args, v)
     args.train_lock.close()  # taken by main(); evaluate would wait for it
     check_signal("train")
-    _evaluate(v)
+    scored = _evaluate(v)
     check_signal("evaluate")
     _infer(v)
     check_signal("infer")
     volume = Volume(v["root"])
     _report_after(volume, v["mirror"], f"{describe(volume.results_dir)}/")
+    _export_after(volume, scored, v, f"{describe(volume.results_dir)}/ and the report are written")
     return 0
 
 
@@ -62,12 +69,13 @@ def _train(args: argparse.Namespace, v: Values) -> None:
               f"{result.seconds:.1f} s -> {describe(result.checkpoint)}")
 
 
-def _evaluate(v: Values) -> None:
+def _evaluate(v: Values) -> Evaluation:
     from mnist_pipeline import evaluate as stage
 
     result = stage.run(evaluate_config(v))
     print(f"evaluate: accuracy {result.accuracy:.4f} ({result.correct}/{result.total}), "
           f"test loss {result.test_loss:.4f}, epoch {result.epoch}")
+    return result
 
 
 def _infer(v: Values) -> None:
@@ -127,6 +135,31 @@ def _report_after(volume: Volume, mirror: Optional[str], written: str) -> None:
         print(f"report: {describe(write_report(volume, mirror))}")
     except PipelineError as exc:
         raise PipelineError(f"{written} is written, but not the report: {exc}; `mnist report` tries again") from None
+
+
+def _export_after(volume: Volume, scored: Evaluation, v: Values, written: str) -> None:
+    """The ONNX model of the version evaluate registered for `scored`, where onnxruntime imports (the graded
+    images lack it: the Compose export service exports there); a version that has it already is left alone."""
+    from mnist_pipeline import export, runtime
+    from mnist_pipeline.commands.export import line
+    from mnist_pipeline.records import versions
+
+    number = next((found.number for found in versions.listing(volume)
+                   if isinstance(found, versions.Version) and found.sha256 == scored.sha256), None)
+    if number is None or volume.exported(number).exists():
+        return  # (no version: the checkpoint changed while it was scored, and evaluate said so)
+    why = export.unavailable()
+    if why:
+        log.info("version %d is not exported to ONNX: %s; `mnist export` (the Compose export service) does it "
+                 "where onnxruntime is installed", number, why)
+        return
+    try:
+        exported = export.export_version(volume, number, v["mirror"], v["threads"] or runtime.available_cpus())
+    except signals.Interrupted:
+        raise
+    except PipelineError as exc:
+        raise PipelineError(f"{exc} ({written})") from None
+    print(line(exported))
 
 
 def check_signal(stage: str) -> None:

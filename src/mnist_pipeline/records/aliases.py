@@ -81,22 +81,35 @@ def every(volume: Volume) -> Dict[str, int]:
 
 def gated(volume: Volume, model: Union[str, int], threshold: float
           ) -> Tuple[Optional[versions.Version], checkpoint.Checkpoint, evaluation.Evaluation]:
-    """What serve and predict use: the version `model` names (a number, or an alias's current one) if its
-    evaluation passes `threshold`. While production is unset (no version has passed evaluate's rule yet,
-    or the volume predates versions), the current checkpoint through evaluation.evaluated, version None.
-    Raises NotEvaluated or BelowThreshold (exit 3) or PipelineError saying what to do."""
+    """What predict and serve's torch runtime use: the version `model` names (a number, or an alias's current
+    one) if its evaluation passes `threshold`, its checkpoint loaded. While production is unset (no version has
+    passed evaluate's rule yet, or the volume predates versions), the current checkpoint through
+    evaluation.evaluated, version None. Raises NotEvaluated or BelowThreshold (exit 3) or PipelineError saying
+    what to do."""
+    passed = gate(volume, model, threshold)
+    if passed is None:
+        saved, scores = evaluation.evaluated(volume, threshold)
+        return None, saved, scores
+    version, saved, scores = versions.load(volume, passed[0].number)
+    return version, saved, scores
+
+
+def gate(volume: Volume, model: Union[str, int], threshold: float
+         ) -> Optional[Tuple[versions.Version, evaluation.Evaluation]]:
+    """The gate without loading a checkpoint (no torch): the version `model` names and its evaluation if it
+    passes `threshold`; None while production is unset (`gated` then reads the current checkpoint). Raises as
+    `gated` does."""
     number = model if isinstance(model, int) else read(volume, model)
     if number is None:
         if model != PRODUCTION:
             raise NotEvaluated(f"alias {model!r} is not set: `mnist promote N --alias {model}` sets it")
-        saved, scores = evaluation.evaluated(volume, threshold)
-        return None, saved, scores
-    version, saved, scores = versions.load(volume, number)
+        return None
+    version, scores = versions.checked(volume, number)
     if not scores.passes(threshold):
         raise BelowThreshold(f"accuracy {scores.accuracy:.4f} of version {number} (epoch {version.epoch}) is not "
                              f"above the threshold {threshold}: promote a better version (`mnist models` lists "
                              f"them) or lower --threshold")
-    return version, saved, scores
+    return version, scores
 
 
 def catalogue(volume: Volume) -> List[Dict[str, Any]]:

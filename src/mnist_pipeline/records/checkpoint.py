@@ -17,6 +17,9 @@ pickle cannot run code:
   train_config    the training hyper-parameters, seed included (the data order and learning rate
                   are pure functions of them, epoch and step)
   world_size      the processes that trained it together (format 2; resume is exact at the same)
+
+torch is imported where a checkpoint is loaded or saved: the registry and the gate (versions.py,
+aliases.py) import this module in serve's slim image, which has no torch, for its limits and types.
 """
 
 from __future__ import annotations
@@ -26,12 +29,9 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-import torch
-from torch import nn
-
-from mnist_pipeline import limits, model
+from mnist_pipeline import limits
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.storage.atomic import atomic_write_bytes
 from mnist_pipeline.storage.files import NotReadable, describe, read_regular
@@ -47,9 +47,12 @@ REQUIRED = {
     "model": dict,
     "model_config": dict,
     "optimizer": dict,
-    "rng": torch.Tensor,
+    "rng": None,  # torch.Tensor (torch is imported when a checkpoint is read)
     "train_config": dict,
 }
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Checkpoint:
 
     def build_model(self) -> nn.Module:
         """The network with these weights, or a PipelineError if they do not fit it."""
+        from mnist_pipeline import model
+
         try:
             network = model.build(self.state["architecture"], self.state["model_config"])
             network.load_state_dict(self.state["model"])
@@ -82,6 +87,8 @@ def invalid(path: Path, why: str) -> PipelineError:
 
 def write(path: Path, state: Dict[str, Any], fault_point: Optional[str] = None) -> None:
     """`state` as snapshot() gives it (no format_version): saved atomically as FORMAT_VERSION."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
     atomic_write_bytes(path, buffer.getvalue(), fault_point)
@@ -89,10 +96,9 @@ def write(path: Path, state: Dict[str, Any], fault_point: Optional[str] = None) 
 
 def read(path: Path) -> Checkpoint:
     """Read, hash and validate `path`: the hash is of the bytes loaded. FileNotFoundError if it is missing."""
-    try:
-        data = read_regular(path, MAX_BYTES, "checkpoint")
-    except NotReadable as exc:
-        raise invalid(path, f"it {exc.reason}") from None
+    import torch
+
+    data = _bytes(path)
     sha256 = hashlib.sha256(data).hexdigest()
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -101,6 +107,7 @@ def read(path: Path) -> Checkpoint:
     if not isinstance(state, dict):
         raise invalid(path, f"it holds a {type(state).__name__}, not a dict")
     for key, kind in REQUIRED.items():
+        kind = torch.Tensor if kind is None else kind
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             raise invalid(path, f"its '{key}' is missing or not a {kind.__name__}")
     state = _upgrade(state)
@@ -108,6 +115,18 @@ def read(path: Path) -> Checkpoint:
     if problem:
         raise invalid(path, problem)
     return Checkpoint(path=path, sha256=sha256, state=state)
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of the checkpoint file at `path`, without loading it (no torch); FileNotFoundError if missing."""
+    return hashlib.sha256(_bytes(path)).hexdigest()
+
+
+def _bytes(path: Path) -> bytes:
+    try:
+        return read_regular(path, MAX_BYTES, "checkpoint")
+    except NotReadable as exc:
+        raise invalid(path, f"it {exc.reason}") from None
 
 
 def _upgrade(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -119,6 +138,10 @@ def _upgrade(state: Dict[str, Any]) -> Dict[str, Any]:
 
 def _state_problem(state: Dict[str, Any]) -> Optional[str]:
     """What is wrong with the plain values of a checkpoint (the weights are checked by build_model)."""
+    import torch
+
+    from mnist_pipeline import model
+
     if state["format_version"] != FORMAT_VERSION:
         return f"format_version {state['format_version']} is not one this version reads (1 to {FORMAT_VERSION})"
     if state.get("architecture") not in model.ARCHITECTURES:

@@ -211,22 +211,40 @@ def read(volume: Volume, number: int) -> Version:
 
 
 def load(volume: Volume, number: int) -> Tuple[Version, checkpoints.Checkpoint, evaluations.Evaluation]:
-    """Version `number` in full, its checkpoint hashed and checked: what serve and promote use.
-    PipelineError (saying what to do) when it is missing or corrupt."""
+    """Version `number` in full, its checkpoint loaded (torch), hashed and checked: what torch serves and promote
+    checks. PipelineError (saying what to do) when it is missing or corrupt."""
+    version, scores = checked(volume, number)
+    try:
+        saved = checkpoints.read(volume.version_dir(number) / CHECKPOINT)
+    except FileNotFoundError as exc:
+        raise PipelineError(f"version {number} is corrupt ({exc}): promote another one") from None
+    if saved.sha256 != version.sha256:  # (replaced since it was hashed)
+        raise _not_kept(number)
+    return version, saved, scores
+
+
+def checked(volume: Volume, number: int) -> Tuple[Version, evaluations.Evaluation]:
+    """Version `number` with its evaluation, its checkpoint's bytes hashed against version.json without
+    loading them (no torch): what the ONNX runtime serves from. PipelineError (saying what to do) when it
+    is missing or corrupt."""
     try:
         version = read(volume, number)
     except FileNotFoundError:
         raise NoSuchVersion(f"there is no version {number}: `mnist models` lists the versions kept") from None
     folder = volume.version_dir(number)
     try:
-        saved = checkpoints.read(folder / CHECKPOINT)
+        sha256 = checkpoints.sha256_of(folder / CHECKPOINT)
         scores = evaluations.parse(j.load(folder / EVALUATION, "evaluation"))
     except (FileNotFoundError, j.Invalid) as exc:
         raise PipelineError(f"version {number} is corrupt ({exc}): promote another one") from None
-    if saved.sha256 != version.sha256:
-        raise PipelineError(f"version {number} is corrupt: its {CHECKPOINT} is not the checkpoint it kept "
-                            f"(sha256 differs): promote another one")
-    return version, saved, scores
+    if sha256 != version.sha256:
+        raise _not_kept(number)
+    return version, scores
+
+
+def _not_kept(number: int) -> PipelineError:
+    return PipelineError(f"version {number} is corrupt: its {CHECKPOINT} is not the checkpoint it kept "
+                         f"(sha256 differs): promote another one")
 
 
 def prune(volume: Volume, keep: int, aliased: set) -> List[int]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 
-from mnist_pipeline.cpus import available_cpus
+from mnist_pipeline.runtime import available_cpus
 from mnist_pipeline.serve.connections import listen
 from mnist_pipeline.settings import ServeConfig
 

@@ -1,5 +1,6 @@
 """The routes: the page, /predict, the probes, /metrics, the report. What a request may hold is bounded
-in budget.py; the model that follows the volume comes from follow.py."""
+in budget.py; the model that follows the volume comes from follow.py, loaded by runtimes.py. No torch
+here: with the onnx runtime, serve never imports it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -21,12 +21,13 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from mnist_pipeline import faults, preprocess, runtime
-from mnist_pipeline.model import describe
+from mnist_pipeline import faults, preprocess
+from mnist_pipeline.contract import describe
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import aliases, versions
 from mnist_pipeline.serve.budget import Limits, Slots, Uploads
-from mnist_pipeline.serve.follow import Follower, Kept, Live
+from mnist_pipeline.serve.follow import Follower, Kept
+from mnist_pipeline.serve.runtimes import Live, Runtimes
 from mnist_pipeline.serve.http import ClientError, Front
 from mnist_pipeline.serve.metrics import Metrics
 from mnist_pipeline.settings import ServeConfig
@@ -45,9 +46,7 @@ UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files)
 def create_app(config: ServeConfig) -> FastAPI:
     volume = Volume(config.root)
     limits = Limits.of(config)
-    # one torch thread per request unless told otherwise: requests run side by side on the threadpool,
-    # and one image is too little work to split (bench/serve_bench.py: 1 beats 2 on 2 cores)
-    device = runtime.setup(config.device, config.threads or 1)
+    runtimes = Runtimes(config.runtime, config.device, config.threads)
     metrics = Metrics()
     slots = Slots(limits.max_decodes, limits.max_waiting, metrics.decoding, metrics.waiting)
     uploads = Uploads(UPLOADS_BYTES)
@@ -55,8 +54,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         metrics.epoch.set(live.epoch)
         metrics.version.set(live.version or 0)
 
-    follower = Follower(volume, config.threshold, device, on_swap=swapped, model=config.model)
-    kept = Kept(volume, config.threshold, device)
+    follower = Follower(volume, config.threshold, runtimes, on_swap=swapped, model=config.model)
+    kept = Kept(volume, config.threshold, runtimes)
     report_dir = volume.report_dir
     private = _private_paths(volume.root)
 
@@ -149,7 +148,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 async with slots.slot(newcomer=number == 1):
                     inputs.append(await run_in_threadpool(_decode, data, number if len(images) > 1 else 0))
                 images[number - 1] = b""  # its bytes are done with
-            predictions = await run_in_threadpool(_predict, live, inputs, device)
+            predictions = await run_in_threadpool(_predict, live, inputs)
             metrics.latency.observe(time.perf_counter() - started)
         return JSONResponse({"checkpoint": live.describe(), "predictions": predictions},
                             headers=_version_header(live))
@@ -166,7 +165,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
 
 def _describe(live: Live, threshold: float) -> Dict[str, Any]:
-    return {"checkpoint": live.describe(), "accuracy": live.accuracy, "threshold": threshold}
+    return {"checkpoint": live.describe(), "accuracy": live.accuracy, "threshold": threshold, "runtime": live.runtime}
 
 
 def _version_header(live: Live) -> Dict[str, str]:
@@ -255,8 +254,8 @@ async def _body(request: Request, limit: int, take) -> bytes:
     return b"".join(chunks)
 
 
-def _decode(data: bytes, number: int) -> torch.Tensor:
-    """One image's bytes -> its uint8 [28, 28]; `number`: its place in a request of several (0: the only one)."""
+def _decode(data: bytes, number: int) -> bytes:
+    """One image's bytes -> its 28x28 pixels (contract.py); `number`: its place in a request of several (0: alone)."""
     faults.hold_point("decode")
     try:
         return preprocess.from_bytes(data)
@@ -264,8 +263,8 @@ def _decode(data: bytes, number: int) -> torch.Tensor:
         raise ClientError(400, (f"file {number}: " if number else "") + str(exc)) from None
 
 
-def _predict(live: Live, inputs: List[torch.Tensor], device: torch.device) -> List[Dict[str, Any]]:
-    return [describe(p) for p in live.predict(torch.stack(inputs), device)]
+def _predict(live: Live, inputs: List[bytes]) -> List[Dict[str, Any]]:
+    return [describe(p) for p in live.predict(inputs)]
 
 
 def _report_file(report_dir: Path, name: str) -> Path:

@@ -10,7 +10,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from prometheus_client import Gauge
 
-from mnist_pipeline.cpus import available_cpus
+from mnist_pipeline import runtime
 from mnist_pipeline.serve.http import busy
 from mnist_pipeline.settings import ServeConfig
 
@@ -28,7 +28,7 @@ class Limits:
     @classmethod
     def of(cls, config: ServeConfig) -> "Limits":
         return cls(max_connections=config.max_connections,
-                   max_decodes=config.max_decodes or available_cpus(),
+                   max_decodes=config.max_decodes or runtime.available_cpus(),
                    max_waiting=config.max_waiting, read_timeout=config.read_timeout, keep_alive=config.keep_alive)
 
 
