@@ -31,7 +31,8 @@ COMMANDS: Dict[str, Command] = {
     "train": Command("Resume from model/mnist_cnn.pt if present, train --epochs more epochs, save atomically.",
                      stages.train, ("mnist_pipeline.train",)),
     "evaluate": Command("Wait for a finished checkpoint, score it on the 10,000 test images, write "
-                        "model/eval_results.json and the report (model/report/).", stages.evaluate,
+                        "model/eval_results.json and the report (model/report/), keep it as a version and export "
+                        "that to ONNX where onnxruntime is installed.", stages.evaluate,
                         ("mnist_pipeline.evaluate",) + _REPORT),
     "infer": Command("Wait for the current checkpoint's evaluation; if accuracy is above --threshold, "
                      "write --count labelled test images to results/.", stages.infer, ("mnist_pipeline.infer",)),

@@ -76,7 +76,9 @@ class Exports:
         if signals.received() is not None:
             raise signals.interrupted(f"after exporting {exported} versions")
         if failed:
-            more = f"; and {len(failed) - 1} more versions failed" if len(failed) > 1 else ""
+            for _, failure in failed[1:]:
+                log.warning("%s", failure)
+            more = f"; and {len(failed) - 1} more versions failed (logged above)" if len(failed) > 1 else ""
             raise PipelineError(failed[0][1] + more)
         if not exported and not skipped:
             from mnist_pipeline.records import versions

@@ -4,6 +4,8 @@
                                         system allows (train replaces mnist_cnn.pt by a rename, never
                                         in place, so the link keeps the old bytes), else a copy
   model/versions/<N>/eval_results.json  its evaluation (records/evaluation.py)
+  model/versions/<N>/mnist_cnn.onnx     the same network as an ONNX model, added under the registry lock
+                                        once its parity check passed (export.py)
   model/versions/<N>/version.json       format_version, sha256 and bytes of the checkpoint, epoch,
                                         recipe (its train_config), data_sha256, created, accuracy,
                                         test_loss, package (this program's version)

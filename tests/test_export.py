@@ -1,0 +1,154 @@
+"""The ONNX export: the file evaluate writes runs in onnxruntime as the checkpoint does in torch, `mnist export`
+once and --follow, a broken parity refused, and what happens where onnxruntime is missing."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import signal
+import sys
+from pathlib import Path
+from unittest import mock
+
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_one_line_error, litter, read_until, run_here, run_mnist, start_mnist, wait_until
+from mnist_pipeline import data, export, model
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.volume import Volume
+
+BREAK = {"MNIST_FAULT": "break:export-weights"}  # the first weight written is off by 1
+
+
+@contextlib.contextmanager
+def without_onnxruntime():
+    """`import onnxruntime` fails in this process (run_here runs `mnist` here), as in the graded images."""
+    with mock.patch.dict(sys.modules, {"onnxruntime": None}):
+        yield
+
+
+def version_dir(root: Path, number: int) -> Path:
+    return root / "model" / "versions" / str(number)
+
+
+def test_evaluate_exports_a_model_that_onnxruntime_answers_as_torch_does(trained_root, mirror):
+    """trained_root is `mnist train` and `mnist evaluate` run as a user runs them: evaluate wrote the file."""
+    path = Volume(trained_root).exported(1)
+    session = onnxruntime.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])  # one file
+    (images,), (probabilities,) = session.get_inputs(), session.get_outputs()
+    assert (images.name, images.type, images.shape) == ("images", "tensor(uint8)", ["batch", 28, 28])
+    assert (probabilities.name, probabilities.type, probabilities.shape) == ("probabilities", "tensor(float)",
+                                                                              ["batch", 10])
+    kept = json.loads((version_dir(trained_root, 1) / "version.json").read_text())
+    assert kept["sha256"] == hashlib.sha256((version_dir(trained_root, 1) / "mnist_cnn.pt").read_bytes()).hexdigest()
+    assert session.get_modelmeta().custom_metadata_map == {
+        "mnist.format_version": "1", "mnist.checkpoint_sha256": kept["sha256"], "mnist.epoch": str(kept["epoch"]),
+        "mnist.architecture": "mnist_cnn", "mnist.version": "1"}
+    header = path.read_bytes()
+    assert header[:2] == b"\x08\x08" and b"\x42\x02\x10\x11" in header  # ir_version 8; opset_import {version 17}
+
+    test_images = data.load_split(trained_root / "data", "test", str(mirror)).images[:2000]
+    state = torch.load(version_dir(trained_root, 1) / "mnist_cnn.pt", weights_only=True)
+    network = model.build(state["architecture"], state["model_config"])
+    network.load_state_dict(state["model"])
+    expected = model.predict(network, test_images, torch.device("cpu"))
+    for batch in (test_images[:1], test_images):  # the batch axis is dynamic
+        answers = torch.from_numpy(session.run(["probabilities"], {"images": batch.numpy()})[0])
+        assert torch.equal(answers.argmax(1), expected[:len(batch)].argmax(1))
+        assert (answers - expected[:len(batch)]).abs().max() <= export.TOLERANCE
+
+
+def test_export_writes_what_is_missing_skips_an_unreadable_version_and_rewrites_when_asked(trained_copy):
+    root = trained_copy
+    written = Volume(root).exported(1).read_bytes()
+    Volume(root).exported(1).unlink()
+    shutil.copytree(version_dir(root, 1), version_dir(root, 2))  # version 2: its checkpoint's bytes changed
+    checkpoint = version_dir(root, 2) / "mnist_cnn.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[::-1])
+
+    result = run_here("export", "--root", str(root))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"export: version 1 -> {root}/model/versions/1/mnist_cnn.onnx (10000 test images: the same "
+                           f"digits, max |probability difference| "), line
+    assert Volume(root).exported(1).read_bytes() == written  # the same weights give the same file
+    assert "skipping version 2" in result.stderr and not Volume(root).exported(2).exists()
+    assert_one_line_error(run_here("export", "--root", str(root), "--version", "2"), 1, "versions/2/mnist_cnn.pt")
+
+    version_dir(root, 2).rename(root / "aside")
+    nothing = run_here("export", "--root", str(root)).stdout
+    assert nothing == "export: nothing to do: every version (1) has its ONNX model\n"
+    again = run_here("export", "--root", str(root), "--version", "1")
+    assert again.returncode == 0 and again.stdout.startswith("export: version 1 -> ")
+    assert_one_line_error(run_here("export", "--root", str(root), "--version", "1", "--follow"), 2, "--follow")
+
+
+def test_a_model_that_fails_its_parity_check_is_an_error_and_no_file(trained_copy):
+    root = trained_copy
+    Volume(root).exported(1).unlink()
+    evaluation = root / "model" / "eval_results.json"
+    evaluation.unlink()
+
+    result = run_mnist("evaluate", "--root", str(root), env=BREAK)
+    assert_one_line_error(result, 1, "version 1's ONNX model does not answer as its checkpoint does",
+                          "get another digit", "no file written")
+    assert "evaluate: accuracy" in result.stdout and evaluation.exists()  # the evaluation stays
+    assert "eval_results.json and the report are written" in result.stderr
+    assert not Volume(root).exported(1).exists() and litter(root) == []
+
+    result = run_mnist("export", "--root", str(root), env=BREAK)
+    assert_one_line_error(result, 1, "version 1's ONNX model does not answer", "max |probability difference|")
+    assert result.stdout == "" and not Volume(root).exported(1).exists() and litter(root) == []
+
+
+def test_without_onnxruntime_export_says_how_to_get_it_and_evaluate_goes_on(trained_copy):
+    root = trained_copy
+    Volume(root).exported(1).unlink()
+    with without_onnxruntime():
+        result = run_here("export", "--root", str(root))
+        assert_one_line_error(result, 1, "onnxruntime", "pip install onnxruntime", "docker compose")
+        evaluated = run_here("evaluate", "--root", str(root))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "version 1 is not exported to ONNX: onnxruntime does not import here" in evaluated.stderr
+    assert "export:" not in evaluated.stdout and not Volume(root).exported(1).exists()
+
+
+def test_follow_exports_a_version_evaluated_after_it_started_and_survives_a_broken_one(short_trained_copy):
+    root = short_trained_copy
+    version_dir(root, 1).mkdir(parents=True)  # a version folder with nothing readable in it
+    (version_dir(root, 1) / "version.json").write_text("{")
+    follower = start_mnist("export", "--root", str(root), "--follow")
+    try:
+        read_until(follower, "watching")
+        with without_onnxruntime():  # evaluate leaves the export to the follower, as in the graded images
+            evaluated = run_here("evaluate", "--root", str(root), "--threshold", "0")
+        assert evaluated.returncode == 0 and "version 2 is not exported" in evaluated.stderr, evaluated.stderr
+        wait_until(Volume(root).exported(2).exists, "the follower to export version 2")
+        follower.send_signal(signal.SIGTERM)
+        out, err = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert out.startswith(f"export: version 2 -> {root}/model/versions/2/mnist_cnn.onnx (10000 test images: ")
+    assert err.count("skipping version 1") == 1  # said once, however often it looked
+    assert "stopped by SIGTERM" in err and "error:" not in err
+
+
+def test_each_module_is_written_or_named_as_the_one_it_cannot_write():
+    """A configuration other than the default exports with parity; a module the writer lacks is named."""
+    network = model.MnistCNN(channels=(4, 8), strides=(1, 2), pools=(True, False), mean=0.2, std=0.4).eval()
+    for norm in (m for m in network.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics that matter
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
+    parity = export.check(export.to_onnx(network, {}), network, images, threads=1)
+    assert parity.passed and parity.images == 300, parity
+
+    network.features.append(nn.Tanh())
+    with pytest.raises(PipelineError, match=r"cannot write Tanh \(features\.\d+ of MnistCNN\)"):
+        export.to_onnx(network, {})
