@@ -13,8 +13,9 @@ measures
   - `compose run --rm train|evaluate|infer` wall time with the data already in the volume (the
     volume <project>_mnist is kept between runs, so train resumes: one more epoch each time), then
     `compose run --rm export mnist export` (the new version's ONNX model);
-  - serve's start: `docker run` of the serve image (onnx) and of the default image (`mnist serve
-    --runtime torch`) on that volume, to the first 200 of /readyz, and the container's memory then.
+  - serve's start: `docker run` to the first 200 of /readyz on that volume, and then the memory of
+    all the container's processes: one process (--workers 1) on onnx in the serve image and on
+    torch in the default image, then the serve image with its defaults (a worker per CPU).
 With --variants, also the two choices the Dockerfile made, measured in a throwaway container:
 numpy added (its size, and `import torch` time with it) and the .pyc files removed (`import torch`
 time without them; the venv is read-only to the services' user, so they would never be rewritten).
@@ -124,20 +125,28 @@ print(json.dumps({entry.name: size(entry) for entry in site.iterdir()}))
 # the serve image's venv in parts: a site-packages entry belongs to the first part its name starts with
 SERVE_PARTS = (("onnxruntime", ("onnxruntime",)), ("numpy", ("numpy",)), ("Pillow", ("PIL", "pillow")),
                ("mnist package", ("mnist_pipeline",)))
-# every process's resident memory in a container, but this one's
-CONTAINER_RSS = r"""
-import os, re
-total = 0
+# the memory of every process in a container but this one: RSS and PSS (shared pages split among
+# the processes sharing them: forked workers share the parent's) summed, in bytes
+CONTAINER_MEMORY = r"""
+import json, os, re
+total = {"rss": 0, "pss": 0}
 for pid in filter(str.isdigit, os.listdir("/proc")):
     if int(pid) != os.getpid():
         try:
-            with open(f"/proc/{pid}/status") as f:
-                total += int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
-        except (OSError, AttributeError):
-            pass
-print(total)
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for key, field in (("rss", "Rss"), ("pss", "Pss")):
+            total[key] += int(re.search(field + r":\s+(\d+) kB", text).group(1)) * 1024
+print(json.dumps(total))
 """
 READY_POLL_S = 0.02
+# serve's starts measured: one process on each runtime, then the serve image as Compose runs it
+# (--workers: the container's CPUs)
+SERVE_STARTS = (("serve", ["--runtime", "onnx", "--workers", "1"]),
+                ("train", ["--runtime", "torch", "--workers", "1"]),
+                ("serve", []))
 
 
 def image_mb(image: str, project: str) -> float:
@@ -168,12 +177,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serve_start(image: str, volume: str, runtime: str, project: str) -> dict:
-    """`docker run` of `mnist serve --runtime RUNTIME` to the first 200 of /readyz; then every process's RSS."""
+def serve_start(image: str, volume: str, options: list, project: str) -> dict:
+    """`docker run` of `mnist serve OPTIONS` to the first 200 of /readyz; then the container's memory."""
     port = free_port()
     start = time.perf_counter()
     container = sh(["docker", "run", "-d", "--rm", "-v", f"{volume}:/opt/mount:ro", "-p", f"127.0.0.1:{port}:8000",
-                    image, "mnist", "serve", "--runtime", runtime], project).stdout.strip()
+                    image, "mnist", "serve", *options], project).stdout.strip()
     try:
         ready = None
         while ready is None and time.perf_counter() - start < 120:
@@ -185,12 +194,13 @@ def serve_start(image: str, volume: str, runtime: str, project: str) -> dict:
         ready_s = time.perf_counter() - start
         if ready is None:
             logs = sh(["docker", "logs", container], project, check=False)
-            sys.exit(f"error: {image} `mnist serve --runtime {runtime}` not ready within 120 s: "
+            sys.exit(f"error: {image} `mnist serve {' '.join(options)}` not ready within 120 s: "
                      f"{(logs.stdout + logs.stderr)[-2000:]}")
-        rss = int(sh(["docker", "exec", container, "python", "-c", CONTAINER_RSS], project).stdout)
+        memory = json.loads(sh(["docker", "exec", container, "python", "-c", CONTAINER_MEMORY], project).stdout)
     finally:
         sh(["docker", "stop", "-t", "5", container], project, check=False)
-    return {"ready_s": round(ready_s, 2), "rss_mb": round(rss / 1e6, 1), "runtime": ready.get("runtime"),
+    return {"ready_s": round(ready_s, 2), "rss_mb": round(memory["rss"] / 1e6, 1),
+            "pss_mb": round(memory["pss"] / 1e6, 1), "runtime": ready.get("runtime"),
             "version": ready["checkpoint"].get("version")}
 
 
@@ -252,12 +262,14 @@ def main() -> int:
                                                           "mnist", "export"], project), 1)
 
     report["serve_start"] = {}
-    for image, runtime in ((images["serve"], "onnx"), (images["train"], "torch")):
-        print(f"timing serve's start in {image} ({runtime}) ...", file=sys.stderr)
-        runs = [serve_start(image, volume, runtime, project) for _ in range(args.repeat)]
-        report["serve_start"][f"{image} --runtime {runtime}"] = {
+    for image, options in SERVE_STARTS:
+        label = f"{images[image]} {' '.join(options) or '(defaults)'}"
+        print(f"timing serve's start: {label} ...", file=sys.stderr)
+        runs = [serve_start(images[image], volume, options, project) for _ in range(args.repeat)]
+        report["serve_start"][label] = {
             "ready_median_s": round(statistics.median(r["ready_s"] for r in runs), 2),
             "rss_median_mb": round(statistics.median(r["rss_mb"] for r in runs), 1),
+            "pss_median_mb": round(statistics.median(r["pss_mb"] for r in runs), 1),
             "runs": runs,
         }
 
@@ -277,14 +289,15 @@ def main() -> int:
                    None)
     print(f"of it: base image {base_mb} MB; venv " + ", ".join(f"{name} {mb}" for name, mb in
                                                                report["serve_venv_mb"].items()) + " MB")
-    print(f"\n{'container start to exit':<60}{'median s':>10}")
+    print(f"\n{'container start to exit':<64}{'median s':>10}")
     for label, info in report["start"].items():
-        print(f"{'docker run --rm ' + label:<60}{info['median_s']:>10}")
+        print(f"{'docker run --rm ' + label:<64}{info['median_s']:>10}")
     for service, seconds in report["services"].items():
-        print(f"{' '.join(compose) + ' run --rm ' + service:<60}{seconds:>10}")
-    print(f"\n{'serve: docker run to /readyz 200':<60}{'median s':>10}{'RSS MB':>10}")
+        print(f"{' '.join(compose) + ' run --rm ' + service:<64}{seconds:>10}")
+    print(f"\n{'serve: docker run to /readyz 200, then memory (all processes)':<64}{'median s':>10}"
+          f"{'RSS MB':>10}{'PSS MB':>10}")
     for label, info in report["serve_start"].items():
-        print(f"{label:<60}{info['ready_median_s']:>10}{info['rss_median_mb']:>10}")
+        print(f"{label:<64}{info['ready_median_s']:>10}{info['rss_median_mb']:>10}{info['pss_median_mb']:>10}")
     if "variants" in report:
         v = report["variants"]
         print(f"\nnumpy: +{v['numpy_mb']} MB, import torch {v['import_torch_s']} s -> "
