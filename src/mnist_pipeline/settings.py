@@ -120,6 +120,7 @@ class ServeConfig:
     max_waiting: int = 64
     read_timeout: float = 10.0
     keep_alive: float = 5.0
+    workers: Optional[int] = None  # processes answering on the one port (None: the CPUs this process may use)
 
 
 def default_of(config: type, name: str) -> Any:
@@ -201,6 +202,9 @@ _ALL = [
     Setting("--host", parse.host, default_of(ServeConfig, "host"), "address to listen on (the image: 0.0.0.0)", "HOST"),
     Setting("--port", parse.port, default_of(ServeConfig, "port"), "TCP port to listen on (0: any free one, logged)",
             "PORT"),
+    Setting("--workers", parse.positive_int, default_of(ServeConfig, "workers"),
+            "processes answering on the one port, each following the volume and each held to the limits below "
+            "(default: the CPUs this process may use)", "N"),
     Setting("--max-connections", parse.positive_int, default_of(ServeConfig, "max_connections"),
             "connections open at once; a new one closes the one idle longest", "N"),
     Setting("--max-decodes", parse.positive_int, default_of(ServeConfig, "max_decodes"),
@@ -231,8 +235,8 @@ COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "promote": ("root", "alias"),
     "rollback": ("root", "alias"),
     "export": ("root", "mirror", "threads"),  # on the CPU: onnxruntime's answers are checked against torch's there
-    "serve": _PREDICT + ("runtime", "host", "port", "max_connections", "max_decodes", "max_waiting", "read_timeout",
-                         "keep_alive"),
+    "serve": _PREDICT + ("runtime", "host", "port", "workers", "max_connections", "max_decodes", "max_waiting",
+                         "read_timeout", "keep_alive"),
 }
 
 

@@ -4,7 +4,9 @@ The model and its preprocessing come from model.py and preprocess.py, the gated 
 the volume from follow.py. Nothing here writes to the volume. Every error is a 4xx (or a 503: busy,
 retry) with a JSON {"error": ...}; the process keeps serving whatever a client sends.
 
-What a client may cost is bounded, since the port is open to anyone:
+--workers N processes answer on the one port (workers.py), each with the app and its own watcher
+of the volume; /metrics sums them (metrics.py). What a client may cost is bounded in each, since the
+port is open to anyone:
 - memory: an upload is at most MAX_BODY_BYTES, all uploads held at once at most UPLOADS_BYTES (app.py), an
   image's decoded pixels at most preprocess.MAX_DECODED_BYTES, and at most --max-decodes images are
   decoded at once (one at a time per request); --max-waiting requests may wait for a decode, more get
@@ -19,36 +21,33 @@ What a client may cost is bounded, since the port is open to anyone:
   http.py         the edge every answer passes: JSON errors, security headers, counts, body timeouts
   connections.py  the socket and uvicorn's protocol with a head timeout and a connection cap
   follow.py       the gated model, kept current as the volume changes
+  metrics.py      /metrics, summed over the workers
+  workers.py      one process's server, and the parent that runs several on one socket
+
+Nothing here imports the model's runtime or the web framework at module level: the parent of
+several workers forks them before any of that loads.
 """
 
 from __future__ import annotations
 
 import logging
 
-from mnist_pipeline.serve.app import create_app
-from mnist_pipeline.serve.budget import Limits
-from mnist_pipeline.serve.connections import (BACKLOG, OncePerSecond, allow_open_files, give_back_freed_memory,
-                                              guarded, listen)
+from mnist_pipeline.runtime import available_cpus
+from mnist_pipeline.serve.connections import listen
 from mnist_pipeline.settings import ServeConfig
 
 log = logging.getLogger(__name__)
 
 
 def run(config: ServeConfig) -> None:
-    import uvicorn
-
-    give_back_freed_memory()
+    from mnist_pipeline.serve import workers
 
     sock = listen(config.host, config.port)
+    count = config.workers or available_cpus()
     host, port = sock.getsockname()[:2]
-    limits = allow_open_files(Limits.of(config))
-    app = create_app(config)
-    log.info("listening on http://%s:%d (volume %s, threshold %s)", host, port, config.root, config.threshold)
-    server = uvicorn.Server(uvicorn.Config(
-        app, http=guarded(limits), loop="asyncio", backlog=BACKLOG,
-        timeout_keep_alive=limits.keep_alive,  # type: ignore[arg-type]
-        log_level="warning", access_log=False, lifespan="on"))
-    flood = OncePerSecond()
-    for name in ("uvicorn.error", "asyncio", "mnist_pipeline.serve.app", "mnist_pipeline.serve.connections"):
-        logging.getLogger(name).addFilter(flood)
-    server.run(sockets=[sock])
+    log.info("listening on http://%s:%d (volume %s, threshold %s, %d worker%s)", host, port, config.root,
+             config.threshold, count, "s" if count > 1 else "")
+    if count == 1:
+        workers.serve(sock, config)
+    else:
+        workers.supervise(sock, config, count)

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -29,6 +29,7 @@ from mnist_pipeline.serve.budget import Limits, Slots, Uploads
 from mnist_pipeline.serve.follow import Follower, Kept
 from mnist_pipeline.serve.runtimes import Live, Runtimes
 from mnist_pipeline.serve.http import ClientError, Front
+from mnist_pipeline.serve.metrics import Metrics
 from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
 
@@ -40,22 +41,6 @@ MAX_FILES = 64
 MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
 DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
 UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("mnist_requests", "HTTP requests by route and status", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("mnist_prediction_seconds", "time to preprocess and predict one request's images",
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
-                                 registry=self.registry)
-        self.epoch = Gauge("mnist_checkpoint_epoch", "epoch of the checkpoint being served (0: none yet)",
-                           registry=self.registry)
-        self.version = Gauge("mnist_model_version", "version being served (0: none yet, or a volume without "
-                             "a production version)", registry=self.registry)
-        self.decoding = Gauge("mnist_decodes_running", "images being decoded now", registry=self.registry)
-        self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=self.registry)
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -76,7 +61,9 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        follower.start()
+        # the first look at the volume before the first connection: a worker that starts beside others
+        # (or replaces one) never answers "not loaded yet" while they serve
+        await run_in_threadpool(follower.start)
         yield
         follower.stop()
 
@@ -137,7 +124,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:

@@ -46,6 +46,8 @@ class Follower:
         self._thread = threading.Thread(target=self._run, name="follow-checkpoint", daemon=True)
 
     def start(self) -> None:
+        """The first look at the volume, here, then a thread that keeps looking."""
+        self._look()
         self._thread.start()
 
     def stop(self) -> None:
@@ -53,12 +55,14 @@ class Follower:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll()
-            except Exception:  # noqa: BLE001 - a bug here must not end following; it is logged
-                log.exception("checking the volume for a new model failed")
-            self._stop.wait(POLL_S)
+        while not self._stop.wait(POLL_S):
+            self._look()
+
+    def _look(self) -> None:
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001 - a bug here must not end following; it is logged
+            log.exception("checking the volume for a new model failed")
 
     def poll(self) -> None:
         """Load and swap in the model --model names if its files changed since the last look and it passes the gate."""

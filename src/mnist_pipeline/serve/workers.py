@@ -1,0 +1,279 @@
+"""The processes that answer: serve() runs the app on a listening socket in this process; supervise()
+forks --workers of them onto the one socket and keeps that many running.
+
+The parent binds the socket, forks, and then only supervises: it has imported neither the model's
+runtime nor the app, so no thread pool of theirs is forked half-way (and the fork costs little). The
+first worker starts alone: a setting that cannot work (--device cuda without a GPU, ...) is then one
+`error:` line and its exit code, as with one process; the others start once it has built its app.
+Each worker looks at the volume once before it takes its first connection (follow.py), so none
+answers "not loaded yet" beside others that serve.
+
+A worker that ends on its own is logged and replaced (after RESTART_DELAY_S when it lived less than
+YOUNG_S: a worker that cannot start must not fork in a loop). SIGTERM and SIGINT go to every worker;
+each finishes the requests it has, as uvicorn does; the parent waits for them all, then ends as the
+signal says (143, 130). The workers are in a process group of their own, so Ctrl-C in a terminal
+reaches them once, through the parent, and each ends with the parent if it is killed outright.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional
+
+from mnist_pipeline import signals
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.serve.connections import BACKLOG, OncePerSecond, allow_open_files, give_back_freed_memory, guarded
+from mnist_pipeline.settings import ServeConfig
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 1.0
+YOUNG_S = 10.0
+STOPS = {signal.SIGTERM, signal.SIGINT}
+WATCHED = STOPS | {signal.SIGCHLD}
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+# modules the parent loads before it forks, for the workers to share: the web framework (no threads
+# of their own, so fork-safe), not the model's runtime
+PRELOAD = ("fastapi", "starlette.formparsers", "starlette.staticfiles", "PIL.Image", "PIL.PngImagePlugin")
+
+
+def serve(sock: socket.socket, config: ServeConfig, started: Callable[[], None] = lambda: None) -> None:
+    """The app on `sock` in this process until SIGTERM or SIGINT; `started` once the app is built."""
+    import uvicorn
+
+    from mnist_pipeline.serve.app import create_app
+    from mnist_pipeline.serve.budget import Limits
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, stopping also for a signal that came before it listened for them (signals.py
+        records one from the process's start), so a worker stopped while it starts does stop."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                early = signals.received()
+                if early is not None:
+                    self.handle_exit(early, None)
+                yield
+
+    give_back_freed_memory()
+    limits = allow_open_files(Limits.of(config))
+    app = create_app(config)
+    server = Server(uvicorn.Config(
+        app, http=guarded(limits), loop="asyncio", backlog=BACKLOG,
+        timeout_keep_alive=limits.keep_alive,  # type: ignore[arg-type]
+        log_level="warning", access_log=False, lifespan="on"))
+    flood = OncePerSecond()
+    for name in ("uvicorn.error", "asyncio", "mnist_pipeline.serve.app", "mnist_pipeline.serve.connections"):
+        logging.getLogger(name).addFilter(flood)
+    started()
+    server.run(sockets=[sock])
+
+
+class WorkerFailed(PipelineError):
+    """The first worker ended before it could serve; it said why (its `error:` line) unless `silent` is off."""
+
+    def __init__(self, message: str, exit_code: int, silent: bool):
+        super().__init__(message)
+        self.exit_code, self.silent = exit_code, silent
+
+
+@dataclass
+class Worker:
+    number: int
+    pid: int
+    born: float
+
+
+def supervise(sock: socket.socket, config: ServeConfig, count: int) -> None:
+    """`count` workers on `sock` until SIGTERM or SIGINT (then this process ends as the signal says)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)  # taken by sigtimedwait below, never lost
+    try:
+        directory = tempfile.mkdtemp(prefix="mnist-serve-metrics-")
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        raise PipelineError(f"cannot create a folder for the workers' metrics in {tempfile.gettempdir()}: "
+                            f"{exc.strerror or exc}; make TMPDIR writable, or pass --workers 1") from None
+    stopped_by = None
+    try:
+        for module in PRELOAD:
+            __import__(module)
+        pool = Pool(sock, config, count, directory, before)
+        stopped_by = pool.run()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    if stopped_by is not None:
+        signal.raise_signal(stopped_by)  # recorded by signals.py: the exit code says which
+
+
+class Pool:
+    """The workers and what the parent does for them: start, replace, stop, reap."""
+
+    def __init__(self, sock: socket.socket, config: ServeConfig, count: int, directory: str,
+                 mask: "set[signal.Signals]"):
+        self.sock, self.config, self.count, self.directory, self.mask = sock, config, count, directory, mask
+        self.workers: Dict[int, Worker] = {}
+        self.due: Dict[int, float] = {}  # worker number -> when to start it
+        self.stopping: Optional[int] = signals.received()  # (a signal before the mask was set)
+
+    def run(self) -> Optional[int]:
+        """Until the last worker has ended after a signal; that signal (None: the first worker failed)."""
+        if self.stopping is None:
+            self.first()
+        if self.stopping is None:
+            for number in range(2, self.count + 1):
+                self.start(number)
+        while self.workers or (self.stopping is None and self.due):
+            self.step(self.wait())
+        return self.stopping
+
+    def first(self) -> None:
+        """Worker 1, alone until it has built its app; WorkerFailed when it ends before that."""
+        ready, told = os.pipe()
+        try:
+            worker = self.start(1, told)
+            os.close(told)
+            while self.stopping is None and not select.select([ready], [], [], 0.01)[0]:
+                self.step(signal.sigtimedwait(STOPS, 0))  # (its end, SIGCHLD, is for the pipe to say)
+            if self.stopping is not None or os.read(ready, 1):
+                return
+        finally:
+            os.close(ready)
+        _, status = os.waitpid(worker.pid, 0)
+        del self.workers[worker.pid]
+        code = os.waitstatus_to_exitcode(status)
+        if code > 0:  # it printed its error line
+            raise WorkerFailed(f"worker 1 exited with {code}", code, silent=True)
+        raise WorkerFailed(f"the first serve worker ended before it could serve ({describe(code)}): see the "
+                           f"log above", 1, silent=False)
+
+    def wait(self) -> Optional[signal.struct_siginfo]:
+        """The next signal, or None when a worker is due to start."""
+        if self.stopping is None and self.due:
+            return signal.sigtimedwait(WATCHED, max(0.0, min(self.due.values()) - time.monotonic()))
+        return signal.sigwaitinfo(WATCHED)
+
+    def step(self, info: Optional[signal.struct_siginfo]) -> None:
+        if info is None:
+            now = time.monotonic()
+            for number in [n for n, at in self.due.items() if at <= now and self.stopping is None]:
+                del self.due[number]
+                self.start(number)
+        elif info.si_signo in STOPS:
+            if self.stopping is None:
+                self.stopping = info.si_signo
+                log.info("stopping %d workers (%s)", len(self.workers), signal.Signals(info.si_signo).name)
+            for pid in self.workers:  # (a second signal too: uvicorn ends at once on a second SIGINT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, info.si_signo)
+        else:
+            self.reap()
+
+    def reap(self) -> None:
+        from mnist_pipeline.serve import metrics
+
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            metrics.forget(pid, self.directory)
+            if self.stopping is None:
+                lived = time.monotonic() - worker.born
+                delay = RESTART_DELAY_S if lived < YOUNG_S else 0.0
+                log.warning("worker %d (pid %d) ended (%s) after %.0f s: starting another%s", worker.number, pid,
+                            describe(os.waitstatus_to_exitcode(status)), lived,
+                            f" in {delay:g} s" if delay else "")
+                self.due[worker.number] = time.monotonic() + delay
+
+    def start(self, number: int, told: Optional[int] = None) -> Worker:
+        """Fork worker `number`; it writes a byte to `told` once its app is built."""
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            _worker(self, number, parent, told)  # never returns
+        worker = self.workers[pid] = Worker(number, pid, time.monotonic())
+        log.debug("worker %d: pid %d", number, pid)
+        return worker
+
+
+def _worker(pool: Pool, number: int, parent: int, told: Optional[int]) -> None:
+    """A forked worker's life: serve until told to stop, then end the process (the parent's code is not ours)."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        _end_with(parent)
+        signal.pthread_sigmask(signal.SIG_SETMASK, pool.mask)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_Prefix(f"worker {number}: "))
+        from mnist_pipeline.serve import metrics
+
+        metrics.share(pool.directory)
+
+        def started() -> None:
+            if told is not None:
+                os.write(told, b".")
+                os.close(told)
+
+        serve(pool.sock, pool.config, started)
+        code = 0
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except SystemExit as exc:  # uvicorn's, when its start fails (it logged why)
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - a bug: its traceback, and the parent starts another
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _end_with(parent: int) -> None:
+    """SIGTERM to this process when the parent ends, however it ends (Linux; elsewhere nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before that took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Prefix(logging.Filter):
+    """Says which worker a log line comes from."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.msg.startswith(self.prefix):
+            record.msg = self.prefix + record.msg
+        return True
+
+
+def describe(code: int) -> str:
+    """A process's end as waitstatus_to_exitcode gives it, in words."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"

@@ -1,0 +1,124 @@
+"""`mnist serve --workers N`: several processes on one port, each following the volume, /metrics summed
+over them, a killed one replaced, and a stop that ends them all. Two versions from 20-step trains."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+from conftest import assert_one_line_error, private_copy, run_here, run_mnist, wait_until
+from mnist_pipeline import data
+from mnist_pipeline.data import png as png_grayscale
+
+PNG = {"Content-Type": "image/png"}
+
+
+def ok(*args: str) -> None:
+    result = run_here(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_versions(short_trained_root, tmp_path_factory) -> Path:
+    """Version 1 (production) and version 2 (not promoted), both passing --threshold 0."""
+    root = private_copy(short_trained_root, tmp_path_factory.mktemp("workers"))
+    ok("evaluate", "--root", str(root), "--threshold", "0")
+    ok("train", "--root", str(root))  # one more 20-step epoch (the limit is saved with the checkpoint)
+    ok("evaluate", "--root", str(root), "--threshold", "0", "--promote", "never")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digit(mirror, tmp_path_factory) -> bytes:
+    return png_grayscale(data.load_split(tmp_path_factory.mktemp("data"), "test", str(mirror)).images[0])
+
+
+def metric(served, name: str) -> Dict[str, float]:
+    """The samples of `name` on /metrics by their labels ("" for none)."""
+    text = served.request("GET", "/metrics")[2].decode()
+    return {labels or "": float(value)
+            for labels, value in re.findall(rf"^{name}(?:{{(.*)}})? (\S+)$", text, re.MULTILINE)}
+
+
+def versions_served(served) -> Dict[int, int]:
+    """Each live worker's served version, by its pid."""
+    return {int(re.fullmatch(r'pid="(\d+)"', labels).group(1)): int(value)
+            for labels, value in metric(served, "mnist_model_version").items()}
+
+
+def predicted(served) -> float:
+    return metric(served, "mnist_requests_total").get('route="/predict",status="200"', 0.0)
+
+
+def test_workers_switch_versions_together_without_a_failed_request_and_metrics_sum(serve, two_versions, digit):
+    root = private_copy(two_versions, two_versions.parent / "switch")
+    served = serve(root, "--threshold", "0", "--workers", "2")
+    first = wait_until(lambda: (lambda v: len(v) == 2 and set(v.values()) == {1} and v)(versions_served(served)),
+                       "two workers serving version 1")
+    answers, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            status, headers, _ = served.request("POST", "/predict", digit, PNG)
+            answers.append((status, headers.get("x-model-version")))
+            stop.wait(0.005)
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_until(lambda: len(answers) >= 10, "answers from version 1")
+        ok("promote", "2", "--root", str(root))
+        wait_until(lambda: set(versions_served(served).values()) == {2}, "every worker to serve version 2")
+        switched = len(answers)
+        wait_until(lambda: len(answers) >= switched + 10, "answers after the switch")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert [a for a in answers if a[0] != 200] == [], "failed requests"
+    assert answers[0][1] == "1" and {version for _, version in answers[switched:]} == {"2"}
+    assert set(versions_served(served)) == set(first), "the same two workers, none restarted"
+    # the requests counted by whichever worker answered them, summed
+    wait_until(lambda: predicted(served) >= len(answers), "the counts")
+    assert predicted(served) == len(answers)
+
+
+def test_a_killed_worker_is_replaced_its_counts_kept_and_a_stop_ends_every_worker(serve, two_versions, digit):
+    served = serve(two_versions, "--threshold", "0", "--workers", "2")
+    pids = wait_until(lambda: (lambda v: len(v) == 2 and v)(versions_served(served)), "two workers")
+    for _ in range(5):
+        assert served.request("POST", "/predict", digit, PNG)[0] == 200
+    killed = sorted(pids)[0]
+    os.kill(killed, signal.SIGKILL)
+    # once the parent has seen it end, the other worker answers alone until the new one is there
+    wait_until(lambda: killed not in versions_served(served), "the killed worker to be gone from /metrics")
+    for _ in range(5):
+        assert served.request("POST", "/predict", digit, PNG)[0] == 200
+    now = wait_until(lambda: (lambda v: len(v) == 2 and set(v.values()) == {1} and v)(versions_served(served)),
+                     "a new second worker serving version 1")
+    assert killed not in now
+    assert f"(pid {killed}) ended (killed by SIGKILL)" in "".join(served.stderr)
+    wait_until(lambda: predicted(served) >= 10, "the counts")
+    assert predicted(served) == 10  # whichever worker answered, the one killed included
+
+    served.close()  # SIGTERM
+    assert served.process.returncode == 143
+    for pid in now:
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived the parent"
+
+
+def test_a_worker_that_cannot_start_is_one_error_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_mnist("serve", "--root", str(tmp_path), "--port", "0", "--workers", "2", "--device", "cuda",
+                       timeout=120)
+    assert_one_line_error(result, 1, "cuda")
