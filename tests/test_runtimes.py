@@ -25,18 +25,26 @@ from mnist_pipeline.serve.runtimes import OnnxLive, Runtimes, TorchLive
 from mnist_pipeline.volume import Volume
 
 # a sitecustomize that makes `import torch` fail, as in serve's slim image, and says each time it was tried
-NO_TORCH = '''
+BLOCKER = '''
 import sys
 
-class NoTorch:
+class Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "torch":
-            sys.stderr.write(f"test: import {name} attempted\\n")
-            raise ModuleNotFoundError(f"No module named {name!r}")
+        if name.partition(".")[0] == {name!r}:
+            sys.stderr.write(f"test: import {{name}} attempted\\n")
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
         return None
 
-sys.meta_path.insert(0, NoTorch())
+sys.meta_path.insert(0, Blocked())
 '''
+
+
+def without(module: str, tmp_path: Path) -> dict:
+    """The environment of a new interpreter in which `import <module>` fails."""
+    folder = tmp_path / f"no-{module}"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(BLOCKER.format(name=module))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
 def torch_answers(root: Path, pngs: list) -> list:
@@ -60,10 +68,7 @@ def test_serve_without_torch_waits_for_the_export_then_answers_as_torch_does(tra
     root = private_copy(trained_root, tmp_path)
     onnx = Volume(root).exported(1)
     aside = onnx.rename(tmp_path / "aside.onnx")  # as between evaluate's promotion and its export
-    (tmp_path / "no-torch").mkdir()
-    (tmp_path / "no-torch" / "sitecustomize.py").write_text(NO_TORCH)
-    path = os.pathsep.join(filter(None, [str(tmp_path / "no-torch"), os.environ.get("PYTHONPATH")]))
-    with contextlib.closing(Served(root, fresh=True, env={"PYTHONPATH": path})) as served:
+    with contextlib.closing(Served(root, fresh=True, env=without("torch", tmp_path))) as served:
         status, body = wait_until(lambda: (lambda r: r[0] == 503 and "ONNX" in r[1]["error"] and r)(
             served.json("GET", "/readyz")), "the server to say why version 1 is not served")
         assert "mnist export" in body["error"] and "torch" in body["error"], body
@@ -82,10 +87,8 @@ def test_serve_without_torch_waits_for_the_export_then_answers_as_torch_does(tra
 
 
 def test_serve_with_runtime_onnx_never_tries_torch(trained_root, tmp_path, digits):
-    (tmp_path / "no-torch").mkdir()
-    (tmp_path / "no-torch" / "sitecustomize.py").write_text(NO_TORCH)
-    path = os.pathsep.join(filter(None, [str(tmp_path / "no-torch"), os.environ.get("PYTHONPATH")]))
-    with contextlib.closing(Served(trained_root, "--runtime", "onnx", fresh=True, env={"PYTHONPATH": path})) as served:
+    with contextlib.closing(Served(trained_root, "--runtime", "onnx", fresh=True,
+                                   env=without("torch", tmp_path))) as served:
         wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the exported model")
         status, answer = served.json("POST", "/predict", digits[1][1], {"Content-Type": "image/png"})
         assert status == 200 and answer["predictions"][0]["digit"] == digits[1][0]
@@ -165,3 +168,10 @@ def test_runtime_onnx_on_cuda_is_refused_at_the_start(trained_root):
     # (its own process, with a timeout: a serve that did start would never return)
     assert_one_line_error(run_mnist("serve", "--root", str(trained_root), "--runtime", "onnx", "--device", "cuda",
                                     "--port", "0", timeout=120), 1, "--runtime onnx runs on the CPU")
+
+
+@pytest.mark.parametrize("runtime, missing", [("torch", "torch"), ("onnx", "onnxruntime")])
+def test_a_runtime_named_that_does_not_import_is_one_error_line(trained_root, tmp_path, runtime, missing):
+    result = run_mnist("serve", "--root", str(trained_root), "--runtime", runtime, "--port", "0", "--workers", "1",
+                       env=without(missing, tmp_path), fresh=True, timeout=120)
+    assert_one_line_error(result, 1, f"--runtime {runtime}, but {missing} does not import here")

@@ -99,8 +99,11 @@ class Runtimes:
         self._lock = threading.Lock()
         self._modules: Dict[str, Any] = {}
         self._device: Any = None
+        # what --runtime names must be there: otherwise serve stops at its start, saying so
         if self.choice == "torch":
-            self.torch_device()  # a bad --device, or no torch, stops serve at its start
+            self.torch_device()  # (a bad --device too)
+        elif self.choice == "onnx":
+            self._need_onnxruntime()
 
     def load(self, volume: Volume, model: Union[str, int], threshold: float, current: Optional[Live] = None) -> Live:
         """The gated model `model` names, loaded and warmed up; `current` itself if it is that one already.
@@ -127,13 +130,16 @@ class Runtimes:
             return False
         if self.choice == "auto":
             return self._import("onnxruntime") is not None and volume.exported(number).exists()
-        if self._import("onnxruntime") is None:
-            raise PipelineError("--runtime onnx, but onnxruntime does not import here: install it "
-                                "(pip install onnxruntime), or use --runtime torch")
+        self._need_onnxruntime()
         if not volume.exported(number).exists():
             raise PipelineError(f"version {number} has no ONNX model ({describe(volume.exported(number))}) to serve "
                                 f"with --runtime onnx: run `mnist export` to write it")
         return True
+
+    def _need_onnxruntime(self) -> None:
+        if self._import("onnxruntime") is None:
+            raise PipelineError("--runtime onnx, but onnxruntime does not import here: install it "
+                                "(pip install onnxruntime numpy), or use --runtime torch")
 
     def _no_onnx_reason(self, volume: Volume, number: int) -> str:
         """Why auto does not serve version `number` with onnx."""
