@@ -1,24 +1,34 @@
-"""Predictions per second and latency of `mnist serve` over HTTP keep-alive, 1 and 4 concurrent clients.
+"""`mnist serve` on torch with one worker against onnx with N workers, side by side, in one run.
 
-    python bench/serve_bench.py [--root DIR] [--seconds 10] [--clients 1 4] [--threads N ...]
+    python bench/serve_bench.py [--root DIR] [--seconds 8] [--clients 8] [--batch-clients 4] [--workers N]
 
-Starts a real `mnist serve` on a free port over a trained and evaluated volume (--root; without it
-a fresh one is trained into a temp folder first, from ../shared/mnist), then each client thread
-sends POST /predict with one image, one after another, on its own keep-alive connection, for
---seconds after a warm-up. The client runs on the same machine, so it takes CPU from the server.
-Two images: a 280x280 PNG drawing as the page sends it, and an MNIST test digit as a 28x28 PNG.
-Prints a table and writes bench/results/serve.json.
+For each setup (--setups, default torch:1 onnx:N, N the CPUs this process may use) it starts a
+real `mnist serve` on a free port over a trained, evaluated and exported volume (--root; without it
+one is trained into a temp folder first, from ../shared/mnist or MNIST_TEST_MIRROR), and measures:
+- start: from the process's start (a new interpreter, as `docker compose up` starts it) to the
+  first /readyz 200, --starts times;
+- single: --clients keep-alive connections each sending POST /predict with one 280x280 PNG drawing
+  (as the page sends it), one after another, for --seconds after a second's warm-up: requests/s,
+  p50 and p99 latency;
+- batch: --batch-clients connections sending 64 drawings in one multipart request: predictions/s;
+- memory: after --memory-requests requests in all (single ones are added to reach it), the RSS of
+  each serve process (the parent and its workers) and their sum, and the sum of PSS (shared pages
+  counted once).
+The client is one selector loop over raw sockets with the requests built beforehand, so it takes
+little of the CPUs it shares with the server. Prints a table, the issue's goals, and writes
+bench/results/serve.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import io
 import json
 import os
 import platform
 import re
+import selectors
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,135 +36,299 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-MIRROR = REPO.parent / "shared" / "mnist"
+MIRROR = os.environ.get("MNIST_TEST_MIRROR") or str(REPO.parent / "shared" / "mnist")
+BATCH = 64
+# issue 21's goals
+GOALS = {"speedup": 2.0, "p99_ms": 25.0, "batch_per_s": 5000.0, "rss_mb": 120.0, "ready_s": 1.0}
 
 
 def mnist(*args: str, **kwargs) -> subprocess.Popen:
+    """`python -m mnist_pipeline ARGS` from this checkout's source."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
-    env["MNIST_MIRROR"] = str(MIRROR)
+    env.update(MNIST_MIRROR=MIRROR, PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, "-m", "mnist_pipeline", *args], env=env, **kwargs)
 
 
-def drawing_png() -> bytes:
+def drawings(count: int) -> List[bytes]:
+    """280x280 PNGs of strokes as the page's canvas sends them (black on white), each a little different."""
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (280, 280), "white")
-    ImageDraw.Draw(image).line([(80, 60), (200, 60), (120, 230)], fill="black", width=24, joint="curve")
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
+    pngs = []
+    for n in range(count):
+        image = Image.new("RGB", (280, 280), "white")
+        shift = (n * 7) % 40
+        ImageDraw.Draw(image).line([(80 + shift, 60), (200, 60 + shift), (120 - shift // 2, 230)], fill="black",
+                                   width=24, joint="curve")
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        pngs.append(buffer.getvalue())
+    return pngs
 
 
-def mnist_png(root: Path) -> bytes:
-    from mnist_pipeline import data
-    from mnist_pipeline.data import png as png_grayscale
-
-    return png_grayscale(data.load_split(root / "data", "test", str(MIRROR)).images[0])
+def raw_request(body: bytes, content_type: str) -> bytes:
+    return (f"POST /predict HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def start_server(root: Path, threads: int) -> tuple:
-    args = ["serve", "--root", str(root), "--port", "0"] + (["--threads", str(threads)] if threads else [])
-    server = mnist(*args, stderr=subprocess.PIPE, text=True)
-    for line in server.stderr:
-        found = re.search(r"listening on http://([\d.]+):(\d+)", line)
-        if found:
-            threading.Thread(target=server.stderr.read, daemon=True).start()
-            host, port = found.group(1), int(found.group(2))
-            break
-    else:
-        raise SystemExit("mnist serve did not start")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        connection = http.client.HTTPConnection(host, port, timeout=10)
-        connection.request("GET", "/readyz")
-        if connection.getresponse().status == 200:
-            return server, host, port
-        time.sleep(0.2)
-    raise SystemExit("mnist serve did not become ready")
+def single_requests(pngs: List[bytes]) -> List[bytes]:
+    return [raw_request(png, "image/png") for png in pngs]
 
 
-def load(host: str, port: int, image: bytes, clients: int, seconds: float) -> Dict[str, float]:
-    latencies: List[List[float]] = [[] for _ in range(clients)]
-    failures = [0] * clients
-    start = threading.Barrier(clients + 1)
-    stop_at = [0.0]
+def batch_request(pngs: List[bytes]) -> bytes:
+    boundary = "bench-boundary-5e1c"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{n}.png\"\r\n"
+             f"Content-Type: image/png\r\n\r\n".encode() + pngs[n % len(pngs)] + b"\r\n" for n in range(BATCH)]
+    return raw_request(b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}")
 
-    def client(number: int) -> None:
-        connection = http.client.HTTPConnection(host, port, timeout=30)
-        headers = {"Content-Type": "image/png"}
-        for _ in range(20):  # warm-up, not counted
-            connection.request("POST", "/predict", image, headers)
-            connection.getresponse().read()
-        start.wait()
-        while time.perf_counter() < stop_at[0]:
-            began = time.perf_counter()
-            connection.request("POST", "/predict", image, headers)
-            response = connection.getresponse()
-            response.read()
-            latencies[number].append(time.perf_counter() - began)
-            failures[number] += response.status != 200
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    stop_at[0] = time.perf_counter() + 1e9
-    start.wait()
-    began = time.perf_counter()
-    stop_at[0] = began + seconds
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
-    every = sorted(x for per_client in latencies for x in per_client)
-    return {
-        "clients": clients,
-        "requests": len(every),
-        "failed": sum(failures),
-        "per_second": round(len(every) / elapsed, 1),
-        "p50_ms": round(statistics.median(every) * 1000, 2),
-        "p99_ms": round(every[min(len(every) - 1, int(len(every) * 0.99))] * 1000, 2),
-    }
+class Connection:
+    """One keep-alive client: sends its request, reads the answer, again."""
+
+    def __init__(self, address: Tuple[str, int], request: bytes):
+        self.sock = socket.create_connection(address)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self.request = request
+        self.pending = memoryview(b"")
+        self.received = bytearray()
+        self.began = 0.0
+
+    def send(self) -> None:
+        self.pending, self.received, self.began = memoryview(self.request), bytearray(), time.perf_counter()
+        self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            try:
+                sent = self.sock.send(self.pending)
+            except BlockingIOError:
+                return
+            self.pending = self.pending[sent:]
+
+    def answer(self) -> Optional[int]:
+        """The status once the whole answer is in, else None (more to read)."""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                raise ConnectionError("the server closed a keep-alive connection")
+            self.received += chunk
+        end = self.received.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", bytes(self.received[:end]))
+        if length is None or len(self.received) < end + 4 + int(length.group(1)):
+            return None
+        return int(self.received[9:12])
+
+
+def load(address: Tuple[str, int], requests: List[bytes], clients: int, seconds: float,
+         warmup: float = 1.0) -> Dict[str, float]:
+    """`clients` connections sending requests[i % len] back to back; what was answered in `seconds` after `warmup`."""
+    selector = selectors.DefaultSelector()
+    connections = [Connection(address, requests[n % len(requests)]) for n in range(clients)]
+    for connection in connections:
+        selector.register(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+        connection.send()
+    started = time.perf_counter()
+    measure_from, end = started + warmup, started + warmup + seconds
+    latencies: List[float] = []
+    failed = sent = 0
+    while connections:
+        for key, events in selector.select(timeout=1.0):
+            connection = key.data
+            if events & selectors.EVENT_WRITE and connection.pending:
+                connection.flush()
+            if not events & selectors.EVENT_READ:
+                continue
+            status = connection.answer()
+            if status is None:
+                continue
+            now = time.perf_counter()
+            sent += 1
+            if now >= measure_from:
+                latencies.append(now - connection.began)
+                failed += status != 200
+            if now < end:
+                connection.send()
+            else:
+                selector.unregister(connection.sock)
+                connection.sock.close()
+                connections.remove(connection)
+        for key in list(selector.get_map().values()):  # write interest only while there is something to send
+            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if key.data.pending else 0)
+            if key.events != want:
+                selector.modify(key.fileobj, want, key.data)
+    latencies.sort()
+    return {"clients": clients, "requests": len(latencies), "failed": failed, "sent": sent,
+            "per_second": round(len(latencies) / seconds, 1),
+            "p50_ms": round(statistics.median(latencies) * 1000, 2),
+            "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 2)}
+
+
+def get(address: Tuple[str, int], path: str) -> int:
+    """One GET on a new connection: the status, 0 when it could not connect."""
+    try:
+        with socket.create_connection(address, timeout=5) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+            head = sock.recv(64)
+    except OSError:
+        return 0
+    return int(head[9:12]) if head.startswith(b"HTTP/1.1 ") else 0
+
+
+class Server:
+    """A `mnist serve` started now; ready() waits for its first /readyz 200 and says how long from the start."""
+
+    def __init__(self, root: Path, runtime: str, workers: int):
+        self.began = time.perf_counter()
+        self.process = mnist("serve", "--root", str(root), "--port", "0", "--runtime", runtime, "--workers",
+                             str(workers), "--threshold", "0", stderr=subprocess.PIPE, text=True)
+        self.log: List[str] = []
+        self.address: Optional[Tuple[str, int]] = None
+        listening = threading.Event()
+
+        def read() -> None:
+            for line in self.process.stderr:
+                self.log.append(line)
+                found = re.search(r"listening on http://([\d.]+):(\d+)", line)
+                if found:
+                    self.address = (found.group(1), int(found.group(2)))
+                    listening.set()
+            listening.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        listening.wait(120)
+        if self.address is None:
+            raise SystemExit("mnist serve did not start:\n" + "".join(self.log[-20:]))
+
+    def ready(self) -> float:
+        deadline = time.perf_counter() + 120
+        while get(self.address, "/readyz") != 200:
+            if time.perf_counter() > deadline or self.process.poll() is not None:
+                raise SystemExit("mnist serve did not become ready:\n" + "".join(self.log[-20:]))
+            time.sleep(0.005)
+        return time.perf_counter() - self.began
+
+    def memory(self) -> Dict[str, object]:
+        """RSS of the parent and each worker (MB), their sum, and the sum of their PSS."""
+        parent = self.process.pid
+        pids = [parent] + [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        rss, pss = {}, 0.0
+        for pid in pids:
+            status = Path(f"/proc/{pid}/status").read_text()
+            rss[pid] = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            pss += int(re.search(r"Pss:\s+(\d+)", rollup).group(1)) / 1024
+        workers = [round(rss[p], 1) for p in pids[1:]] or [round(rss[parent], 1)]
+        return {"parent_rss_mb": round(rss[parent], 1) if len(pids) > 1 else None, "worker_rss_mb": workers,
+                "rss_sum_mb": round(sum(rss.values()), 1), "pss_sum_mb": round(pss, 1)}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def measure(root: Path, runtime: str, workers: int, args: argparse.Namespace, pngs: List[bytes]) -> Dict:
+    starts = []
+    for _ in range(args.starts - 1):
+        server = Server(root, runtime, workers)
+        starts.append(round(server.ready(), 3))
+        server.stop()
+    server = Server(root, runtime, workers)
+    try:
+        starts.append(round(server.ready(), 3))
+        if "with onnx" not in "".join(server.log) and runtime == "onnx":
+            raise SystemExit("the onnx runtime did not serve:\n" + "".join(server.log[-20:]))
+        single = load(server.address, single_requests(pngs), args.clients, args.seconds)
+        batch = load(server.address, [batch_request(pngs)], args.batch_clients, args.seconds)
+        batch["predictions_per_second"] = round(batch["per_second"] * BATCH, 1)
+        served = single["sent"] + batch["sent"]
+        if served < args.memory_requests:
+            more = (args.memory_requests - served) / max(single["per_second"], 1.0)
+            served += load(server.address, single_requests(pngs), args.clients, max(more, 0.5), warmup=0)["sent"]
+        memory = {"after_requests": served, **server.memory()}
+    finally:
+        server.stop()
+    return {"runtime": runtime, "workers": workers, "start_to_ready_s": starts, "single": single, "batch": batch,
+            "memory": memory}
+
+
+def volume(tmp: str) -> Path:
+    root = Path(tmp) / "volume"
+    for stage in ("train", "evaluate"):  # evaluate exports the version's ONNX model where onnxruntime imports
+        if mnist(stage, "--root", str(root)).wait() != 0:
+            raise SystemExit(f"mnist {stage} failed")
+    return root
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, help="a volume with a trained and evaluated model (default: train one)")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--threads", type=int, nargs="+", default=[0], help="server --threads (0: its default)")
+    parser.add_argument("--root", type=Path, help="a trained, evaluated, exported volume (default: make one)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="each load, after a second's warm-up")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--batch-clients", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="the onnx setup's")
+    parser.add_argument("--setups", nargs="+", default=None, help="RUNTIME:WORKERS ... (default torch:1 onnx:N)")
+    parser.add_argument("--starts", type=int, default=3, help="starts timed to /readyz 200, per setup")
+    parser.add_argument("--memory-requests", type=int, default=10000)
     args = parser.parse_args()
+    setups = [(s.split(":")[0], int(s.split(":")[1])) for s in args.setups or ["torch:1", f"onnx:{args.workers}"]]
+    pngs = drawings(8)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.root
-        if root is None:
-            root = Path(tmp) / "volume"
-            for stage in ("train", "evaluate"):
-                if mnist(stage, "--root", str(root)).wait() != 0:
-                    raise SystemExit(f"mnist {stage} failed")
-        images = {"drawing 280x280 PNG": drawing_png(), "MNIST digit 28x28 PNG": mnist_png(root)}
-        rows = []
-        for threads in args.threads:
-            server, host, port = start_server(root, threads)
-            try:
-                for name, image in images.items():
-                    for clients in args.clients:
-                        row = {"image": name, "server_threads": threads or "default",
-                               **load(host, port, image, clients, args.seconds)}
-                        rows.append(row)
-                        print(f"{name:22} threads {row['server_threads']!s:7} clients {clients}: "
-                              f"{row['per_second']:7.1f}/s  p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms"
-                              f"  ({row['requests']} requests, {row['failed']} failed)", flush=True)
-            finally:
-                server.terminate()
-                server.wait()
+        root = args.root or volume(tmp)
+        for runtime, workers in setups:
+            row = measure(root, runtime, workers, args, pngs)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    report(rows)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    result = {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "seconds": args.seconds, "rows": rows,
-              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "seconds": args.seconds, "image": "280x280 PNG drawing",
+              "batch": BATCH, "setups": rows, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = REPO / "bench" / "results" / "serve.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{cpu}, {result['cpus']} CPUs -> {out}")
+
+
+def report(rows: List[Dict]) -> None:
+    """The setups side by side, then issue 21's goals for the last one against the first."""
+    names = [f"{r['runtime']} x{r['workers']}" for r in rows]
+    lines = [("", names),
+             ("start to /readyz 200 (s, median)", [f"{statistics.median(r['start_to_ready_s']):.2f}" for r in rows]),
+             (f"single: requests/s ({rows[0]['single']['clients']} clients)",
+              [f"{r['single']['per_second']:.0f}" for r in rows]),
+             ("single: p50 / p99 ms", [f"{r['single']['p50_ms']:.1f} / {r['single']['p99_ms']:.1f}" for r in rows]),
+             ("single: failed", [str(r["single"]["failed"]) for r in rows]),
+             (f"batch of {BATCH}: predictions/s", [f"{r['batch']['predictions_per_second']:.0f}" for r in rows]),
+             ("RSS per worker (MB)", [" ".join(f"{m:.0f}" for m in r["memory"]["worker_rss_mb"]) for r in rows]),
+             ("RSS parent (MB)", [str(r["memory"]["parent_rss_mb"] or "-") for r in rows]),
+             ("RSS sum / PSS sum (MB)", [f"{r['memory']['rss_sum_mb']:.0f} / {r['memory']['pss_sum_mb']:.0f}"
+                                         for r in rows])]
+    for label, cells in lines:
+        print(f"{label:38}" + "".join(f"{c:>18}" for c in cells))
+    if len(rows) < 2:
+        return
+    base, new = rows[0], rows[-1]
+    speedup = new["single"]["per_second"] / max(base["single"]["per_second"], 1e-9)
+    rss = max(new["memory"]["worker_rss_mb"] + [new["memory"]["parent_rss_mb"] or 0])
+    checks = [(f"requests/s {speedup:.2f}x {names[0]}", speedup >= GOALS["speedup"], f">= {GOALS['speedup']:g}x"),
+              (f"p99 {new['single']['p99_ms']:.1f} ms", new["single"]["p99_ms"] <= GOALS["p99_ms"],
+               f"<= {GOALS['p99_ms']:g} ms"),
+              (f"{new['batch']['predictions_per_second']:.0f} predictions/s in batches",
+               new["batch"]["predictions_per_second"] >= GOALS["batch_per_s"], f">= {GOALS['batch_per_s']:g}"),
+              (f"largest serve process {rss:.0f} MB", rss <= GOALS["rss_mb"], f"<= {GOALS['rss_mb']:g} MB"),
+              (f"ready in {statistics.median(new['start_to_ready_s']):.2f} s",
+               statistics.median(new["start_to_ready_s"]) <= GOALS["ready_s"], f"<= {GOALS['ready_s']:g} s")]
+    print(f"goals, {names[-1]}:")
+    for what, met, goal in checks:
+        print(f"  {'met    ' if met else 'NOT met'} {what} (goal {goal})")
 
 
 if __name__ == "__main__":
