@@ -14,7 +14,7 @@ additions live under a prefix of their own. Each rule applies where its package 
     onnx package, protobuf or sympy, none of them installed);
   - numpy: its test suites and test-only modules, f2py, distutils, C headers and type stubs. Its
     libraries stay unstripped: strip breaks the ones auditwheel patched into numpy.libs (the
-    loader refuses them), and numpy's own lose 1 MB.
+    loader refuses them), and numpy's own would give 1 MB.
 Prints what each saved (bench/image_bench.py measures the images). Then it checks that what is left
 works, so a broken image fails its build: torch trains a step, onnxruntime runs a session on numpy
 arrays, Pillow decodes PNG, JPEG, WebP, BMP and GIF; with --no-torch, that `import torch` fails.
@@ -102,10 +102,7 @@ def drop_test_suites(site: Path) -> None:
 def drop_pillow_avif(site: Path) -> None:
     """Pillow's AVIF codec (5 MB, libavif with its encoders): nobody draws digits in AVIF. Pillow
     skips a plugin whose module does not import, and still reads PNG, JPEG, WebP, BMP, GIF."""
-    gone = [*(site / "PIL").glob("_avif.*.so"), *(site / "pillow.libs").glob("libavif-*.so*")]
-    saved = sum(path.stat().st_size for path in gone)
-    for path in gone:
-        path.unlink()
+    saved = remove([*(site / "PIL").glob("_avif.*.so"), *(site / "pillow.libs").glob("libavif-*.so*")])
     print(f"slim_venv: pillow without its AVIF codec (-{saved / 1e6:.0f} MB)", flush=True)
 
 
