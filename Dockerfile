@@ -1,5 +1,5 @@
 # One Dockerfile, three images that share their base layers:
-#   - the default (last) stage: train, evaluate and infer (the graded image: torch, the serving stack);
+#   - the default (last) stage: train, evaluate and infer (torch, the serving stack);
 #   - target `serve`: the slim serving image, with onnxruntime and numpy instead of torch;
 #   - target `export`: the default image plus onnxruntime and numpy, for `mnist export`.
 #
