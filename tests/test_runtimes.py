@@ -24,7 +24,7 @@ from mnist_pipeline.serve import follow
 from mnist_pipeline.serve.runtimes import OnnxLive, Runtimes, TorchLive
 from mnist_pipeline.volume import Volume
 
-# a sitecustomize that makes `import torch` fail, as in serve's slim image, and says each time it was tried
+# a sitecustomize that makes `import <name>` fail (torch: as in serve's slim image) and says each time it was tried
 BLOCKER = '''
 import sys
 
