@@ -10,7 +10,8 @@ one is trained into a temp folder first, from ../shared/mnist or MNIST_TEST_MIRR
 - single: --clients keep-alive connections each sending POST /predict with one 280x280 PNG drawing
   (as the page sends it), one after another, for --seconds after a second's warm-up: requests/s,
   p50 and p99 latency;
-- batch: --batch-clients connections sending 64 drawings in one multipart request: predictions/s;
+- batch: --batch-clients connections sending 64 MNIST test digits (28x28 PNGs, as an API client
+  sends them in bulk) in one multipart request: predictions/s;
 - memory: after --memory-requests requests in all (single ones are added to reach it), the RSS of
   each serve process (the parent and its workers) and their sum, and the sum of PSS (shared pages
   counted once).
@@ -64,6 +65,23 @@ def drawings(count: int) -> List[bytes]:
                                    width=24, joint="curve")
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
+        pngs.append(buffer.getvalue())
+    return pngs
+
+
+def digits(count: int) -> List[bytes]:
+    """The first `count` MNIST test digits as 28x28 grayscale PNGs: what an API client sends in bulk."""
+    import gzip
+
+    from PIL import Image
+
+    folder = Path(MIRROR)
+    raw = folder / "t10k-images-idx3-ubyte"
+    data = raw.read_bytes() if raw.exists() else gzip.decompress((folder / f"{raw.name}.gz").read_bytes())
+    pngs = []
+    for n in range(count):
+        buffer = io.BytesIO()
+        Image.frombytes("L", (28, 28), data[16 + n * 784:16 + (n + 1) * 784]).save(buffer, "PNG")
         pngs.append(buffer.getvalue())
     return pngs
 
@@ -188,7 +206,7 @@ class Server:
     def __init__(self, root: Path, runtime: str, workers: int):
         self.began = time.perf_counter()
         self.process = mnist("serve", "--root", str(root), "--port", "0", "--runtime", runtime, "--workers",
-                             str(workers), "--threshold", "0", stderr=subprocess.PIPE, text=True)
+                             str(workers), "--threshold", "0", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log: List[str] = []
         self.address: Optional[Tuple[str, int]] = None
         listening = threading.Event()
@@ -234,7 +252,8 @@ class Server:
         self.process.wait(60)
 
 
-def measure(root: Path, runtime: str, workers: int, args: argparse.Namespace, pngs: List[bytes]) -> Dict:
+def measure(root: Path, runtime: str, workers: int, args: argparse.Namespace, pngs: List[bytes],
+            batch_pngs: List[bytes]) -> Dict:
     starts = []
     for _ in range(args.starts - 1):
         server = Server(root, runtime, workers)
@@ -246,7 +265,7 @@ def measure(root: Path, runtime: str, workers: int, args: argparse.Namespace, pn
         if "with onnx" not in "".join(server.log) and runtime == "onnx":
             raise SystemExit("the onnx runtime did not serve:\n" + "".join(server.log[-20:]))
         single = load(server.address, single_requests(pngs), args.clients, args.seconds)
-        batch = load(server.address, [batch_request(pngs)], args.batch_clients, args.seconds)
+        batch = load(server.address, [batch_request(batch_pngs)], args.batch_clients, args.seconds)
         batch["predictions_per_second"] = round(batch["per_second"] * BATCH, 1)
         served = single["sent"] + batch["sent"]
         if served < args.memory_requests:
@@ -279,19 +298,20 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=10000)
     args = parser.parse_args()
     setups = [(s.split(":")[0], int(s.split(":")[1])) for s in args.setups or ["torch:1", f"onnx:{args.workers}"]]
-    pngs = drawings(8)
+    pngs, batch_pngs = drawings(8), digits(BATCH)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or volume(tmp)
         for runtime, workers in setups:
-            row = measure(root, runtime, workers, args, pngs)
+            row = measure(root, runtime, workers, args, pngs, batch_pngs)
             rows.append(row)
             print(json.dumps(row), flush=True)
     report(rows)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    result = {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "seconds": args.seconds, "image": "280x280 PNG drawing",
-              "batch": BATCH, "setups": rows, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "seconds": args.seconds,
+              "single": "a 280x280 PNG drawing", "batch": f"{BATCH} MNIST test digits, 28x28 PNGs",
+              "setups": rows, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = REPO / "bench" / "results" / "serve.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{cpu}, {result['cpus']} CPUs -> {out}")
@@ -306,7 +326,7 @@ def report(rows: List[Dict]) -> None:
               [f"{r['single']['per_second']:.0f}" for r in rows]),
              ("single: p50 / p99 ms", [f"{r['single']['p50_ms']:.1f} / {r['single']['p99_ms']:.1f}" for r in rows]),
              ("single: failed", [str(r["single"]["failed"]) for r in rows]),
-             (f"batch of {BATCH}: predictions/s", [f"{r['batch']['predictions_per_second']:.0f}" for r in rows]),
+             (f"batch of {BATCH} digits: predictions/s", [f"{r['batch']['predictions_per_second']:.0f}" for r in rows]),
              ("RSS per worker (MB)", [" ".join(f"{m:.0f}" for m in r["memory"]["worker_rss_mb"]) for r in rows]),
              ("RSS parent (MB)", [str(r["memory"]["parent_rss_mb"] or "-") for r in rows]),
              ("RSS sum / PSS sum (MB)", [f"{r['memory']['rss_sum_mb']:.0f} / {r['memory']['pss_sum_mb']:.0f}"

@@ -12,10 +12,11 @@ its own array of them.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
-from typing import Tuple
+from typing import List, Tuple
 
 from PIL import Image, ImageOps
 
@@ -197,7 +198,7 @@ def to_mnist(image: Image.Image) -> bytes:
     if contrast < MIN_CONTRAST:
         raise ImageError("no digit found: the image is blank (no ink stands out from the background)")
     # background -> 0, the brightest ink -> 255
-    image = image.point([min(255, max(0, round((v - background) * 255 / contrast))) for v in range(256)])
+    image = image.point(_stretch(background, contrast))
     box = image.point(_INK_MASK).getbbox()
     crop = image.crop(box)
 
@@ -217,6 +218,12 @@ def to_mnist(image: Image.Image) -> bytes:
     for row_number, row in enumerate(rows, y):
         frame[row_number * IMAGE_SIZE + x:row_number * IMAGE_SIZE + x + width] = row
     return bytes(frame)
+
+
+@functools.lru_cache(maxsize=64)
+def _stretch(background: int, contrast: int) -> List[int]:
+    """The table that takes `background` to 0 and `background + contrast` to 255 (most images share a few)."""
+    return [min(255, max(0, round((v - background) * 255 / contrast))) for v in range(256)]
 
 
 def from_bytes(data: bytes) -> bytes:

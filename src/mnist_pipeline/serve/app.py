@@ -41,6 +41,7 @@ MAX_FILES = 64
 MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
 DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
 UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
+DECODE_TURN_S = 0.005  # a request decodes images for this long (one image at least) before others' get a turn
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -143,11 +144,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             if live is None:
                 raise ClientError(503, f"no model to serve yet: {_public(follower.problem, private)}")
             started = time.perf_counter()
-            inputs = []
-            for number, data in enumerate(images, 1):
-                async with slots.slot(newcomer=number == 1):
-                    inputs.append(await run_in_threadpool(_decode, data, number if len(images) > 1 else 0))
-                images[number - 1] = b""  # its bytes are done with
+            inputs: List[bytes] = []
+            while len(inputs) < len(images):
+                async with slots.slot(newcomer=not inputs):
+                    inputs += await run_in_threadpool(_decode_turn, images, len(inputs))
             predictions = await run_in_threadpool(_predict, live, inputs)
             metrics.latency.observe(time.perf_counter() - started)
         return JSONResponse({"checkpoint": live.describe(), "predictions": predictions},
@@ -252,6 +252,19 @@ async def _body(request: Request, limit: int, take) -> bytes:
     if size > limit:
         raise too_large
     return b"".join(chunks)
+
+
+def _decode_turn(images: List[bytes], start: int) -> List[bytes]:
+    """images[start:] decoded in order until DECODE_TURN_S has passed (one at least), each one's bytes dropped once
+    done with. A request of many small images takes a few trips to the threadpool, not one per image; one of
+    large images still lets other requests' images in between its own."""
+    began, decoded = time.perf_counter(), []
+    for number in range(start, len(images)):
+        decoded.append(_decode(images[number], number + 1 if len(images) > 1 else 0))
+        images[number] = b""
+        if time.perf_counter() - began > DECODE_TURN_S:
+            break
+    return decoded
 
 
 def _decode(data: bytes, number: int) -> bytes:
