@@ -67,6 +67,8 @@ def test_env_overrides_default_and_flag_overrides_env():
         (["serve", "--port", "70000"], {}, "--port"),
         (["serve"], {"MNIST_PORT": "http"}, "MNIST_PORT='http'"),
         (["serve"], {"MNIST_HOST": "local host"}, "MNIST_HOST"),
+        (["serve", "--runtime", "tpu"], {}, "--runtime"),
+        (["serve"], {"MNIST_RUNTIME": "onnxruntime"}, "MNIST_RUNTIME='onnxruntime'"),
     ],
 )
 def test_bad_values_are_usage_errors(argv, env, fragment, capsys):

@@ -232,14 +232,21 @@ def test_report_is_served_read_only_and_never_outside_its_folder(served_trained)
     real.rename(report)
 
 
-def test_hot_reload_switches_to_the_next_evaluated_epoch_without_a_failed_request(serve, short_trained_copy, digits):
+@pytest.mark.parametrize("promoted, runtime", [(False, "torch"), (True, "onnx")])
+def test_hot_reload_switches_to_the_next_evaluated_epoch_without_a_failed_request(serve, short_trained_copy, digits,
+                                                                                  promoted, runtime):
     # 20-step epochs (the limit is saved with the checkpoint, so the resumed train is as short): the
-    # switch is the point, not the accuracy, so the gate lets any evaluated model through
+    # switch is the point, not the accuracy, so the gate lets any evaluated model through. Not promoted
+    # (below evaluate's threshold): serve follows model/mnist_cnn.pt, which torch reads; promoted: the
+    # production version, which evaluate exported, so auto serves it with onnx (torch for a moment, between
+    # the promotion and the export)
     root = short_trained_copy
-    result = run_here("evaluate", "--root", str(root))
+    evaluate = ("evaluate", "--root", str(root), *(("--promote", "always") if promoted else ()))
+    result = run_here(*evaluate)
     assert result.returncode == 0, result.stderr[-3000:]
     served = serve(root, "--threshold", "0")
     wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load epoch 1")
+    assert served.json("GET", "/readyz")[1]["runtime"] == runtime
     png = {"Content-Type": "image/png"}
     answers, stop = [], threading.Event()
 
@@ -260,7 +267,7 @@ def test_hot_reload_switches_to_the_next_evaluated_epoch_without_a_failed_reques
         # trained but not yet evaluated: still epoch 1, whatever the server has seen of the new file
         status, body = served.json("POST", "/predict", digits[2][1], png)
         assert status == 200 and body["checkpoint"]["epoch"] == 1
-        result = run_here("evaluate", "--root", str(root))
+        result = run_here(*evaluate)
         assert result.returncode == 0, result.stderr[-3000:]
         wait_until(lambda: answers and answers[-1][1] == 2, "answers from epoch 2")
     finally:
@@ -270,4 +277,8 @@ def test_hot_reload_switches_to_the_next_evaluated_epoch_without_a_failed_reques
     epochs = [epoch for _, epoch, _ in answers]
     assert statuses.count(200) == len(statuses), f"{len(statuses) - statuses.count(200)} failed requests"
     assert epochs[0] == 1 and epochs[-1] == 2 and epochs == sorted(epochs)
+    # evaluate exported epoch 2 after promoting it: auto moves to its ONNX model once it lands
+    wait_until(lambda: served.json("GET", "/readyz")[1]["runtime"] == runtime, f"epoch 2 to serve with {runtime}")
+    status, body = served.json("POST", "/predict", digits[2][1], png)
+    assert status == 200 and body["checkpoint"]["epoch"] == 2
     print(f"{len(answers)} requests during the reload, slowest {max(s for _, _, s in answers) * 1000:.0f} ms")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mnist_pipeline.contract import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, describe  # noqa: F401 (the contract, here too)
+from mnist_pipeline.contract import IMAGE_SIZE, MEAN, NUM_CLASSES, STD  # noqa: F401 (the contract, here too)
 
 PREDICT_BATCH = 1000
 

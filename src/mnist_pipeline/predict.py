@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from mnist_pipeline import preprocess, runtime
-from mnist_pipeline.model import describe, predict, stack
+from mnist_pipeline.contract import describe
+from mnist_pipeline.model import predict, stack
 from mnist_pipeline.records.aliases import gated
 from mnist_pipeline.settings import PredictConfig
 from mnist_pipeline.storage.files import describe as describe_path

@@ -31,6 +31,8 @@ RUNTIMES = ("auto", "onnx", "torch")
 # the exported model's interface (export.py writes it; a file that differs is refused)
 INPUT, OUTPUT, FORMAT_VERSION = "images", "probabilities", "1"
 MAX_ONNX_BYTES = checkpoint.MAX_BYTES  # an export holds the checkpoint's weights, little more
+TO_A_VERSION = ("`mnist train`, then `mnist evaluate`, register a version (production when it passes --threshold, "
+                "else `mnist promote N`), and `mnist export` exports it")
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,11 @@ class Runtimes:
         self._lock = threading.Lock()
         self._modules: Dict[str, Any] = {}
         self._device: Any = None
+        # what --runtime names must be there: otherwise serve stops at its start, saying so
         if self.choice == "torch":
-            self.torch_device()  # a bad --device, or no torch, stops serve at its start
+            self.torch_device()  # (a bad --device too)
+        elif self.choice == "onnx":
+            self._need_onnxruntime()
 
     def load(self, volume: Volume, model: Union[str, int], threshold: float, current: Optional[Live] = None) -> Live:
         """The gated model `model` names, loaded and warmed up; `current` itself if it is that one already.
@@ -125,19 +130,22 @@ class Runtimes:
             return False
         if self.choice == "auto":
             return self._import("onnxruntime") is not None and volume.exported(number).exists()
-        if self._import("onnxruntime") is None:
-            raise PipelineError("--runtime onnx, but onnxruntime does not import here: install it "
-                                "(pip install onnxruntime), or use --runtime torch")
+        self._need_onnxruntime()
         if not volume.exported(number).exists():
             raise PipelineError(f"version {number} has no ONNX model ({describe(volume.exported(number))}) to serve "
                                 f"with --runtime onnx: run `mnist export` to write it")
         return True
 
+    def _need_onnxruntime(self) -> None:
+        if self._import("onnxruntime") is None:
+            raise PipelineError("--runtime onnx, but onnxruntime does not import here: install it "
+                                "(pip install onnxruntime numpy), or use --runtime torch")
+
     def _no_onnx_reason(self, volume: Volume, number: int) -> str:
         """Why auto does not serve version `number` with onnx."""
         if self._import("onnxruntime") is None:
             return "onnxruntime does not import here"
-        return f"it has no ONNX model ({describe(volume.exported(number))}): run `mnist export` to write it"
+        return f"it has no ONNX model yet ({describe(volume.exported(number))}; `mnist export` writes it)"
 
     def _need_torch(self, what: str, because: str) -> None:
         """Nothing when torch imports; else PipelineError: `what` cannot be served, `because` (why not onnx)."""
@@ -175,11 +183,11 @@ class Runtimes:
     def _current_checkpoint(self, volume: Volume, threshold: float, current: Optional[Live]) -> Live:
         """No production version yet: model/mnist_cnn.pt with its evaluation, which torch reads."""
         if self.choice == "onnx":
-            raise PipelineError("production is not set, and --runtime onnx serves versions only: `mnist train` and "
-                                "`mnist evaluate` register one (promoted when it passes --threshold; `mnist promote N` "
-                                "otherwise), then `mnist export`; or use --runtime torch")
-        self._need_torch("model/mnist_cnn.pt", "production is not set (`mnist evaluate` registers a version and "
-                         "promotes it when it passes --threshold, `mnist export` exports it)")
+            raise PipelineError(f"production is not set, and --runtime onnx serves versions only: {TO_A_VERSION}; "
+                                f"or use --runtime torch")
+        if self._import("torch") is None:
+            raise PipelineError(f"production is not set, and torch, which would serve model/mnist_cnn.pt instead, "
+                                f"does not import here: {TO_A_VERSION}")
         saved, scores = evaluation.evaluated(volume, threshold)
         if current is not None and current.is_of(saved.sha256, None, "torch"):
             return current
