@@ -206,7 +206,8 @@ class Server:
     def __init__(self, root: Path, runtime: str, workers: int):
         self.began = time.perf_counter()
         self.process = mnist("serve", "--root", str(root), "--port", "0", "--runtime", runtime, "--workers",
-                             str(workers), "--threshold", "0", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             str(workers), "--threshold", "0", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
         self.log: List[str] = []
         self.address: Optional[Tuple[str, int]] = None
         listening = threading.Event()

@@ -95,9 +95,11 @@ def test_a_killed_worker_is_replaced_its_counts_kept_and_a_stop_ends_every_worke
     pids = wait_until(lambda: (lambda v: len(v) == 2 and v)(versions_served(served)), "two workers")
     for _ in range(5):
         assert served.request("POST", "/predict", digit, PNG)[0] == 200
+    wait_until(lambda: predicted(served) >= 5, "the counts")  # (a request is counted once its answer is sent)
     killed = sorted(pids)[0]
     os.kill(killed, signal.SIGKILL)
-    # once the parent has seen it end, the other worker answers alone until the new one is there
+    # once the parent has seen it end, requests keep being answered: by the other worker, or by the new
+    # one, which takes over the connections waiting on the killed one's socket
     wait_until(lambda: killed not in versions_served(served), "the killed worker to be gone from /metrics")
     for _ in range(5):
         assert served.request("POST", "/predict", digit, PNG)[0] == 200

@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 def run(config: ServeConfig) -> None:
     from mnist_pipeline.serve import workers
 
-    sock = listen(config.host, config.port)
     count = config.workers or available_cpus()
+    sock = listen(config.host, config.port, shared=count > 1)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (volume %s, threshold %s, %d worker%s)", host, port, config.root,
              config.threshold, count, "s" if count > 1 else "")

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List
+from typing import Any, AsyncIterator, Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -145,10 +145,10 @@ def create_app(config: ServeConfig) -> FastAPI:
                 raise ClientError(503, f"no model to serve yet: {_public(follower.problem, private)}")
             started = time.perf_counter()
             inputs: List[bytes] = []
-            while len(inputs) < len(images):
+            predictions = None
+            while predictions is None:
                 async with slots.slot(newcomer=not inputs):
-                    inputs += await run_in_threadpool(_decode_turn, images, len(inputs))
-            predictions = await run_in_threadpool(_predict, live, inputs)
+                    predictions = await run_in_threadpool(_decode_turn, images, inputs, live)
             metrics.latency.observe(time.perf_counter() - started)
         return JSONResponse({"checkpoint": live.describe(), "predictions": predictions},
                             headers=_version_header(live))
@@ -254,17 +254,19 @@ async def _body(request: Request, limit: int, take) -> bytes:
     return b"".join(chunks)
 
 
-def _decode_turn(images: List[bytes], start: int) -> List[bytes]:
-    """images[start:] decoded in order until DECODE_TURN_S has passed (one at least), each one's bytes dropped once
-    done with. A request of many small images takes a few trips to the threadpool, not one per image; one of
-    large images still lets other requests' images in between its own."""
-    began, decoded = time.perf_counter(), []
-    for number in range(start, len(images)):
-        decoded.append(_decode(images[number], number + 1 if len(images) > 1 else 0))
+def _decode_turn(images: List[bytes], inputs: List[bytes], live: Live) -> Optional[List[Dict[str, Any]]]:
+    """The next of `images` decoded into `inputs` until DECODE_TURN_S has passed (one at least), each one's bytes
+    dropped once done with; once all are, their predictions, in the same turn (None until then). A request
+    of many small images takes a few trips to the threadpool, not one per image (nor one more to predict);
+    one of large images still lets other requests' images in between its own."""
+    began = time.perf_counter()
+    while len(inputs) < len(images):
+        number = len(inputs)
+        inputs.append(_decode(images[number], number + 1 if len(images) > 1 else 0))
         images[number] = b""
-        if time.perf_counter() - began > DECODE_TURN_S:
-            break
-    return decoded
+        if len(inputs) < len(images) and time.perf_counter() - began > DECODE_TURN_S:
+            return None
+    return _predict(live, inputs)
 
 
 def _decode(data: bytes, number: int) -> bytes:

@@ -32,13 +32,16 @@ FD_RESERVE = 64 + 2 * BACKLOG
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt() parameters (malloc.h)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a taken port is one clear error line."""
+def listen(host: str, port: int, shared: bool = False) -> socket.socket:
+    """The listening socket, bound here so that a taken port is one clear error line. `shared`: one of
+    several on the port (SO_REUSEPORT), among which the kernel spreads new connections."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         sock.listen(BACKLOG)
     except OSError as exc:

@@ -1,12 +1,15 @@
 """The processes that answer: serve() runs the app on a listening socket in this process; supervise()
-forks --workers of them onto the one socket and keeps that many running.
+forks --workers of them onto the one port and keeps that many running.
 
-The parent binds the socket, forks, and then only supervises: it has imported neither the model's
-runtime nor the app, so no thread pool of theirs is forked half-way (and the fork costs little). The
-first worker starts alone: a setting that cannot work (--device cuda without a GPU, ...) is then one
-`error:` line and its exit code, as with one process; the others start once it has built its app.
-Each worker looks at the volume once before it takes its first connection (follow.py), so none
-answers "not loaded yet" beside others that serve.
+The parent binds a socket for each worker on the port (SO_REUSEPORT: the kernel spreads new
+connections over them; one socket shared by all would let the first worker awake take every
+connection of a burst, and keep-alive clients stay where they land), forks, and then only
+supervises: it has imported neither the model's runtime nor the app, so no thread pool of theirs
+is forked half-way (and the fork costs little). The first worker starts alone: a setting that cannot
+work (--device cuda without a GPU, ...) is then one `error:` line and its exit code, as with one
+process; the others start once it has built its app. Each worker looks at the volume once before
+it takes its first connection (follow.py), so none answers "not loaded yet" beside others that
+serve.
 
 A worker that ends on its own is logged and replaced (after RESTART_DELAY_S when it lived less than
 YOUNG_S: a worker that cannot start must not fork in a loop). SIGTERM and SIGINT go to every worker;
@@ -30,11 +33,12 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from mnist_pipeline import signals
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.serve.connections import BACKLOG, OncePerSecond, allow_open_files, give_back_freed_memory, guarded
+from mnist_pipeline.serve.connections import (BACKLOG, OncePerSecond, allow_open_files, give_back_freed_memory, guarded,
+                                              listen)
 from mnist_pipeline.settings import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -98,7 +102,9 @@ class Worker:
 
 
 def supervise(sock: socket.socket, config: ServeConfig, count: int) -> None:
-    """`count` workers on `sock` until SIGTERM or SIGINT (then this process ends as the signal says)."""
+    """`count` workers on `sock`'s port until SIGTERM or SIGINT (then this process ends as the signal says).
+    A worker's socket stays with the parent: a replacement takes over the connections waiting on it."""
+    sockets = [sock] + [listen(config.host, sock.getsockname()[1], shared=True) for _ in range(count - 1)]
     before = signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)  # taken by sigtimedwait below, never lost
     try:
         directory = tempfile.mkdtemp(prefix="mnist-serve-metrics-")
@@ -110,7 +116,7 @@ def supervise(sock: socket.socket, config: ServeConfig, count: int) -> None:
     try:
         for module in PRELOAD:
             __import__(module)
-        pool = Pool(sock, config, count, directory, before)
+        pool = Pool(sockets, config, directory, before)
         stopped_by = pool.run()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -122,9 +128,9 @@ def supervise(sock: socket.socket, config: ServeConfig, count: int) -> None:
 class Pool:
     """The workers and what the parent does for them: start, replace, stop, reap."""
 
-    def __init__(self, sock: socket.socket, config: ServeConfig, count: int, directory: str,
-                 mask: "set[signal.Signals]"):
-        self.sock, self.config, self.count, self.directory, self.mask = sock, config, count, directory, mask
+    def __init__(self, sockets: List[socket.socket], config: ServeConfig, directory: str, mask: "set[signal.Signals]"):
+        self.sockets, self.config, self.directory, self.mask = sockets, config, directory, mask
+        self.count = len(sockets)
         self.workers: Dict[int, Worker] = {}
         self.due: Dict[int, float] = {}  # worker number -> when to start it
         self.stopping: Optional[int] = signals.received()  # (a signal before the mask was set)
@@ -233,7 +239,9 @@ def _worker(pool: Pool, number: int, parent: int, told: Optional[int]) -> None:
                 os.write(told, b".")
                 os.close(told)
 
-        serve(pool.sock, pool.config, started)
+        for other in pool.sockets[:number - 1] + pool.sockets[number:]:
+            other.close()
+        serve(pool.sockets[number - 1], pool.config, started)
         code = 0
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
