@@ -139,8 +139,10 @@ def _save_progress(volume: Volume, state: TrainingState, recorder: history.Recor
 
 
 def _check_finite(state: TrainingState) -> None:
-    """A diverged run must not replace the last good checkpoint or progress with NaN weights."""
-    weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in state.model.parameters()]).all())
+    """A diverged run must not replace the last good checkpoint or progress with NaN weights (or NaN
+    BatchNorm statistics, which a step can spoil while the parameters are still finite)."""
+    tensors = [t for t in state.model.state_dict().values() if t.is_floating_point()]
+    weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
     if not (math.isfinite(float(state.loss_sum)) and weights_finite):
         raise PipelineError(
             f"training diverged: the loss or the weights became non-finite in epoch {state.epoch + 1} by step "
