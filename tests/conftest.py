@@ -30,7 +30,7 @@ import pytest
 # run_here runs `mnist` in this process: as cli.main does before torch loads, idle OpenMP threads sleep
 # instead of spinning, which starves the other tests' processes on a machine with few cores
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from mnist_pipeline import cli, data, faults  # noqa: E402  (loads torch)
+from mnist_pipeline import cli, data, faults  # noqa: E402
 from mnist_pipeline.errors import PipelineError  # noqa: E402
 from mnist_pipeline.storage.atomic import TEMP_PREFIX  # noqa: E402
 
@@ -196,28 +196,31 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert len(errors) == 1 and all(fragment in errors[0] for fragment in fragments), (fragments, result.stderr)
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, *commands: Tuple[str, ...]) -> Path:
+    """The volume `name` after `mnist COMMAND... --root ROOT` for each command (run_here), built by the first
+    pytest-xdist worker that asks for it and shared by all (copy before changing)."""
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / f"{name}.done").exists():
+            shutil.rmtree(shared / name, ignore_errors=True)  # what a failed build left
+            for command in commands:
+                result = run_here(*command, "--root", str(shared / name))
+                assert result.returncode == 0, (command, result.stderr[-3000:])
+            (shared / f"{name}.done").touch()
+    return shared / name
+
+
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory, worker_id) -> Path:
-    """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing), built by the first worker."""
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    with open(shared / "trained.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "trained.done").exists():
-            shutil.rmtree(shared / "trained", ignore_errors=True)  # what a failed build left
-            for stage in ("train", "evaluate"):
-                result = run_here(stage, "--root", str(shared / "trained"))
-                assert result.returncode == 0, result.stderr[-3000:]
-            (shared / "trained.done").touch()
-    return shared / "trained"
+    """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing)."""
+    return built_once(tmp_path_factory, worker_id, "trained", ("train",), ("evaluate",))
 
 
 @pytest.fixture(scope="session")
-def short_trained_root(tmp_path_factory) -> Path:
+def short_trained_root(tmp_path_factory, worker_id) -> Path:
     """A volume after `mnist train --max-steps 20`, a limit its resumed trains keep (shared: copy before changing)."""
-    root = tmp_path_factory.mktemp("short") / "volume"
-    result = run_here("train", "--root", str(root), "--max-steps", "20")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root
+    return built_once(tmp_path_factory, worker_id, "short", ("train", "--max-steps", "20"))
 
 
 def private_copy(shared: Path, tmp_path: Path) -> Path:
