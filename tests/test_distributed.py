@@ -209,11 +209,10 @@ def test_a_rank_killed_with_kill_9_ends_the_run_with_a_clear_error_and_the_check
 
 
 class HalvesAveraged(nn.Module):
-    """What two DDP ranks compute, in one process: each half of the global batch goes through the network
+    """What two ranks compute, in one process: each half of the global batch goes through the network
     on its own (train-mode BatchNorm normalises each by its own statistics) and the loss is the mean of
     the two halves' losses, so the gradient is the average of the two ranks' gradients. Only the first
-    half (rank 0's) updates BatchNorm's running statistics: rank 0's buffers are the ones DDP keeps and
-    rank 0 saves."""
+    half (rank 0's) updates BatchNorm's running statistics: rank 0's buffers are the ones rank 0 saves."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

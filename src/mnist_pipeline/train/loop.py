@@ -108,8 +108,7 @@ def _step_function(state: TrainingState, images: torch.Tensor, labels: torch.Ten
     one launch for some fifty kernels, whose launching on the host otherwise takes longer than the
     GPU's work on 128 images. The same kernels in the same order, so the same results; where the
     capture fails (or without `cuda_graph`: bench/gpu_bench.py compares), eager steps instead. In a
-    torchrun group, eager steps of the DistributedDataParallel wrapper, whose all-reduce a graph
-    would not capture; `state.model`, saved, stays the plain network.
+    torchrun group, eager steps, whose all-reduce of the gradients a graph would not capture.
     """
     world = world or distributed.world()
     model, optimizer, loss_fn = distributed.wrap(world, state.model), state.optimizer, nn.CrossEntropyLoss()
@@ -118,6 +117,7 @@ def _step_function(state: TrainingState, images: torch.Tensor, labels: torch.Ten
         loss = loss_fn(model(state.model.normalize(images[batch])), labels[batch])
         optimizer.zero_grad()
         loss.backward()
+        distributed.average_gradients(world, state.model)
         optimizer.step()
         return loss.detach()
 
