@@ -27,19 +27,17 @@ from unittest import mock
 
 import pytest
 
-# run_here runs `mnist` in this process: as cli.main does before torch loads, idle OpenMP threads sleep
-# instead of spinning, which starves the other tests' processes on a machine with few cores
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from mnist_pipeline import cli, data, faults  # noqa: E402
-from mnist_pipeline.errors import PipelineError  # noqa: E402
-from mnist_pipeline.storage.atomic import TEMP_PREFIX  # noqa: E402
+from mnist_pipeline import cli, data, faults
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.storage.atomic import TEMP_PREFIX
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in cli.main, before torch loads: idle threads sleep, not spin
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = os.environ.get("MNIST_TEST_MIRROR", "")  # a folder or an http(s) URL
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-compose"
 # the folder every test reads MNIST from: the one named, or the cache
 MIRROR = Path(NAMED).absolute() if NAMED and not NAMED.startswith(("http://", "https://")) else CACHE
-SCREENSHOTS = REPO / "test-artifacts"  # what the browser tests leave for people to look at (git-ignored)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts its workers
@@ -60,6 +58,12 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(  # one line from pytest, before any test
             f"no MNIST for the tests: set MNIST_TEST_MIRROR to a folder or http(s) URL holding the four MNIST files "
             f"(.gz or raw); without it they fill {CACHE} once from the public mirrors. The cause: {exc}") from None
+
+
+def pytest_collection_modifyitems(items):
+    """One test that needs trained_root first, the others last: the other workers need not wait for its build."""
+    needing = [item for item in items if "trained_root" in item.fixturenames]
+    items[:] = needing[:1] + [item for item in items if item not in needing] + needing[1:]
 
 
 @pytest.fixture(scope="session")
@@ -197,8 +201,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
 
 
 def built_once(tmp_path_factory, worker_id: str, name: str, *commands: Tuple[str, ...]) -> Path:
-    """The volume `name` after `mnist COMMAND... --root ROOT` for each command (run_here), built by the first
-    pytest-xdist worker that asks for it and shared by all (copy before changing)."""
+    """The volume `name` after `mnist COMMAND... --root ROOT` each, built by the first worker to ask, shared by all."""
     shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SCREENSHOTS
+from conftest import REPO
+
+SCREENSHOTS = REPO / "test-artifacts"  # what the browser tests leave for people to look at (git-ignored)
 
 
 @pytest.fixture(scope="session")

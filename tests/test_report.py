@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SCREENSHOTS, assert_one_line_error, litter, private_copy, run_here, run_mnist
-from test_page import browser  # noqa: F401 (a fixture: a test's parameter)
+from conftest import assert_one_line_error, litter, private_copy, run_here, run_mnist
+from test_page import SCREENSHOTS, browser  # noqa: F401 (a fixture: a test's parameter)
 from test_safety import tmpfs
 from mnist_pipeline import cli, data, report
 from mnist_pipeline.evaluate import MISTAKES_KEPT
