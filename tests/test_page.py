@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO
 
 SCREENSHOTS = REPO / "test-artifacts"  # what the browser tests leave for people to look at (git-ignored)
+# the tests that drive the browser run in one pytest-xdist worker (test_report's group): one Chromium starts
+pytestmark = pytest.mark.xdist_group("report")
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,8 @@ from mnist_pipeline.report import pictures
 from mnist_pipeline.model import predict
 from mnist_pipeline.volume import Volume
 
-# one pytest-xdist worker runs them all (pyproject's addopts): `reported` is built once
+# one pytest-xdist worker runs them all (pyproject's addopts): `reported` is built once, and the browser tests
+# of test_page and test_serve_hostile join them, so that one Chromium starts
 pytestmark = pytest.mark.xdist_group("report")
 
 STEPS_PER_EPOCH = 35
