@@ -61,9 +61,10 @@ def pytest_sessionstart(session):
 
 
 def pytest_collection_modifyitems(items):
-    """One test that needs trained_root first, the others last: the other workers need not wait for its build."""
-    needing = [item for item in items if "trained_root" in item.fixturenames]
-    items[:] = needing[:1] + [item for item in items if item not in needing] + needing[1:]
+    """For each of these built_once volumes, one test that needs it first, the others last: no worker waits for it."""
+    for name in ("three_versions", "trained_root"):
+        needing = [item for item in items if name in item.fixturenames]
+        items[:] = needing[:1] + [item for item in items if item not in needing] + needing[1:]
 
 
 @pytest.fixture(scope="session")
@@ -155,9 +156,8 @@ def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float =
 
 
 def fault_survivable(fault: Optional[str]) -> bool:
-    """No fault, or one that only signals (SIGTERM, SIGINT) where main() itself handles it: run_here can run it."""
-    return fault is None or (fault.startswith(("sigterm:", "sigterm-at-step:", "sigint-at-step:"))
-                             and fault != "sigterm:exit")  # (exit: after main() returned)
+    """No fault, or a SIGTERM or SIGINT that main() handles itself (not sigterm:exit, after it): run_here can run it."""
+    return fault is None or fault.startswith(("sigterm", "sigint-at-step:")) and fault != "sigterm:exit"
 
 
 def run_here(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
