@@ -27,19 +27,17 @@ from unittest import mock
 
 import pytest
 
-# run_here runs `mnist` in this process: as cli.main does before torch loads, idle OpenMP threads sleep
-# instead of spinning, which starves the other tests' processes on a machine with few cores
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from mnist_pipeline import cli, data, faults  # noqa: E402  (loads torch)
-from mnist_pipeline.errors import PipelineError  # noqa: E402
-from mnist_pipeline.storage.atomic import TEMP_PREFIX  # noqa: E402
+from mnist_pipeline import cli, data, faults
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.storage.atomic import TEMP_PREFIX
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in cli.main, before torch loads: idle threads sleep, not spin
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = os.environ.get("MNIST_TEST_MIRROR", "")  # a folder or an http(s) URL
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-compose"
 # the folder every test reads MNIST from: the one named, or the cache
 MIRROR = Path(NAMED).absolute() if NAMED and not NAMED.startswith(("http://", "https://")) else CACHE
-SCREENSHOTS = REPO / "test-artifacts"  # what the browser tests leave for people to look at (git-ignored)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts its workers
@@ -60,6 +58,13 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(  # one line from pytest, before any test
             f"no MNIST for the tests: set MNIST_TEST_MIRROR to a folder or http(s) URL holding the four MNIST files "
             f"(.gz or raw); without it they fill {CACHE} once from the public mirrors. The cause: {exc}") from None
+
+
+def pytest_collection_modifyitems(items):
+    """For each of these built_once volumes, one test that needs it first, the others last: no worker waits for it."""
+    for name in ("three_versions", "trained_root"):
+        needing = [item for item in items if name in item.fixturenames]
+        items[:] = needing[:1] + [item for item in items if item not in needing] + needing[1:]
 
 
 @pytest.fixture(scope="session")
@@ -151,9 +156,8 @@ def run_mnist(*args: str, env: Optional[Dict[str, str]] = None, timeout: float =
 
 
 def fault_survivable(fault: Optional[str]) -> bool:
-    """No fault, or one that only signals (SIGTERM, SIGINT) where main() itself handles it: run_here can run it."""
-    return fault is None or (fault.startswith(("sigterm:", "sigterm-at-step:", "sigint-at-step:"))
-                             and fault != "sigterm:exit")  # (exit: after main() returned)
+    """No fault, or a SIGTERM or SIGINT that main() handles itself (not sigterm:exit, after it): run_here can run it."""
+    return fault is None or fault.startswith(("sigterm", "sigint-at-step:")) and fault != "sigterm:exit"
 
 
 def run_here(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
@@ -196,28 +200,30 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert len(errors) == 1 and all(fragment in errors[0] for fragment in fragments), (fragments, result.stderr)
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, *commands: Tuple[str, ...]) -> Path:
+    """The volume `name` after `mnist COMMAND... --root ROOT` each, built by the first worker to ask, shared by all."""
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / f"{name}.done").exists():
+            shutil.rmtree(shared / name, ignore_errors=True)  # what a failed build left
+            for command in commands:
+                result = run_here(*command, "--root", str(shared / name))
+                assert result.returncode == 0, (command, result.stderr[-3000:])
+            (shared / f"{name}.done").touch()
+    return shared / name
+
+
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory, worker_id) -> Path:
-    """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing), built by the first worker."""
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    with open(shared / "trained.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "trained.done").exists():
-            shutil.rmtree(shared / "trained", ignore_errors=True)  # what a failed build left
-            for stage in ("train", "evaluate"):
-                result = run_here(stage, "--root", str(shared / "trained"))
-                assert result.returncode == 0, result.stderr[-3000:]
-            (shared / "trained.done").touch()
-    return shared / "trained"
+    """A volume after `mnist train` and `mnist evaluate` (shared: copy before changing)."""
+    return built_once(tmp_path_factory, worker_id, "trained", ("train",), ("evaluate",))
 
 
 @pytest.fixture(scope="session")
-def short_trained_root(tmp_path_factory) -> Path:
+def short_trained_root(tmp_path_factory, worker_id) -> Path:
     """A volume after `mnist train --max-steps 20`, a limit its resumed trains keep (shared: copy before changing)."""
-    root = tmp_path_factory.mktemp("short") / "volume"
-    result = run_here("train", "--root", str(root), "--max-steps", "20")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root
+    return built_once(tmp_path_factory, worker_id, "short", ("train", "--max-steps", "20"))
 
 
 def private_copy(shared: Path, tmp_path: Path) -> Path:

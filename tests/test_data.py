@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import torch
 
 from conftest import assert_one_line_error, run_here
 from mnist_pipeline import data
@@ -39,7 +38,7 @@ def test_local_mirror_gives_the_real_mnist(tmp_path, mirror):
     assert train.images.shape == (60000, 28, 28) and test.images.shape == (10000, 28, 28)
     assert train.labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert test.labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
-    assert torch.bincount(train.labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert train.labels.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     # stored decompressed, checksums of the decompressed content
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(data.FILES)
 

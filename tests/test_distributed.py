@@ -36,6 +36,7 @@ TIMEOUT = 120  # seconds for one run: generous on a busy 2-core machine; a hang 
 STEPS = 60
 STOP_AT = STEPS - 20  # late in the epoch, so the runs that resume from it are short
 KILL_AT = 5  # early in an epoch's warm-up: small steps, so one process's float sums stay close to two ranks'
+RESTART_AT = STOP_AT + 5  # where the resumed run that torchrun restarts loses rank 1
 
 # Installed as sitecustomize in every rank: logs each file-system write (open for writing, create,
 # rename, delete, mkdir) to <AUDIT_DIR>/rank<R>.log, so a test sees which rank wrote what.
@@ -103,57 +104,63 @@ def test_each_rank_takes_a_disjoint_slice_of_the_global_batch():
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory, mirror) -> SimpleNamespace:
-    """One uninterrupted torchrun of STEPS steps on an empty volume (rank 0 fetches the data while rank 1
-    waits), each rank's writes logged by AUDIT_HOOK. Shared: the plain-checkpoint
-    test checks it (its evaluate adds eval_results.json), the SIGTERM test compares a resumed run's
-    checkpoint against it, the kill -9 test copies it to have a checkpoint to keep intact."""
-    base = tmp_path_factory.mktemp("two-rank")
-    volume, audit = base / "volume", base / "audit"
+def sigterm_runs(tmp_path_factory) -> SimpleNamespace:
+    """`mnist train --nproc-per-node 2` (said by MNIST_NPROC_PER_NODE) for STEPS steps on an empty volume (rank 0
+    fetches the data while rank 1 waits), with a SIGTERM to rank 1 alone at step STOP_AT; a copy of the volume as
+    it left it; then the same command (said by the flag) resuming it. Each rank's writes in both runs are logged by
+    AUDIT_HOOK. Shared: the --nproc-per-node and SIGTERM tests check how each run ended, the plain-checkpoint test
+    what was written and by whom, the kill -9 test trains the next epoch of its checkpoint."""
+    base = tmp_path_factory.mktemp("sigterm")
+    volume, stopped, audit = base / "volume", base / "stopped", base / "audit"
     volume.mkdir()
     audit.mkdir()
     (audit / "sitecustomize.py").write_text(AUDIT_HOOK)
-    path = os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")]))
-    result = torchrun(volume, "--max-steps", str(STEPS), env={"AUDIT_DIR": str(audit), "PYTHONPATH": path})
-    return SimpleNamespace(volume=volume, audit=audit, result=result)
+    audited = {"AUDIT_DIR": str(audit), "PYTHONPATH": os.pathsep.join(filter(None, [str(audit),
+                                                                                      os.environ.get("PYTHONPATH")]))}
+    interrupted = run_mnist("train", "--root", str(volume), "--max-steps", str(STEPS), timeout=TIMEOUT,
+                            env={**audited, "MNIST_NPROC_PER_NODE": "2", **rank_fault(f"sigterm-at-step:{STOP_AT}")})
+    shutil.copytree(volume, stopped)
+    resumed = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT, env=audited)
+    return SimpleNamespace(interrupted=interrupted, stopped=stopped, resumed=resumed, volume=volume, audit=audit)
 
 
 @pytest.fixture(scope="module")
-def sigterm_runs(tmp_path_factory, data_volume) -> SimpleNamespace:
-    """`mnist train --nproc-per-node 2` (said by MNIST_NPROC_PER_NODE) for STEPS steps, with a SIGTERM to
-    rank 1 alone at step STOP_AT; a copy of the volume as it left it; then the same command (said by the
-    flag) resuming it. Shared: the --nproc-per-node test and the SIGTERM test check different things."""
-    base = tmp_path_factory.mktemp("sigterm")
-    volume, stopped = base / "volume", base / "stopped"
-    shutil.copytree(data_volume, volume)
-    interrupted = run_mnist("train", "--root", str(volume), "--max-steps", str(STEPS), timeout=TIMEOUT,
-                            env={"MNIST_NPROC_PER_NODE": "2", **rank_fault(f"sigterm-at-step:{STOP_AT}")})
-    shutil.copytree(volume, stopped)
-    resumed = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT)
-    return SimpleNamespace(interrupted=interrupted, stopped=stopped, resumed=resumed, volume=volume)
+def restarted_run(sigterm_runs, tmp_path_factory) -> SimpleNamespace:
+    """torchrun --max-restarts 1 resuming sigterm_runs' stopped volume, saving progress after every step (--save-every
+    that small), with rank 1 killed (kill -9) at step RESTART_AT in the group's first start only: torchrun starts
+    the group again, which continues from the progress saved there. Shared: the restart test checks how, the
+    SIGTERM test compares its checkpoint with that of sigterm_runs' resumed run, which went on from STOP_AT
+    without a stop."""
+    volume = tmp_path_factory.mktemp("restarted") / "volume"
+    shutil.copytree(sigterm_runs.stopped, volume)
+    result = torchrun(volume, "--save-every", "0.000001",
+                      env={**rank_fault(f"sigkill-at-step:{RESTART_AT}"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+                      torchrun_flags=("--max-restarts", "1"))
+    return SimpleNamespace(volume=volume, result=result)
 
 
-def test_a_two_process_epoch_saves_a_plain_checkpoint_that_evaluates_and_only_rank_0_writes(two_rank_run):
-    volume, audit, result = two_rank_run.volume, two_rank_run.audit, two_rank_run.result
+def test_a_two_process_epoch_saves_a_plain_checkpoint_that_evaluates_and_only_rank_0_writes(sigterm_runs, tmp_path):
+    volume, audit, result = sigterm_runs.volume, sigterm_runs.audit, sigterm_runs.resumed
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("train: epoch 1") == 1  # one summary per group
 
     state = torch.load(volume / "model" / "mnist_cnn.pt", weights_only=True)
     assert state["epoch"] == 1 and not any(key.startswith("module.") for key in state["model"])
-    evaluated = run_here("evaluate", "--root", str(volume))
+    evaluated = run_here("evaluate", "--root", str(private_copy(volume, tmp_path)))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    accuracy = json.loads((volume / "model" / "eval_results.json").read_text())["accuracy"]
+    accuracy = json.loads((tmp_path / "volume" / "model" / "eval_results.json").read_text())["accuracy"]
     # trained: 0.78 after STEPS steps (0.1 untrained); test_the_ranks_average_their_gradients checks how
     assert accuracy >= 0.5
 
+    # in both runs: the fetch, the progress saved at the SIGTERM, the checkpoint
     writes = {rank: [line for line in (audit / f"rank{rank}.log").read_text().splitlines()
                      if str(volume.resolve()) in line] for rank in (0, 1)}
-    assert any("mnist_cnn.pt" in line for line in writes[0]) and any("/data/" in line for line in writes[0])
+    assert all(any(name in line for line in writes[0]) for name in ("/data/", "train_progress.pt", "mnist_cnn.pt"))
     assert writes[1] == [], writes[1]
 
 
 def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_the_resumed_epoch_is_bit_identical(
-        two_rank_run, sigterm_runs, tmp_path):
+        sigterm_runs, restarted_run, tmp_path):
     stopped, result = sigterm_runs.stopped, sigterm_runs.interrupted
     assert result.returncode != 0
     # both ranks stopped at step STOP_AT, though only rank 1 got the signal
@@ -162,10 +169,11 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_the_resumed_epoch_
     assert load(stopped / "model" / "train_progress.pt")["step"] == STOP_AT
     assert not (stopped / "model" / "mnist_cnn.pt").exists()
 
-    # resumed, the epoch ends as the uninterrupted run of two ranks ended it
+    # resumed at STOP_AT, the epoch ends with the same bits as the same resume stopped again (kill -9) at RESTART_AT
+    # and restarted by torchrun: state that a resume lost or changed would make the two differ
     volume, result = sigterm_runs.volume, sigterm_runs.resumed
     assert result.returncode == 0 and f"from step {STOP_AT}" in result.stderr, result.stderr[-3000:]
-    assert_same_state(load(volume / "model" / "mnist_cnn.pt"), load(two_rank_run.volume / "model" / "mnist_cnn.pt"))
+    assert_same_state(load(volume / "model" / "mnist_cnn.pt"), load(restarted_run.volume / "model" / "mnist_cnn.pt"))
     assert not (volume / "model" / "train_progress.pt").exists() and not litter(volume)
 
     # one process continues what two began (not bit-identical: the batch statistics differ)
@@ -178,12 +186,12 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_the_resumed_epoch_
 
 
 @pytest.fixture(scope="module")
-def killed_run(two_rank_run, tmp_path_factory) -> SimpleNamespace:
-    """Two ranks train the next epoch of two_rank_run's checkpoint, saving progress after every step,
+def killed_run(sigterm_runs, tmp_path_factory) -> SimpleNamespace:
+    """Two ranks train the next epoch of sigterm_runs' checkpoint, saving progress after every step,
     until rank 1 is killed (kill -9) at step KILL_AT. Shared: the kill -9 test checks how the run ended,
     the gradient test what the ranks had computed by then (the progress rank 0 saved)."""
     volume = tmp_path_factory.mktemp("killed") / "volume"
-    shutil.copytree(two_rank_run.volume, volume)  # a checkpoint: the killed run trains its next epoch
+    shutil.copytree(sigterm_runs.volume, volume)  # a checkpoint: the killed run trains its next epoch
     before = (volume / "model" / "mnist_cnn.pt").read_bytes()
     # the subprocess timeout is the promise: the surviving rank does not hang
     result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", "--save-every", "0.000001",
@@ -201,11 +209,10 @@ def test_a_rank_killed_with_kill_9_ends_the_run_with_a_clear_error_and_the_check
 
 
 class HalvesAveraged(nn.Module):
-    """What two DDP ranks compute, in one process: each half of the global batch goes through the network
+    """What two ranks compute, in one process: each half of the global batch goes through the network
     on its own (train-mode BatchNorm normalises each by its own statistics) and the loss is the mean of
     the two halves' losses, so the gradient is the average of the two ranks' gradients. Only the first
-    half (rank 0's) updates BatchNorm's running statistics: rank 0's buffers are the ones DDP keeps and
-    rank 0 saves."""
+    half (rank 0's) updates BatchNorm's running statistics: rank 0's buffers are the ones rank 0 saves."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -256,13 +263,10 @@ def test_the_ranks_average_their_gradients(killed_run, tmp_path, monkeypatch):
     assert relative_distance(ddp["model"], alone["model"]) > 5e-4
 
 
-def test_torchrun_max_restarts_restarts_the_group_from_the_saved_progress(volume):
-    # --save-every that small saves after every step; the fault kills rank 1 in the first start only
-    result = torchrun(volume, "--max-steps", "20", "--save-every", "0.000001",
-                      env={**rank_fault("sigkill-at-step:5"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
-                      torchrun_flags=("--max-restarts", "1"))
+def test_torchrun_max_restarts_restarts_the_group_from_the_saved_progress(restarted_run):
+    volume, result = restarted_run.volume, restarted_run.result
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "lost its process group" in result.stderr and "continuing epoch 1 at step 5" in result.stderr
+    assert "lost its process group" in result.stderr and f"continuing epoch 1 at step {RESTART_AT}" in result.stderr
     assert load(volume / "model" / "mnist_cnn.pt")["epoch"] == 1 and not litter(volume)
 
 

@@ -527,10 +527,11 @@ def test_train_evaluate_and_infer_started_at_once_end_with_the_new_checkpoint(ev
     state["train_config"]["max_steps"] = 20
     write_evaluated(evaluated_root, state)
     root = str(evaluated_root)
-    # fresh interpreters: the race is the real one, train's lock before torch loads against the graces
+    # train in a new interpreter, which takes its lock before torch loads; evaluate and infer forked, ready at once:
+    # a harder race for that lock than three new interpreters
     processes = [start_mnist("train", "--root", root, fresh=True),
-                 start_mnist("evaluate", "--root", root, "--grace", "600", fresh=True),
-                 start_mnist("infer", "--root", root, "--grace", "600", "--threshold", "0", fresh=True)]
+                 start_mnist("evaluate", "--root", root, "--grace", "600"),
+                 start_mnist("infer", "--root", root, "--grace", "600", "--threshold", "0")]
     try:
         errors = [process.communicate(timeout=300)[1] for process in processes]
     finally:

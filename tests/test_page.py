@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SCREENSHOTS
+from conftest import REPO
+
+SCREENSHOTS = REPO / "test-artifacts"  # what the browser tests leave for people to look at (git-ignored)
+# the tests that drive the browser run in one pytest-xdist worker (test_report's group): one Chromium starts
+pytestmark = pytest.mark.xdist_group("report")
 
 
 @pytest.fixture(scope="session")
@@ -87,10 +91,12 @@ def test_drawn_digit_is_read_and_clear_resets(page, expected):
         raise AssertionError(f"#digit shows {page.find_element('id', 'digit').text!r}, not {expected} "
                              f"(screenshot {shot}; browser log: {logs or 'empty'})") from None
     page.save_screenshot(str(shot))  # for a person to look at
-    bars = page.find_elements("css selector", "#top3 li")
-    assert len(bars) == 3 and bars[0].text.startswith(str(expected))
-    track, fill = (bars[0].find_element("css selector", kind) for kind in (".track", ".fill"))
-    assert fill.size["width"] > track.size["width"] / 2  # the top digit's bar is drawn, and long
+    # read in one script: an answer still in flight for the same drawing may redraw the bars meanwhile
+    bars = page.execute_script("return [...document.querySelectorAll('#top3 li')].map(li => [li.textContent, "
+                               "...['.track', '.fill'].map(k => li.querySelector(k).getBoundingClientRect().width)])")
+    assert len(bars) == 3 and bars[0][0].startswith(str(expected)), bars
+    _, track, fill = bars[0]
+    assert fill > track / 2, bars  # the top digit's bar is drawn, and long
     assert page.find_element("id", "error").text == ""
     page.find_element("id", "clear").click()
     assert page.find_element("id", "digit").text == "–"

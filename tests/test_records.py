@@ -109,7 +109,7 @@ def test_a_malformed_evaluation_is_one_error_naming_the_file_for_every_reader(ch
         assert_one_line_error(result, 1, "eval_results.json is not valid", "mnist evaluate")
 
 
-@pytest.mark.parametrize("line", [
+BAD_LINES = [
     b"\xff\xfe not UTF-8",
     b'{"kind":"step","epoch":100000000,"step":10,"loss":1.0,"lr":0.1}',
     b'{"kind":"step","epoch":1.5,"step":10,"loss":1.0,"lr":0.1}',
@@ -118,16 +118,26 @@ def test_a_malformed_evaluation_is_one_error_naming_the_file_for_every_reader(ch
     b'{"kind":"epoch","epoch":1,"steps":true,"train_loss":0.5}',
     b'[1, 2]',
     b'{"kind": "window", "epoch": 1}',
-])
-def test_a_bad_history_line_is_skipped_with_one_warning_and_train_goes_on(line, format1, mirror, caplog):
+]
+
+
+@pytest.mark.parametrize("line", BAD_LINES)
+def test_a_bad_history_line_is_skipped_with_one_warning(line, format1, caplog):
     with format1.history.open("ab") as file:
         file.write(line + b"\n")
     assert [r["kind"] for r in history.read(format1)] == ["step", "epoch", "eval"]
     assert caplog.text.count("skipped 1 unreadable line") == 1
+
+
+def test_train_goes_on_past_bad_history_lines_and_writes_the_file_anew_without_them(format1, mirror):
+    """All of BAD_LINES in one history (one train for them all): one warning, and none of them kept."""
+    with format1.history.open("ab") as file:
+        file.write(b"".join(line + b"\n" for line in BAD_LINES))
     result = run_here("train", "--root", str(format1.root), "--mirror", str(mirror))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("skipped 1 unreadable line") == 1
-    assert line not in format1.history.read_bytes()  # train writes the file anew from the lines it kept
+    assert result.stderr.count("unreadable line") == 1 and f"skipped {len(BAD_LINES)} unreadable" in result.stderr
+    kept = format1.history.read_bytes()
+    assert not any(line in kept for line in BAD_LINES)
 
 
 def test_a_history_that_is_not_a_file_is_set_aside_and_train_goes_on(format1, mirror):

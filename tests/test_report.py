@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SCREENSHOTS, assert_one_line_error, litter, private_copy, run_here, run_mnist
-from test_page import browser  # noqa: F401 (a fixture: a test's parameter)
+from conftest import assert_one_line_error, litter, private_copy, run_here, run_mnist
+from test_page import SCREENSHOTS, browser  # noqa: F401 (a fixture: a test's parameter)
 from test_safety import tmpfs
 from mnist_pipeline import cli, data, report
 from mnist_pipeline.evaluate import MISTAKES_KEPT
@@ -24,7 +24,8 @@ from mnist_pipeline.report import pictures
 from mnist_pipeline.model import predict
 from mnist_pipeline.volume import Volume
 
-# one pytest-xdist worker runs them all (pyproject's addopts): `reported` is built once
+# one pytest-xdist worker runs them all (pyproject's addopts): `reported` is built once, and the browser tests
+# of test_page and test_serve_hostile join them, so that one Chromium starts
 pytestmark = pytest.mark.xdist_group("report")
 
 STEPS_PER_EPOCH = 35
@@ -149,7 +150,7 @@ def test_history_holds_both_epochs_without_gaps_or_duplicates(reported):
 
 
 def test_an_epoch_stopped_by_sigterm_and_finished_later_gives_the_same_history(reported, tmp_path):
-    root = str(tmp_path / "volume")
+    root = str(shutil.copytree(reported / "data", tmp_path / "volume" / "data").parent)  # the data, not the rest
     stopped = run_here("train", "--root", root, "--epochs", "2", *STEPS, env={"MNIST_FAULT": "sigterm-at-step:17"})
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     partial = history.read(Volume(tmp_path / "volume"))
@@ -165,7 +166,7 @@ def test_an_epoch_stopped_by_sigterm_and_finished_later_gives_the_same_history(r
     ("checkpoint-before-rename", ()),  # the history already has epoch 1, the checkpoint not yet
 ])
 def test_a_kill_9_leaves_a_history_that_resumes_exactly(reported, tmp_path, fault, flags):
-    root = str(tmp_path / "volume")
+    root = str(shutil.copytree(reported / "data", tmp_path / "volume" / "data").parent)  # the data, not the rest
     killed = run_mnist("train", "--root", root, "--epochs", "2", *STEPS, *flags, env={"MNIST_FAULT": fault})
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run_here("train", "--root", root, "--epochs", "2", *STEPS)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -95,10 +96,10 @@ def test_evaluate_waits_while_a_train_runs_then_scores_what_it_produced(trained_
 
 
 def test_a_second_train_refuses_naming_the_holder_and_a_crashed_one_blocks_nobody(trained_copy):
-    # on CPU: a GPU could finish the epoch before the second train starts
     first = start_mnist("train", "--root", str(trained_copy), "--device", "cpu")
     try:
         read_until(first, TRAINING_STARTED)
+        os.kill(first.pid, signal.SIGSTOP)  # held still mid-epoch, lock and all: it cannot finish the epoch meanwhile
         assert lock_holder(trained_copy) == first.pid
         second = run_here("train", "--root", str(trained_copy))
         assert_one_line_error(second, 4, "another train", f"pid {first.pid}")

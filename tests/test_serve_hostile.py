@@ -220,6 +220,7 @@ def test_every_answer_has_a_content_security_policy_and_nosniff(served_trained):
         assert ("'unsafe-inline'" in policy) == (what == "/report/"), (what, policy)
 
 
+@pytest.mark.xdist_group("report")  # with the other browser tests (test_page): one Chromium
 def test_the_page_and_the_report_work_under_their_policy(served_trained, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 

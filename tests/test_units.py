@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import multiprocessing
 import os
 import runpy
 import sys
@@ -15,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_mnist
 from mnist_pipeline import cli, runtime, settings, signals, train
 from mnist_pipeline.data import png as png_grayscale
 from mnist_pipeline.infer import _file_names
@@ -188,21 +188,24 @@ def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
         train.NesterovSGD(MnistCNN(channels=(8, 8, 8)).parameters(), recipe).load_state_dict(torchs)
 
 
-def _train_and_tell_whether_dynamo_loaded(root: str, mirror: str) -> None:
-    """In a new interpreter, which imports torch and mnist_pipeline but never torch._dynamo."""
+def _train_and_tell_whether_dynamo_loaded() -> None:
+    """`mnist ARGV` (a train) in a process forked from the tests' forkserver, which has imported torch and
+    mnist_pipeline as a new interpreter would; writes to ROOT/answer whether torch._dynamo was loaded before
+    and after, and the exit code."""
+    before = "torch._dynamo" in sys.modules
     runtime.deterministic_cuda()
-    code = cli.main(["train", "--root", root, "--mirror", mirror, "--device", "cpu", "--max-steps", "2"])
-    Path(root, "answer").write_text(f"{code} {'torch._dynamo' in sys.modules}")
+    code = cli.main(sys.argv[1:])
+    after = "torch._dynamo" in sys.modules
+    Path(sys.argv[sys.argv.index("--root") + 1], "answer").write_text(f"{before} {code} {after}")
 
 
-def test_train_never_imports_torch_dynamo(tmp_path, mirror):
+def test_train_never_imports_torch_dynamo(tmp_path):
     """torch.optim.Optimizer's methods and torch.use_deterministic_algorithms import torch._dynamo: seconds of
     every process's start. The CUDA settings are made here too, which needs no GPU."""
-    child = multiprocessing.get_context("spawn").Process(target=_train_and_tell_whether_dynamo_loaded,
-                                                         args=(str(tmp_path), str(mirror)), daemon=True)
-    child.start()
-    child.join(600)
-    assert (tmp_path / "answer").read_text() == "0 False"
+    result = run_mnist("train", "--root", str(tmp_path), "--device", "cpu", "--max-steps", "2",
+                       main=_train_and_tell_whether_dynamo_loaded)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "answer").read_text() == "False 0 False"
 
 
 def test_gpu_bench_without_a_gpu_says_so_and_exits_0(monkeypatch, capsys):

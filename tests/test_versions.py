@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (assert_one_line_error, litter, private_copy, read_until, run_here, run_mnist, start_mnist,
-                      wait_until)
+from conftest import (assert_one_line_error, built_once, litter, private_copy, read_until, run_here, run_mnist,
+                      start_mnist, wait_until)
 from mnist_pipeline import data
 from mnist_pipeline.data import png as png_grayscale
 
@@ -33,17 +33,14 @@ def production(root: Path):
     return next((row["version"] for row in listed(root) if "production" in row["aliases"]), None)
 
 
-@pytest.fixture(scope="module")
-def three_versions(short_trained_root, tmp_path_factory) -> Path:
-    """Version 1: the 20-step checkpoint; 2: a fresh one with a learning rate too small to learn (worse);
+@pytest.fixture(scope="session")
+def three_versions(tmp_path_factory, worker_id) -> Path:
+    """Version 1: a 20-step checkpoint; 2: a fresh one with a learning rate too small to learn (worse);
     3: a fresh 60-step one (better). Evaluated with --threshold 0, so the accuracy alone decides."""
-    root = private_copy(short_trained_root, tmp_path_factory.mktemp("versions"))
-    ok("evaluate", "--root", str(root), "--threshold", "0")
-    ok("train", "--root", str(root), "--fresh", "--max-steps", "20", "--lr", "0.0001")
-    ok("evaluate", "--root", str(root), "--threshold", "0")
-    ok("train", "--root", str(root), "--fresh", "--max-steps", "60")
-    ok("evaluate", "--root", str(root), "--threshold", "0")
-    return root
+    evaluate = ("evaluate", "--threshold", "0")
+    return built_once(tmp_path_factory, worker_id, "versions", ("train", "--max-steps", "20"), evaluate,
+                      ("train", "--fresh", "--max-steps", "20", "--lr", "0.0001"), evaluate,
+                      ("train", "--fresh", "--max-steps", "60"), evaluate)
 
 
 @pytest.fixture

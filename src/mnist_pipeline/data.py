@@ -22,14 +22,15 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Optional
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO, Optional
 
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.faults import crash_point
 from mnist_pipeline.storage.atomic import ensure_dir, remove_dead_temps, temp_file
 from mnist_pipeline.storage.files import NotReadable, describe, read_regular
+
+if TYPE_CHECKING:  # torch loads with the first split parsed: fetching and checking need none of it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,8 @@ def png(image: torch.Tensor) -> bytes:
 
 def _parse_idx(data: bytes, ndim: int) -> torch.Tensor:
     """IDX: 2 zero bytes, a type byte (0x08 = uint8), the dimension count, then big-endian sizes."""
+    import torch
+
     zero, dtype, dims = struct.unpack_from(">HBB", data)
     if zero != 0 or dtype != 0x08 or dims != ndim:
         raise PipelineError("MNIST file has an unexpected IDX header; delete the data/ folder to fetch it again")

@@ -1,4 +1,4 @@
-"""torchrun and DistributedDataParallel: who is rank 0, the all-reduced stop flag, sharding, the launcher.
+"""torchrun and data parallelism: who is rank 0, the averaged gradients and stop flag, sharding, the launcher.
 
 Under torchrun (or `mnist train --nproc-per-node N`, which starts the same elastic agent from
 inside the command) each process is one rank, told by RANK, WORLD_SIZE, LOCAL_RANK and
@@ -6,10 +6,10 @@ LOCAL_WORLD_SIZE. Without them the world is one process and every function here 
 torch is imported inside the functions: cli.py asks who is rank 0 before torch loads.
 
 The recipe means the same at any world size: step s takes the same `batch_size` samples of
-`epoch_order` as in one process, rank r trains on the r-th slice of them, and DDP averages the
-gradients, so the update is the whole batch's (BatchNorm, though, normalises each slice alone).
+`epoch_order` as in one process, rank r trains on the r-th slice of them, and an all-reduce averages
+the gradients, so the update is the whole batch's (BatchNorm, though, normalises each slice alone).
 Rank 0 alone writes: it holds the train lock, fetches the data, saves checkpoints and progress;
-the model it saves is the plain module inside DDP, so checkpoints carry no `module.` prefixes.
+the model it saves is the plain network, the same file as one process saves.
 """
 
 from __future__ import annotations
@@ -33,10 +33,8 @@ PREPARE_TIMEOUT = datetime.timedelta(minutes=30)
 STEP_TIMEOUT = datetime.timedelta(seconds=60)
 
 _group = None  # the training process group (STEP_TIMEOUT), set by process_group()
-# After a failed collective, freeing the group (or the DDP model holding it) deadlocks: its destructor
-# joins a gloo thread that waits for the GIL. So the model stays referenced here and a failed group is
-# never freed: cli.script() ends the process with os._exit.
-_kept = []
+# After a failed collective, freeing the group deadlocks: its destructor joins a gloo thread that waits
+# for the GIL. So a failed group is never freed (_group keeps it): cli.script() ends the process with os._exit.
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ def process_group(world: World, device: "torch.device") -> Iterator["torch.devic
         torch_device, backend = device, "gloo"
     dist.init_process_group(backend, timeout=PREPARE_TIMEOUT)
     _group = dist.new_group(backend=backend, timeout=STEP_TIMEOUT)
-    yield torch_device  # an exception leaves the group as it is (see _kept)
+    yield torch_device  # an exception leaves the group as it is (see _group)
     dist.destroy_process_group()
     _group = None
 
@@ -164,15 +162,31 @@ class Follows(PipelineError):
 
 
 def wrap(world: World, model: "torch.nn.Module") -> "torch.nn.Module":
-    """DDP around `model` in a group; `model` itself (no `module.` prefix) is what gets saved."""
-    if world.size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+    """`model` as a group trains it: the same on every rank from the start (rank 0's parameters and buffers),
+    its gradients averaged by average_gradients after each backward. Not DistributedDataParallel, whose
+    constructor imports torch._dynamo, a slow import at every rank's start, for what one all-reduce a step does."""
+    if world.size > 1:
+        import torch.distributed as dist
 
-    device_ids = [world.local_rank] if next(model.parameters()).is_cuda else None
-    wrapped = DistributedDataParallel(model, device_ids=device_ids, process_group=_group)
-    _kept.append(wrapped)
-    return wrapped
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0, group=_group)
+    return model
+
+
+def average_gradients(world: World, model: "torch.nn.Module") -> None:
+    """Each gradient of `model` replaced by its mean over the ranks (one all-reduce of them all): the update is the
+    whole global batch's, as in one process."""
+    if world.size == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    dist.all_reduce(flat, group=_group)
+    flat /= world.size
+    for grad, mean in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
+        grad.copy_(mean.view_as(grad))
 
 
 def shard(world: World, batch: "torch.Tensor") -> "torch.Tensor":

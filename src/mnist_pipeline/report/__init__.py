@@ -43,8 +43,9 @@ def write(volume: Volume, evaluation: Evaluation, records: list, test_images: to
                 for p in (predictions.predictions if predictions else ())}
 
     def fill(folder: Path) -> None:
-        confusion_image(evaluation).save(folder / "confusion_matrix.png", optimize=True)
-        mistakes_image(evaluation, test_images).save(folder / "mistakes.png", optimize=True)
+        # zlib's default level: optimize=True tries every level, several times the work for a few per cent
+        confusion_image(evaluation).save(folder / "confusion_matrix.png")
+        mistakes_image(evaluation, test_images).save(folder / "mistakes.png")
         chart = training_svg(summary)
         (folder / "training.svg").write_text(chart)
         inline = chart.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1)  # HTML needs no namespace URL

@@ -108,8 +108,7 @@ def _step_function(state: TrainingState, images: torch.Tensor, labels: torch.Ten
     one launch for some fifty kernels, whose launching on the host otherwise takes longer than the
     GPU's work on 128 images. The same kernels in the same order, so the same results; where the
     capture fails (or without `cuda_graph`: bench/gpu_bench.py compares), eager steps instead. In a
-    torchrun group, eager steps of the DistributedDataParallel wrapper, whose all-reduce a graph
-    would not capture; `state.model`, saved, stays the plain network.
+    torchrun group, eager steps, whose all-reduce of the gradients a graph would not capture.
     """
     world = world or distributed.world()
     model, optimizer, loss_fn = distributed.wrap(world, state.model), state.optimizer, nn.CrossEntropyLoss()
@@ -118,6 +117,7 @@ def _step_function(state: TrainingState, images: torch.Tensor, labels: torch.Ten
         loss = loss_fn(model(state.model.normalize(images[batch])), labels[batch])
         optimizer.zero_grad()
         loss.backward()
+        distributed.average_gradients(world, state.model)
         optimizer.step()
         return loss.detach()
 
@@ -139,8 +139,10 @@ def _save_progress(volume: Volume, state: TrainingState, recorder: history.Recor
 
 
 def _check_finite(state: TrainingState) -> None:
-    """A diverged run must not replace the last good checkpoint or progress with NaN weights."""
-    weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in state.model.parameters()]).all())
+    """A diverged run must not replace the last good checkpoint or progress with NaN weights (or NaN
+    BatchNorm statistics, which a step can spoil while the parameters are still finite)."""
+    tensors = [t for t in state.model.state_dict().values() if t.is_floating_point()]
+    weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
     if not (math.isfinite(float(state.loss_sum)) and weights_finite):
         raise PipelineError(
             f"training diverged: the loss or the weights became non-finite in epoch {state.epoch + 1} by step "
