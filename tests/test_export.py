@@ -78,7 +78,8 @@ def test_export_writes_what_is_missing_skips_an_unreadable_version_and_rewrites_
                            f"digits, max |probability difference| "), line
     assert Volume(root).exported(1).read_bytes() == written  # the same weights give the same file
     assert "skipping version 2" in result.stderr and not Volume(root).exported(2).exists()
-    assert_one_line_error(run_here("export", "--root", str(root), "--version", "2"), 1, "versions/2/mnist_cnn.pt")
+    assert_one_line_error(run_here("export", "--root", str(root), "--version", "2"), 1,
+                          "version 2 is corrupt", "mnist_cnn.pt")
 
     version_dir(root, 2).rename(root / "aside")
     nothing = run_here("export", "--root", str(root)).stdout

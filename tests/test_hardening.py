@@ -190,6 +190,35 @@ def test_where_there_is_no_exchange_a_swap_cut_between_its_renames_is_undone(eva
     assert litter(evaluated_root) == []
 
 
+def test_a_folder_that_appears_between_the_look_and_the_rename_is_replaced_not_an_error(tmp_path, monkeypatch):
+    """Two evaluates writing the first report at once: the second finds the first's folder at its rename."""
+    real_lexists = os.path.lexists
+    for exchange in (False, True):  # the two-rename path, and the kernel's exchange
+        target = tmp_path / f"report-{exchange}"
+        looks = []  # "filled", then the placing's two looks find nothing while the rival's folder lands
+
+        def lexists(path, target=target, looks=looks):
+            if Path(path) == target and looks and len(looks) < 3:
+                looks.append("absent")
+                if not real_lexists(target):
+                    target.mkdir()
+                    (target / "index.html").write_text("first")
+                return False
+            return real_lexists(path)
+
+        def fill(folder, looks=looks):
+            (folder / "index.html").write_text("second")
+            looks.append("filled")
+
+        monkeypatch.setattr(os.path, "lexists", lexists)
+        if not exchange:
+            monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+        atomic.replace_dir(target, fill)
+        monkeypatch.undo()
+        assert looks == ["filled", "absent", "absent"] and (target / "index.html").read_text() == "second"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(target.name)) == [target.name]
+
+
 # --- 2. `docker compose up`: evaluate and infer give a starting train a grace ----------------------------
 
 GRACE_STARTED = "giving a train that may be starting"

@@ -258,7 +258,11 @@ def check(encoded: bytes, network: nn.Module, images: torch.Tensor, threads: int
         raise PipelineError(f"onnxruntime does not load the exported model ({first_line(exc)}); no file written") \
             from None
     expected = model.predict(network, images, torch.device("cpu"))
-    answers = _run(session, images)
+    try:
+        answers = _run(session, images)
+    except Exception as exc:  # noqa: BLE001 - as above: a model it loads but cannot run
+        raise PipelineError(f"onnxruntime does not run the exported model ({first_line(exc)}); no file written") \
+            from None
     theirs = answers.argmax(1)
     differ = theirs != expected.argmax(1)
     gap = expected.max(1).values - expected.gather(1, theirs.unsqueeze(1)).squeeze(1)  # torch's view of their pick

@@ -175,21 +175,8 @@ def replace_dir(target: Path, fill: Callable[[Path], T]) -> T:
             with open(entry, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(staging)
-        if os.path.lexists(target) and _exchange(staging, target):
-            crash_point("results-between-renames")  # the old folder waits under the temp name
-            fsync_dir(parent)
-            _remove(staging)  # now the old folder
-        else:
-            old = None
-            if os.path.lexists(target):
-                fd, old = temp_dir(parent, f"{target.name}.old")
-                fds.append(fd)
-                os.replace(target, old / target.name)
-                crash_point("results-between-renames")
-            os.replace(staging, target)
-            fsync_dir(parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+        while not _put_in_place(staging, target, fds):
+            pass  # another writer's folder appeared at `target` after the look: replace that one
         staging = None
         return result
     except OSError as exc:
@@ -199,6 +186,32 @@ def replace_dir(target: Path, fill: Callable[[Path], T]) -> T:
             shutil.rmtree(staging, ignore_errors=True)
         for fd in fds:
             os.close(fd)
+
+
+def _put_in_place(staging: Path, target: Path, fds: list) -> bool:
+    """replace_dir's last step; False when `target` was absent at the look but present at the rename."""
+    parent = target.parent
+    if os.path.lexists(target) and _exchange(staging, target):
+        crash_point("results-between-renames")  # the old folder waits under the temp name
+        fsync_dir(parent)
+        _remove(staging)  # now the old folder
+        return True
+    old = None
+    if os.path.lexists(target):
+        fd, old = temp_dir(parent, f"{target.name}.old")
+        fds.append(fd)
+        os.replace(target, old / target.name)
+        crash_point("results-between-renames")
+    try:
+        os.replace(staging, target)
+    except OSError as exc:
+        if old is None and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def recover_dir(target: Path) -> None:
