@@ -242,10 +242,9 @@ def trained_copy(trained_root, tmp_path) -> Path:
 
 
 class Served:
-    """A running `mnist serve`: its base URL and its stderr, read all along (a full pipe would block the server)."""
+    """A running `mnist serve`, one worker unless args say more: its URL, its stderr read all along (or it blocks)."""
 
     def __init__(self, root: Path, *args: str, env: Optional[Dict[str, str]] = None, fresh: bool = False):
-        # one worker unless a test asks for more (a later --workers wins)
         self.process = start_mnist("serve", "--root", str(root), "--port", "0", "--workers", "1", *args, env=env,
                                    fresh=fresh)
         self.stderr = [read_until(self.process, "listening on")]
