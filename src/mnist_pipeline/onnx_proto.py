@@ -1,9 +1,9 @@
 """The few protobuf messages of an ONNX model, encoded by hand: ModelProto and what it holds.
 
-The onnx package would only serialise these, and it does not fit the graded images (docs/serving.md,
-"Exporting to ONNX"). Each function returns one message's bytes; the field numbers are those of
-onnx.proto. Repeated integers are written unpacked, one key each: every protobuf parser accepts that
-form for any repeated scalar, packed or not.
+The onnx package would only serialise these, and it does not fit the graded images (docs/export.md).
+Each function returns one message's bytes; the field numbers are those of onnx.proto. Repeated
+integers are written unpacked, one key each: every protobuf parser accepts that form for any repeated
+scalar, packed or not.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from mnist_pipeline.storage.files import describe
 from mnist_pipeline.volume import Volume
 
 if TYPE_CHECKING:
-    from mnist_pipeline.records.evaluation import Evaluation  # (it loads torch: the parser answers without it)
+    from mnist_pipeline.records.evaluation import Evaluation
 
 Values = Dict[str, Any]
 log = logging.getLogger(__name__)
