@@ -89,8 +89,7 @@ def litter(root: Path) -> list:
 # seconds on that) and runs no torch op, so a child starts torch's thread pools as a new process does.
 FORKS = multiprocessing.get_context("forkserver")
 FORKS.set_forkserver_preload(["mnist_pipeline.cli", "torch", "mnist_pipeline.train", "mnist_pipeline.evaluate",
-                              "mnist_pipeline.infer", "mnist_pipeline.serve.app", "mnist_pipeline.export", "uvicorn",
-                              "onnxruntime", "torch.distributed.run"])
+                              "mnist_pipeline.serve.app", "uvicorn", "onnxruntime", "torch.distributed.run"])
 
 
 class Forked(FORKS.Process):
