@@ -124,7 +124,7 @@ def test_auto_picks_onnx_where_the_version_is_exported_else_torch(exported_copy,
         Runtimes("onnx", "cpu", 1).load(volume, "production", 0.5)
 
 
-def test_the_gate_and_a_stale_or_broken_export_keep_onnx_from_serving(exported_copy, tmp_path):
+def test_the_gate_and_a_stale_or_broken_export_keep_onnx_from_serving(exported_copy, tmp_path, monkeypatch):
     volume, onnx = exported_copy, Runtimes("onnx", "cpu", 1)
     with pytest.raises(PipelineError, match="not above the threshold"):
         onnx.load(volume, "production", 0.9999)
@@ -135,6 +135,12 @@ def test_the_gate_and_a_stale_or_broken_export_keep_onnx_from_serving(exported_c
                                                         "mnist.checkpoint_sha256": "0" * 64})
     volume.exported(1).write_bytes(stale)
     with pytest.raises(PipelineError, match=r"export of another checkpoint.*`mnist export --version 1`"):
+        onnx.load(volume, 1, 0.5)
+    with monkeypatch.context() as patched:  # the version's own, but for one image at a time: answers would go missing
+        patched.setattr(export, "BATCH", 1)
+        volume.exported(1).write_bytes(export.to_onnx(saved.build_model().eval(), {
+            "mnist.format_version": "1", "mnist.checkpoint_sha256": saved.sha256}))
+    with pytest.raises(PipelineError, match=r"does not take `images` uint8 \[N, 28, 28\]"):
         onnx.load(volume, 1, 0.5)
     volume.exported(1).write_bytes(b"not an ONNX model")
     with pytest.raises(PipelineError, match="mnist_cnn.onnx does not load"):

@@ -151,6 +151,9 @@ class Runtimes:
         """Nothing when torch imports; else PipelineError: `what` cannot be served, `because` (why not onnx)."""
         if self._import("torch") is not None:
             return
+        if self.choice == "torch" and self.device_name == "cuda":
+            raise PipelineError("--device cuda (MNIST_DEVICE) needs torch, which does not import here: use "
+                                "--device cpu to serve exported versions with onnxruntime")
         if self.choice == "torch":
             raise PipelineError("--runtime torch, but torch does not import here: install it, or use "
                                 "--runtime onnx (or auto) to serve exported versions")
@@ -223,12 +226,21 @@ class Runtimes:
             raise PipelineError(f"version {number}: {describe(path)} {problem}: {again}")
         live = OnnxLive(sha256=version.sha256, epoch=version.epoch, accuracy=scores.accuracy, version=number,
                         session=session)
-        try:
-            live.predict([bytes(IMAGE_BYTES)])  # warm up off the hot path; a broken graph fails here, not in a request
+        try:  # warm up off the hot path; a broken graph fails here, not in a request
+            answers = live.predict([bytes(IMAGE_BYTES)] * 2)
         except Exception as exc:  # noqa: BLE001 - as above
             raise PipelineError(f"version {number}: {describe(path)} does not run ({first_line(exc)}): "
                                 f"{again}") from None
+        if answers.shape != (2, NUM_CLASSES) or not _finite(answers):
+            raise PipelineError(f"version {number}: {describe(path)} answers {answers.shape} values, not finite "
+                                f"probabilities for each image: {again}")
         return live
+
+
+def _finite(answers: Any) -> bool:
+    import numpy
+
+    return bool(numpy.isfinite(answers).all())
 
 
 def _interface_problem(session: Any, sha256: str) -> Optional[str]:
@@ -241,7 +253,8 @@ def _interface_problem(session: Any, sha256: str) -> Optional[str]:
         return "is the export of another checkpoint than the version's (a stale or foreign file)"
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if ([(i.name, i.type, i.shape[1:]) for i in inputs] != [(INPUT, "tensor(uint8)", [IMAGE_SIZE, IMAGE_SIZE])]
-            or [(o.name, o.shape[1:]) for o in outputs] != [(OUTPUT, [NUM_CLASSES])]):
+            or [(o.name, o.type, o.shape[1:]) for o in outputs] != [(OUTPUT, "tensor(float)", [NUM_CLASSES])]
+            or any(isinstance(v.shape[0], int) for v in (*inputs, *outputs))):  # a fixed batch would cut answers
         return (f"does not take `{INPUT}` uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}] and give `{OUTPUT}` "
-                f"[N, {NUM_CLASSES}]")
+                f"float [N, {NUM_CLASSES}]")
     return None
