@@ -124,3 +124,11 @@ def test_a_worker_that_cannot_start_is_one_error_line(tmp_path):
     result = run_mnist("serve", "--root", str(tmp_path), "--port", "0", "--workers", "2", "--device", "cuda",
                        timeout=120)
     assert_one_line_error(result, 1, "cuda")
+
+
+def test_a_worker_that_keeps_ending_young_ends_serve_with_one_error_line(tmp_path):
+    # worker 2 is killed (kill -9) as it starts, each time: its socket would hold connections no one accepts
+    result = run_mnist("serve", "--root", str(tmp_path), "--port", "0", "--workers", "2",
+                       env={"MNIST_FAULT": "serve-worker-2"}, timeout=120)
+    assert_one_line_error(result, 1, "serve worker 2 ended 3 times in a row", "--workers 1")
+    assert result.stderr.count("ended (killed by SIGKILL)") == 2  # replaced twice, then serve gives up

@@ -16,7 +16,8 @@ only in the group's first start, so a group that torchrun --max-restarts starts 
                         must catch it (the process lives on)
 
 Points: <file>-before-rename (the new copy written, not yet in place: checkpoint, progress, data,
-eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit;
+eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit,
+serve-worker-N (serve's worker N as it starts, each time);
 hold points: decode (serve, each image, in its decode slot); break points: export-weights (the first
 weight written into an ONNX model is off by 1, which its parity check must refuse).
 """

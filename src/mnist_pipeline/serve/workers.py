@@ -12,7 +12,8 @@ it takes its first connection (follow.py), so none answers "not loaded yet" besi
 serve.
 
 A worker that ends on its own is logged and replaced (after RESTART_DELAY_S when it lived less than
-YOUNG_S: a worker that cannot start must not fork in a loop). SIGTERM and SIGINT go to every worker;
+YOUNG_S: a worker that cannot start must not fork in a loop); YOUNG_ENDS in a row end serve with an
+error. SIGTERM and SIGINT go to every worker;
 each finishes the requests it has, as uvicorn does; the parent waits for them all, then ends as the
 signal says (143, 130). The workers are in a process group of their own, so Ctrl-C in a terminal
 reaches them once, through the parent, and each ends with the parent if it is killed outright.
@@ -37,6 +38,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 from mnist_pipeline import signals
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.faults import crash_point
 from mnist_pipeline.serve.connections import (BACKLOG, OncePerSecond, allow_open_files, give_back_freed_memory, guarded,
                                               listen)
 from mnist_pipeline.settings import ServeConfig
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0
 YOUNG_S = 10.0
+# a worker that keeps ending young ends serve: its socket would hold a share of new connections that no
+# one accepts, while /readyz, answered by the others, says 200 (a supervisor restarts the whole of serve)
+YOUNG_ENDS = 3
 STOPS = {signal.SIGTERM, signal.SIGINT}
 WATCHED = STOPS | {signal.SIGCHLD}
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
@@ -87,7 +92,8 @@ def serve(sock: socket.socket, config: ServeConfig, started: Callable[[], None] 
 
 
 class WorkerFailed(PipelineError):
-    """The first worker ended before it could serve; it said why (its `error:` line) unless `silent` is off."""
+    """The first worker ended before it could serve (it said why, its `error:` line, when `silent`), or a worker
+    kept ending young."""
 
     def __init__(self, message: str, exit_code: int, silent: bool):
         super().__init__(message)
@@ -118,6 +124,8 @@ def supervise(sock: socket.socket, config: ServeConfig, count: int) -> None:
             __import__(module)
         pool = Pool(sockets, config, directory, before)
         stopped_by = pool.run()
+        if pool.failed:
+            raise WorkerFailed(pool.failed, 1, silent=False)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
@@ -134,6 +142,8 @@ class Pool:
         self.workers: Dict[int, Worker] = {}
         self.due: Dict[int, float] = {}  # worker number -> when to start it
         self.stopping: Optional[int] = signals.received()  # (a signal before the mask was set)
+        self.young_ends: Dict[int, int] = {}  # worker number -> its ends in a row within YOUNG_S of its start
+        self.failed = ""  # why serve stops on its own
 
     def run(self) -> Optional[int]:
         """Until the last worker has ended after a signal; that signal (None: the first worker failed)."""
@@ -205,10 +215,23 @@ class Pool:
             if self.stopping is None:
                 lived = time.monotonic() - worker.born
                 delay = RESTART_DELAY_S if lived < YOUNG_S else 0.0
+                ends = self.young_ends[worker.number] = (self.young_ends.get(worker.number, 0) + 1) if delay else 0
+                if ends >= YOUNG_ENDS:
+                    self.give_up(f"serve worker {worker.number} ended {ends} times in a row within {YOUNG_S:g} s of "
+                                 f"its start (last: {describe(os.waitstatus_to_exitcode(status))}): see the log "
+                                 f"above; fix that, or pass --workers 1")
+                    continue
                 log.warning("worker %d (pid %d) ended (%s) after %.0f s: starting another%s", worker.number, pid,
                             describe(os.waitstatus_to_exitcode(status)), lived,
                             f" in {delay:g} s" if delay else "")
                 self.due[worker.number] = time.monotonic() + delay
+
+    def give_up(self, why: str) -> None:
+        """Stop every worker, then serve (supervise raises `why`)."""
+        self.failed, self.stopping = why, signal.SIGTERM
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def start(self, number: int, told: Optional[int] = None) -> Worker:
         """Fork worker `number`; it writes a byte to `told` once its app is built."""
@@ -241,6 +264,7 @@ def _worker(pool: Pool, number: int, parent: int, told: Optional[int]) -> None:
 
         for other in pool.sockets[:number - 1] + pool.sockets[number:]:
             other.close()
+        crash_point(f"serve-worker-{number}")
         serve(pool.sockets[number - 1], pool.config, started)
         code = 0
     except PipelineError as exc:
