@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +30,16 @@ DATA_SHA256 = hashlib.sha256("".join(data.FILES[name] for name in sorted(data.FI
 MISTAKES_KEPT = 40  # the most confident mistakes listed in eval_results.json (the report shows them)
 
 
-def run(config: EvaluateConfig) -> Evaluation:
+@dataclass(frozen=True)
+class Scored:
+    """What evaluate hands the command layer: the evaluation it wrote, and torch's probabilities for the
+    test images where it ran on the CPU (None elsewhere), the answers export's parity check compares with."""
+
+    evaluation: Evaluation
+    probabilities: Optional[torch.Tensor]
+
+
+def run(config: EvaluateConfig) -> Scored:
     """Score the current checkpoint, write model/eval_results.json and the history's test scores, register
     the checkpoint as a version if it is new, move production by config.promote and prune old versions."""
     volume = Volume(config.root)
@@ -40,12 +50,13 @@ def run(config: EvaluateConfig) -> Evaluation:
         model = saved.build_model().to(device)
         test_set = data.load_split(volume.data_dir, "test", config.mirror)
         started = time.monotonic()
-        result = dataclasses.replace(score(model, test_set, device, saved),
+        probabilities = predict(model, test_set.images, device)
+        result = dataclasses.replace(_scores(probabilities, test_set, device, saved),
                                      compute_seconds=round(time.monotonic() - started, 3))
         evaluation.write(volume, result)
     history.add_evaluation(volume, saved.epoch, saved.sha256, result.accuracy, result.test_loss)
     keep(volume, saved, result, config)
-    return result
+    return Scored(result, probabilities if device.type == "cpu" else None)
 
 
 def keep(volume: Volume, saved: checkpoint.Checkpoint, result: Evaluation, config: EvaluateConfig) -> None:
@@ -91,7 +102,11 @@ def wait_for_checkpoint(volume: Volume, wait_s: float, grace_s: float = 0.0,
 def score(model: nn.Module, test_set: data.Split, device: torch.device, saved: checkpoint.Checkpoint) -> Evaluation:
     """Accuracy, mean cross-entropy, per-class accuracy, the confusion matrix (rows: true digit) and
     the most confident mistakes of `saved`'s `model`."""
-    probabilities = predict(model, test_set.images, device)
+    return _scores(predict(model, test_set.images, device), test_set, device, saved)
+
+
+def _scores(probabilities: torch.Tensor, test_set: data.Split, device: torch.device,
+            saved: checkpoint.Checkpoint) -> Evaluation:
     labels = test_set.labels
     predicted = probabilities.argmax(dim=1)
     picked = probabilities[torch.arange(len(labels)), labels]

@@ -19,7 +19,7 @@ from mnist_pipeline.storage.files import describe
 from mnist_pipeline.volume import Volume
 
 if TYPE_CHECKING:
-    from mnist_pipeline.records.evaluation import Evaluation
+    from mnist_pipeline.evaluate import Scored  # (it loads torch: the parser answers without it)
 
 Values = Dict[str, Any]
 log = logging.getLogger(__name__)
@@ -69,13 +69,14 @@ def _train(args: argparse.Namespace, v: Values) -> None:
               f"{result.seconds:.1f} s -> {describe(result.checkpoint)}")
 
 
-def _evaluate(v: Values) -> Evaluation:
+def _evaluate(v: Values) -> Scored:
     from mnist_pipeline import evaluate as stage
 
-    result = stage.run(evaluate_config(v))
+    scored = stage.run(evaluate_config(v))
+    result = scored.evaluation
     print(f"evaluate: accuracy {result.accuracy:.4f} ({result.correct}/{result.total}), "
           f"test loss {result.test_loss:.4f}, epoch {result.epoch}")
-    return result
+    return scored
 
 
 def _infer(v: Values) -> None:
@@ -137,7 +138,7 @@ def _report_after(volume: Volume, mirror: Optional[str], written: str) -> None:
         raise PipelineError(f"{written} is written, but not the report: {exc}; `mnist report` tries again") from None
 
 
-def _export_after(volume: Volume, scored: Evaluation, v: Values, written: str) -> None:
+def _export_after(volume: Volume, scored: Scored, v: Values, written: str) -> None:
     """The ONNX model of the version evaluate registered for `scored`, where onnxruntime imports (the graded
     images lack it: the Compose export service exports there); a version that has it already is left alone."""
     from mnist_pipeline import export, runtime
@@ -145,7 +146,7 @@ def _export_after(volume: Volume, scored: Evaluation, v: Values, written: str) -
     from mnist_pipeline.records import versions
 
     number = next((found.number for found in versions.listing(volume)
-                   if isinstance(found, versions.Version) and found.sha256 == scored.sha256), None)
+                   if isinstance(found, versions.Version) and found.sha256 == scored.evaluation.sha256), None)
     if number is None or volume.exported(number).exists():
         return  # (no version: the checkpoint changed while it was scored, and evaluate said so)
     why = export.unavailable()
@@ -154,7 +155,8 @@ def _export_after(volume: Volume, scored: Evaluation, v: Values, written: str) -
                  "where onnxruntime is installed", number, why)
         return
     try:
-        exported = export.export_version(volume, number, v["mirror"], v["threads"] or runtime.available_cpus())
+        exported = export.export_version(volume, number, v["mirror"], v["threads"] or runtime.available_cpus(),
+                                         (scored.evaluation.sha256, scored.probabilities))
     except signals.Interrupted:
         raise
     except PipelineError as exc:
