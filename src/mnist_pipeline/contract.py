@@ -18,6 +18,25 @@ NUM_CLASSES = 10
 MEAN, STD = 0.1307, 0.3081
 
 
+# The exported model's interface (export.py writes it, serve/runtimes.py checks and runs it): its input
+# and output names, and the version of the file's contract in its metadata (mnist.format_version).
+ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"
+ONNX_FORMAT_VERSION = "1"
+
+
+def onnx_session(model: bytes, threads: int) -> Any:
+    """An onnxruntime session over an ONNX model's bytes, on the CPU, set up alike for export's parity check
+    and for serve: `threads` intra-op threads that sleep when idle, onnxruntime's own warnings silenced.
+    Raises what onnxruntime raises for bytes it does not load."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep (few cores)
+    options.log_severity_level = 3  # errors only: its warnings are not the user's to act on
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def describe(probabilities: Iterable[Any]) -> Dict[str, Any]:
     """One image's probabilities [10] (a row of a torch tensor, of a numpy array, or floats) ->
     {digit, confidence, probabilities}: the answer of predict and serve."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from mnist_pipeline import __version__, data, faults, model
 from mnist_pipeline import onnx_proto as proto
+from mnist_pipeline.contract import ONNX_FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, onnx_session
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.records import versions
 from mnist_pipeline.storage.atomic import atomic_write_bytes
@@ -34,8 +35,7 @@ from mnist_pipeline.volume import Volume
 log = logging.getLogger(__name__)
 
 OPSET, IR_VERSION = 17, 8
-FORMAT_VERSION = 1  # of the file's contract above and its metadata (mnist.format_version)
-INPUT, OUTPUT, BATCH = "images", "probabilities", "batch"
+BATCH = "batch"  # the name of the dynamic batch axis
 TOLERANCE = 1e-4  # the most any probability may differ from torch's
 PARITY_BATCH = 1000
 
@@ -103,7 +103,7 @@ def export_version(volume: Volume, number: int, mirror: Optional[str], threads: 
         raise
     except PipelineError as exc:
         raise Unusable(str(exc)) from None
-    metadata = {"mnist.format_version": str(FORMAT_VERSION), "mnist.checkpoint_sha256": version.sha256,
+    metadata = {"mnist.format_version": ONNX_FORMAT_VERSION, "mnist.checkpoint_sha256": version.sha256,
                 "mnist.epoch": str(version.epoch), "mnist.architecture": saved.state["architecture"],
                 "mnist.version": str(number)}
     encoded = to_onnx(network, metadata)
@@ -159,10 +159,10 @@ def to_onnx(network: nn.Module, metadata: Dict[str, str]) -> bytes:
             rank = 2
         writer(graph, name, module)
         rank = 2 if isinstance(module, nn.Flatten) else rank
-    graph.add("Softmax", axis=1, output=OUTPUT)
+    graph.add("Softmax", axis=1, output=ONNX_OUTPUT)
     body = proto.graph(type(network).__name__, graph.nodes, graph.initializers,
-                       [proto.value_info(INPUT, proto.UINT8, [BATCH, model.IMAGE_SIZE, model.IMAGE_SIZE])],
-                       [proto.value_info(OUTPUT, proto.FLOAT, [BATCH, model.NUM_CLASSES])])
+                       [proto.value_info(ONNX_INPUT, proto.UINT8, [BATCH, model.IMAGE_SIZE, model.IMAGE_SIZE])],
+                       [proto.value_info(ONNX_OUTPUT, proto.FLOAT, [BATCH, model.NUM_CLASSES])])
     return proto.model(body, IR_VERSION, OPSET, "mnist-pipeline", __version__, metadata)
 
 
@@ -172,7 +172,7 @@ class _Graph:
     def __init__(self, perturb: bool = False):
         self.nodes: List[bytes] = []
         self.initializers: List[bytes] = []
-        self.value = INPUT
+        self.value = ONNX_INPUT
         self.perturb = perturb  # the fault point export-weights: the first weight written is off by 1
 
     def add(self, op_type: str, *weights: str, output: Optional[str] = None, **attributes) -> None:
@@ -252,14 +252,8 @@ def check(encoded: bytes, network: nn.Module, images: torch.Tensor, threads: int
           expected: Optional[torch.Tensor] = None) -> Parity:
     """Run the ONNX model with onnxruntime over `images` (uint8 [N, 28, 28]) beside model.predict on the CPU
     (or `expected`, what it gave for them)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3  # errors only: its warnings are not ours to show
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, as OpenMP's do
-    try:
-        session = onnxruntime.InferenceSession(encoded, options, providers=["CPUExecutionProvider"])
+    try:  # as serve runs it
+        session = onnx_session(encoded, threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types; any of them means the same
         raise PipelineError(f"onnxruntime does not load the exported model ({first_line(exc)}); no file written") \
             from None
@@ -279,6 +273,6 @@ def check(encoded: bytes, network: nn.Module, images: torch.Tensor, threads: int
 
 
 def _run(session, images: torch.Tensor) -> torch.Tensor:
-    chunks: Sequence = [session.run([OUTPUT], {INPUT: images[start:start + PARITY_BATCH].numpy()})[0]
+    chunks: Sequence = [session.run([ONNX_OUTPUT], {ONNX_INPUT: images[start:start + PARITY_BATCH].numpy()})[0]
                         for start in range(0, len(images), PARITY_BATCH)]
     return torch.cat([torch.from_numpy(chunk) for chunk in chunks]) if chunks else torch.empty(0, model.NUM_CLASSES)

@@ -19,7 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Sequence, Union
 
-from mnist_pipeline.contract import IMAGE_BYTES, IMAGE_SIZE, NUM_CLASSES
+from mnist_pipeline.contract import (IMAGE_BYTES, IMAGE_SIZE, NUM_CLASSES, ONNX_FORMAT_VERSION, ONNX_INPUT,
+                                     ONNX_OUTPUT, onnx_session)
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.records import aliases, checkpoint, evaluation, versions
 from mnist_pipeline.storage.files import describe, read_regular
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "onnx", "torch")
 # the exported model's interface (export.py writes it; a file that differs is refused)
-INPUT, OUTPUT, FORMAT_VERSION = "images", "probabilities", "1"
 MAX_ONNX_BYTES = checkpoint.MAX_BYTES  # an export holds the checkpoint's weights, little more
 TO_A_VERSION = ("`mnist train`, then `mnist evaluate`, register a version (production when it passes --threshold, "
                 "else `mnist promote N`), and `mnist export` exports it")
@@ -79,7 +79,7 @@ class OnnxLive(Live):
         import numpy
 
         batch = numpy.frombuffer(b"".join(images), dtype=numpy.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-        return self.session.run([OUTPUT], {INPUT: batch})[0]
+        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})[0]
 
 
 class Runtimes:
@@ -206,18 +206,14 @@ class Runtimes:
     # --- onnx ------------------------------------------------------------------------------------
 
     def _open_onnx(self, volume: Volume, version: versions.Version, scores: evaluation.Evaluation) -> Live:
-        ort, path, number = self._import("onnxruntime"), volume.exported(version.number), version.number
+        path, number = volume.exported(version.number), version.number
         again = f"`mnist export --version {number}` writes it again"
         try:
             data = read_regular(path, MAX_ONNX_BYTES, "ONNX model")
         except FileNotFoundError:  # (pruned or removed since)
             raise PipelineError(f"version {number} has no ONNX model ({describe(path)}): run `mnist export`") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep (few cores)
-        options.log_severity_level = 3  # errors only: its warnings are not the user's to act on
         try:
-            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            session = onnx_session(data, self.threads)
         except Exception as exc:  # noqa: BLE001 - any failure to load untrusted bytes is bad input
             raise PipelineError(f"version {number}: {describe(path)} does not load ({first_line(exc)}): "
                                 f"{again}") from None
@@ -246,15 +242,15 @@ def _finite(answers: Any) -> bool:
 def _interface_problem(session: Any, sha256: str) -> Optional[str]:
     """What keeps the exported model from serving the version whose checkpoint has `sha256`, if anything."""
     metadata = session.get_modelmeta().custom_metadata_map
-    if metadata.get("mnist.format_version") != FORMAT_VERSION:
+    if metadata.get("mnist.format_version") != ONNX_FORMAT_VERSION:
         return (f"is not an export this version reads (mnist.format_version "
-                f"{str(metadata.get('mnist.format_version'))[:20]!r}, not {FORMAT_VERSION!r})")
+                f"{str(metadata.get('mnist.format_version'))[:20]!r}, not {ONNX_FORMAT_VERSION!r})")
     if metadata.get("mnist.checkpoint_sha256") != sha256:
         return "is the export of another checkpoint than the version's (a stale or foreign file)"
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if ([(i.name, i.type, i.shape[1:]) for i in inputs] != [(INPUT, "tensor(uint8)", [IMAGE_SIZE, IMAGE_SIZE])]
-            or [(o.name, o.type, o.shape[1:]) for o in outputs] != [(OUTPUT, "tensor(float)", [NUM_CLASSES])]
+    if ([(i.name, i.type, i.shape[1:]) for i in inputs] != [(ONNX_INPUT, "tensor(uint8)", [IMAGE_SIZE, IMAGE_SIZE])]
+            or [(o.name, o.type, o.shape[1:]) for o in outputs] != [(ONNX_OUTPUT, "tensor(float)", [NUM_CLASSES])]
             or any(isinstance(v.shape[0], int) for v in (*inputs, *outputs))):  # a fixed batch would cut answers
-        return (f"does not take `{INPUT}` uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}] and give `{OUTPUT}` "
+        return (f"does not take `{ONNX_INPUT}` uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}] and give `{ONNX_OUTPUT}` "
                 f"float [N, {NUM_CLASSES}]")
     return None
