@@ -14,7 +14,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from mnist_pipeline import signals
-from mnist_pipeline.commands.registry import _version
+from mnist_pipeline.commands.registry import version_number
 from mnist_pipeline.errors import PipelineError, UsageError
 from mnist_pipeline.storage.files import describe
 from mnist_pipeline.volume import Volume
@@ -29,7 +29,7 @@ INSTALL = ("`pip install onnxruntime numpy`, or let the Compose export service d
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--version", type=_version, metavar="N",
+    parser.add_argument("--version", type=version_number, metavar="N",
                         help="export version N only, again if it has its ONNX model already "
                              "(`mnist models` lists them)")
     parser.add_argument("--follow", action="store_true",

@@ -27,11 +27,11 @@ def models_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def promote_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("version", nargs="?", type=_version, metavar="N",
+    parser.add_argument("version", nargs="?", type=version_number, metavar="N",
                         help="the version (`mnist models` lists them)")
 
 
-def _version(text: str) -> int:
+def version_number(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a version number (1, 2, ...: "
                                          f"`mnist models` lists them)")
