@@ -170,6 +170,16 @@ def test_an_export_that_lands_moves_the_follower_from_torch_to_onnx(exported_cop
     assert follower.live.runtime == "onnx" and [live.runtime for live in swapped] == ["torch", "onnx"]
 
 
+def test_a_request_before_the_next_poll_finds_the_model_that_landed(exported_copy, tmp_path):
+    """Workers poll apart: one may say ready while another has not looked since the export landed."""
+    volume = exported_copy
+    aside = volume.exported(1).rename(tmp_path / "aside.onnx")
+    follower = follow.Follower(volume, 0.5, Runtimes("onnx", "cpu", 1))  # (its thread is never started)
+    assert follower.current() is None and "no ONNX model" in follower.problem
+    os.replace(aside, volume.exported(1))
+    assert follower.current().runtime == "onnx" and follower.problem == ""
+
+
 def test_runtime_onnx_on_cuda_is_refused_at_the_start(trained_root):
     # (its own process, with a timeout: a serve that did start would never return)
     assert_one_line_error(run_mnist("serve", "--root", str(trained_root), "--runtime", "onnx", "--device", "cuda",

@@ -107,7 +107,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        live, problem = follower.live, _public(follower.problem, private)
+        live, problem = follower.current(), _public(follower.problem, private)  # (in that order)
         if live is None:
             return JSONResponse({"error": problem}, status_code=503)
         return JSONResponse({**_describe(live, config.threshold), "model": config.model,
@@ -134,7 +134,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise ClientError(400, f"version {asked[:40]!r} is not a version number: GET /models lists them")
         with uploads.account() as take:
             images = await _images(request, take)
-            live = follower.live  # this request keeps this model, even if a newer one is swapped in meanwhile
+            live = follower.live or await run_in_threadpool(follower.current)  # kept, whatever swaps in later
             if asked is not None:
                 try:
                     live = await run_in_threadpool(kept.get, int(asked))

@@ -44,6 +44,7 @@ class Follower:
         self._alias: Tuple[Any, Optional[int]] = (None, None)  # the alias file's stat when read, its version
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="follow-checkpoint", daemon=True)
+        self._looking = threading.Lock()  # one look at a time: the thread's, or a request's (current())
 
     def start(self) -> None:
         """The first look at the volume, here, then a thread that keeps looking."""
@@ -59,10 +60,19 @@ class Follower:
             self._look()
 
     def _look(self) -> None:
-        try:
-            self.poll()
-        except Exception:  # noqa: BLE001 - a bug here must not end following; it is logged
-            log.exception("checking the volume for a new model failed")
+        with self._looking:
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - a bug here must not end following; it is logged
+                log.exception("checking the volume for a new model failed")
+
+    def current(self) -> Optional[Live]:
+        """The live model; while there is none, after a look at the volume now. With several workers another
+        one may already serve (and say ready for) what this one's next poll would find: a request to this one
+        must not be refused meanwhile."""
+        if self.live is None:
+            self._look()
+        return self.live
 
     def poll(self) -> None:
         """Load and swap in the model --model names if its files changed since the last look and it passes the gate."""
