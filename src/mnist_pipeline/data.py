@@ -73,12 +73,11 @@ def load_split(data_dir: Path, split: str, mirror: Optional[str]) -> Split:
     """The `split` ('train' or 'test') as tensors, fetched into data_dir first if needed.
 
     Parsed once per process while its files stay as they are (callers do not change the tensors:
-    they are shared); a file that changed is read and verified again.
+    they are shared), wherever they are linked from; a file that changed is read and verified again.
     """
     prefix = SPLITS[split]
     names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-    key = (os.path.abspath(data_dir), split, mirror)
-    cached = _parsed.get(key)
+    cached = _parsed.get(split)
     if cached is not None and cached[0] == _identity(data_dir, names):
         return cached[1]
     images = _parse_idx(_verified_bytes(data_dir, names[0], mirror), ndim=3)
@@ -86,22 +85,22 @@ def load_split(data_dir: Path, split: str, mirror: Optional[str]) -> Split:
     if len(images) != len(labels):
         raise PipelineError(f"MNIST {split} split has {len(images)} images but {len(labels)} labels")
     loaded = Split(images=images, labels=labels.long())
-    _parsed[key] = (_identity(data_dir, names), loaded)
+    _parsed[split] = (_identity(data_dir, names), loaded)
     return loaded
 
 
-_parsed: dict = {}  # (folder, split, mirror) -> (the files' identity, the Split)
+_parsed: dict = {}  # split -> (its files' identity, the Split): the last one parsed
 
 
 def _identity(data_dir: Path, names: tuple) -> tuple:
-    """What changes when a file is replaced or rewritten, without reading it."""
+    """What changes when a file is replaced or rewritten, without reading it (the same for a hard link)."""
     identity = []
     for name in names:
         try:
             info = os.stat(data_dir / name)
         except OSError:
             return ()
-        identity.append((info.st_ino, info.st_size, info.st_mtime_ns))
+        identity.append((info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))
     return tuple(identity)
 
 
@@ -186,7 +185,8 @@ def _fetch_from(source: str, name: str, data_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _open_source(source: str, name: str):
-    """Yield (binary stream, is_gzipped) for `name` at `source`, trying .gz before raw."""
+    """Yield (binary stream, is_gzipped) for `name` at `source`: from a URL .gz before raw (a fifth of the
+    bytes), from a folder raw before .gz (no inflating)."""
     if _is_url(source):
         base = source if source.endswith("/") else source + "/"
         last = None
@@ -207,7 +207,7 @@ def _open_source(source: str, name: str):
     folder = Path(source)
     if not folder.is_dir():
         raise _SourceProblem(f"no such folder {folder}")
-    for candidate, compressed in ((name + ".gz", True), (name, False)):
+    for candidate, compressed in ((name, False), (name + ".gz", True)):
         path = folder / candidate
         if path.is_file():
             try:
