@@ -1,6 +1,5 @@
 """What the tests share: MNIST, `mnist` run as a user runs it, and the volumes and servers several tests use.
-MNIST comes from MNIST_TEST_MIRROR (a folder, or an http(s) URL that fills the cache) or else from a cache,
-$XDG_CACHE_HOME/mnist-compose, that the product's checksummed fetch fills once from the public mirrors."""
+MNIST: $XDG_CACHE_HOME/mnist-compose, filled once by data.ensure from MNIST_TEST_MIRROR or else the internet."""
 
 import concurrent.futures
 import contextlib
@@ -19,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -29,15 +27,14 @@ import pytest
 
 from mnist_pipeline import cli, data, faults
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.storage.atomic import TEMP_PREFIX
+from mnist_pipeline.storage.atomic import TEMP_PREFIX, atomic_write_bytes
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in cli.main, before torch loads: idle threads sleep, not spin
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = os.environ.get("MNIST_TEST_MIRROR", "")  # a folder or an http(s) URL
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-compose"
-# the folder every test reads MNIST from: the one named, or the cache
-MIRROR = Path(NAMED).absolute() if NAMED and not NAMED.startswith(("http://", "https://")) else CACHE
+# the folder every test reads MNIST from: raw files, which a volume's fetch copies without inflating, and .gz
+MIRROR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-compose"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts its workers
@@ -46,18 +43,14 @@ def pytest_sessionstart(session):
     if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: its controller has seen to it
         return
     try:
-        if MIRROR != CACHE:
-            if not all({n, f"{n}.gz"} & {p.name for p in MIRROR.iterdir()} for n in data.FILES):
-                raise PipelineError(f"{MIRROR} does not hold the four MNIST files")
-        elif not all((CACHE / f"{name}.gz").exists() for name in data.FILES):
-            data.ensure(CACHE, NAMED or None)  # None: the public mirrors
-            for name in data.FILES:  # gzipped too, as mirrors serve them: the tests of the fetch read .gz files
-                (CACHE / f"{name}.gz.partial").write_bytes(gzip.compress((CACHE / name).read_bytes(), 1, mtime=0))
-                os.replace(CACHE / f"{name}.gz.partial", CACHE / f"{name}.gz")
+        data.ensure(MIRROR, NAMED or None)  # verified, or fetched (None: from the public mirrors)
+        for name in data.FILES:  # gzipped too, as mirrors serve them: the tests of the fetch read .gz files
+            if not (MIRROR / f"{name}.gz").exists():
+                atomic_write_bytes(MIRROR / f"{name}.gz", gzip.compress((MIRROR / name).read_bytes(), 1, mtime=0))
     except (PipelineError, OSError) as exc:
         raise pytest.UsageError(  # one line from pytest, before any test
             f"no MNIST for the tests: set MNIST_TEST_MIRROR to a folder or http(s) URL holding the four MNIST files "
-            f"(.gz or raw); without it they fill {CACHE} once from the public mirrors. The cause: {exc}") from None
+            f"(.gz or raw), which fills {MIRROR} once; without it the public mirrors do. The cause: {exc}") from None
 
 
 def pytest_collection_modifyitems(items):
@@ -115,9 +108,6 @@ class Forked(FORKS.Process):
 
     returncode = property(lambda self: self.exitcode)  # -N: killed by signal N, as Popen says it
     poll = returncode.fget
-
-    def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
 
     def wait(self, timeout: Optional[float] = None) -> int:
         self.join(timeout)
@@ -226,19 +216,24 @@ def short_trained_root(tmp_path_factory, worker_id) -> Path:
     return built_once(tmp_path_factory, worker_id, "short", ("train", "--max-steps", "20"))
 
 
-def private_copy(shared: Path, tmp_path: Path) -> Path:
-    """A copy of a shared (session or module) volume for one test to change."""
-    return Path(shutil.copytree(shared, tmp_path / "volume"))
+def private_copy(shared: Path, target: Path) -> Path:
+    """A copy of a shared volume (or a folder in one) to change; its MNIST files are hard links (never written into)."""
+    def copy(src: str, dst: str) -> None:
+        if Path(src).parent.name == "data":
+            with contextlib.suppress(OSError):  # (on another file system: copied)
+                return os.link(src, dst)
+        shutil.copy2(src, dst)
+    return Path(shutil.copytree(shared, target, copy_function=copy))
 
 
 @pytest.fixture
 def short_trained_copy(short_trained_root, tmp_path) -> Path:
-    return private_copy(short_trained_root, tmp_path)
+    return private_copy(short_trained_root, tmp_path / "volume")
 
 
 @pytest.fixture
 def trained_copy(trained_root, tmp_path) -> Path:
-    return private_copy(trained_root, tmp_path)
+    return private_copy(trained_root, tmp_path / "volume")
 
 
 class Served:
@@ -257,7 +252,7 @@ class Served:
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as exc:
+        except urllib.request.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read()
 
     def json(self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None) -> tuple:

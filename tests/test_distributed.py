@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -82,7 +81,7 @@ def data_volume(tmp_path_factory, mirror) -> Path:
 
 @pytest.fixture
 def volume(data_volume, tmp_path) -> Path:
-    return private_copy(data_volume, tmp_path)
+    return private_copy(data_volume, tmp_path / "volume")
 
 
 def torchrun(root: Path, *flags: str, env=None, torchrun_flags=(), timeout: float = TIMEOUT):
@@ -119,7 +118,7 @@ def sigterm_runs(tmp_path_factory) -> SimpleNamespace:
                                                                                       os.environ.get("PYTHONPATH")]))}
     interrupted = run_mnist("train", "--root", str(volume), "--max-steps", str(STEPS), timeout=TIMEOUT,
                             env={**audited, "MNIST_NPROC_PER_NODE": "2", **rank_fault(f"sigterm-at-step:{STOP_AT}")})
-    shutil.copytree(volume, stopped)
+    private_copy(volume, stopped)
     resumed = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT, env=audited)
     return SimpleNamespace(interrupted=interrupted, stopped=stopped, resumed=resumed, volume=volume, audit=audit)
 
@@ -132,7 +131,7 @@ def restarted_run(sigterm_runs, tmp_path_factory) -> SimpleNamespace:
     SIGTERM test compares its checkpoint with that of sigterm_runs' resumed run, which went on from STOP_AT
     without a stop."""
     volume = tmp_path_factory.mktemp("restarted") / "volume"
-    shutil.copytree(sigterm_runs.stopped, volume)
+    private_copy(sigterm_runs.stopped, volume)
     result = torchrun(volume, "--save-every", "0.000001",
                       env={**rank_fault(f"sigkill-at-step:{RESTART_AT}"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
                       torchrun_flags=("--max-restarts", "1"))
@@ -146,7 +145,7 @@ def test_a_two_process_epoch_saves_a_plain_checkpoint_that_evaluates_and_only_ra
 
     state = torch.load(volume / "model" / "mnist_cnn.pt", weights_only=True)
     assert state["epoch"] == 1 and not any(key.startswith("module.") for key in state["model"])
-    evaluated = run_here("evaluate", "--root", str(private_copy(volume, tmp_path)))
+    evaluated = run_here("evaluate", "--root", str(private_copy(volume, tmp_path / "volume")))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     accuracy = json.loads((tmp_path / "volume" / "model" / "eval_results.json").read_text())["accuracy"]
     # trained: 0.78 after STEPS steps (0.1 untrained); test_the_ranks_average_their_gradients checks how
@@ -178,7 +177,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_the_resumed_epoch_
 
     # one process continues what two began (not bit-identical: the batch statistics differ)
     other_world = tmp_path / "other-world"
-    shutil.copytree(stopped, other_world)
+    private_copy(stopped, other_world)
     result = run_here("train", "--root", str(other_world))
     assert result.returncode == 0 and f"from step {STOP_AT}" in result.stderr, result.stderr[-3000:]
     assert result.stderr.count("resuming training of 2 process(es) with 1: the epoch will not be bit-identical") == 1
@@ -191,7 +190,7 @@ def killed_run(sigterm_runs, tmp_path_factory) -> SimpleNamespace:
     until rank 1 is killed (kill -9) at step KILL_AT. Shared: the kill -9 test checks how the run ended,
     the gradient test what the ranks had computed by then (the progress rank 0 saved)."""
     volume = tmp_path_factory.mktemp("killed") / "volume"
-    shutil.copytree(sigterm_runs.volume, volume)  # a checkpoint: the killed run trains its next epoch
+    private_copy(sigterm_runs.volume, volume)  # a checkpoint: the killed run trains its next epoch
     before = (volume / "model" / "mnist_cnn.pt").read_bytes()
     # the subprocess timeout is the promise: the surviving rank does not hang
     result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", "--save-every", "0.000001",
@@ -246,7 +245,7 @@ def test_the_ranks_average_their_gradients(killed_run, tmp_path, monkeypatch):
 
     def one_process(name: str) -> dict:
         volume = tmp_path / name
-        shutil.copytree(killed_run.volume, volume)
+        private_copy(killed_run.volume, volume)
         (volume / "model" / "train_progress.pt").unlink()  # from the checkpoint, as the killed run began
         result = run_here("train", "--root", str(volume), env={"MNIST_FAULT": f"sigterm-at-step:{ddp['step']}"})
         assert result.returncode == 143, result.stderr[-3000:]

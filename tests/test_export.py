@@ -130,7 +130,7 @@ def test_follow_exports_a_version_evaluated_after_it_started_and_survives_a_brok
             evaluated = run_here("evaluate", "--root", str(root), "--threshold", "0")
         assert evaluated.returncode == 0 and "version 2 is not exported" in evaluated.stderr, evaluated.stderr
         wait_until(Volume(root).exported(2).exists, "the follower to export version 2")
-        follower.send_signal(signal.SIGTERM)
+        follower.terminate()
         out, err = follower.communicate(timeout=60)
     finally:
         follower.kill()

@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (MIRROR, assert_one_line_error, litter, mnist_env, read_until, run_here,
+from conftest import (MIRROR, assert_one_line_error, litter, mnist_env, private_copy, read_until, run_here,
                       run_mnist, start_mnist)
 from test_data import http_server
 from test_records import write_evaluation
@@ -63,7 +62,7 @@ def write_evaluated(root: Path, state: dict) -> None:
 def evaluated_root(tmp_path, test_data) -> Path:
     """A volume with test data, an (untrained) checkpoint and an evaluation that names it as passing."""
     root = tmp_path / "volume"
-    shutil.copytree(test_data, root / "data")
+    private_copy(test_data, root / "data")
     write_evaluated(root, untrained_state())
     return root
 
@@ -496,7 +495,7 @@ def test_infer_waits_while_an_evaluate_runs(evaluated_root):
 def data_root(test_data, tmp_path, mirror) -> Path:
     """A volume with all four MNIST files and nothing else."""
     root = tmp_path / "volume"
-    shutil.copytree(test_data, root / "data")
+    private_copy(test_data, root / "data")
     data.ensure(root / "data", str(mirror), splits=("train",))
     return root
 

@@ -7,14 +7,13 @@ finished after an interruption is bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, fault_survivable, litter, run_here, run_mnist
+from conftest import assert_one_line_error, fault_survivable, litter, private_copy, run_here, run_mnist
 from mnist_pipeline import signals
 from mnist_pipeline.errors import Interrupted
 
@@ -51,7 +50,7 @@ def _flatten(value, prefix="") -> dict:
 def data_root(short_trained_root, tmp_path) -> Path:
     """An empty volume but for the MNIST files (no fetching)."""
     root = tmp_path / "volume"
-    shutil.copytree(short_trained_root / "data", root / "data")
+    private_copy(short_trained_root / "data", root / "data")
     return root
 
 

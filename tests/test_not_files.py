@@ -32,7 +32,7 @@ def test_predict_refuses_a_fifo_a_device_and_a_huge_file_without_reading_them(tr
 
 @pytest.mark.parametrize("where", ["model/mnist_cnn.pt", "data/t10k-images-idx3-ubyte"])
 def test_evaluate_on_a_fifo_is_one_error_line_not_a_hang(where, trained_root, tmp_path):
-    root = private_copy(trained_root, tmp_path)
+    root = private_copy(trained_root, tmp_path / "volume")
     (root / where).unlink()
     os.mkfifo(root / where)
     result = run_here("evaluate", "--root", str(root), "--wait", "0")
@@ -68,7 +68,7 @@ def test_serve_says_why_a_fifo_in_place_of_the_checkpoint_is_not_served_and_goes
 
 
 def test_infer_moves_a_users_files_out_of_results_and_never_deletes_them(trained_root, tmp_path):
-    root = private_copy(trained_root, tmp_path)
+    root = private_copy(trained_root, tmp_path / "volume")
     results = root / "results"
     (results / "notes").mkdir(parents=True)
     (results / "notes.txt").write_text("mine")

@@ -47,7 +47,7 @@ def reported(tmp_path_factory, mirror) -> Path:
 
 @pytest.fixture
 def reported_copy(reported, tmp_path) -> Path:
-    return private_copy(reported, tmp_path)
+    return private_copy(reported, tmp_path / "volume")
 
 
 def evaluation_of(root: Path) -> dict:
@@ -150,7 +150,7 @@ def test_history_holds_both_epochs_without_gaps_or_duplicates(reported):
 
 
 def test_an_epoch_stopped_by_sigterm_and_finished_later_gives_the_same_history(reported, tmp_path):
-    root = str(shutil.copytree(reported / "data", tmp_path / "volume" / "data").parent)  # the data, not the rest
+    root = str(private_copy(reported / "data", tmp_path / "volume" / "data").parent)  # the data, not the rest
     stopped = run_here("train", "--root", root, "--epochs", "2", *STEPS, env={"MNIST_FAULT": "sigterm-at-step:17"})
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     partial = history.read(Volume(tmp_path / "volume"))
@@ -166,7 +166,7 @@ def test_an_epoch_stopped_by_sigterm_and_finished_later_gives_the_same_history(r
     ("checkpoint-before-rename", ()),  # the history already has epoch 1, the checkpoint not yet
 ])
 def test_a_kill_9_leaves_a_history_that_resumes_exactly(reported, tmp_path, fault, flags):
-    root = str(shutil.copytree(reported / "data", tmp_path / "volume" / "data").parent)  # the data, not the rest
+    root = str(private_copy(reported / "data", tmp_path / "volume" / "data").parent)  # the data, not the rest
     killed = run_mnist("train", "--root", root, "--epochs", "2", *STEPS, *flags, env={"MNIST_FAULT": fault})
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run_here("train", "--root", root, "--epochs", "2", *STEPS)
@@ -228,7 +228,7 @@ def test_a_failing_report_is_an_error_that_keeps_eval_results(reported_copy, mon
 
 def test_a_full_disk_fails_the_report_but_not_eval_results(reported, tmp_path):
     root = tmp_path / "volume"
-    shutil.copytree(reported / "data", root / "data")
+    private_copy(reported / "data", root / "data")
     with tmpfs(root / "model", "1m") as model:
         for name in ("mnist_cnn.pt", "history.jsonl"):
             shutil.copy(reported / "model" / name, model / name)

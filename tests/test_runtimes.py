@@ -65,7 +65,7 @@ def assert_same_answers(answer: dict, expected: list) -> None:
 
 
 def test_serve_without_torch_waits_for_the_export_then_answers_as_torch_does(trained_root, tmp_path, digits):
-    root = private_copy(trained_root, tmp_path)
+    root = private_copy(trained_root, tmp_path / "volume")
     onnx = Volume(root).exported(1)
     aside = onnx.rename(tmp_path / "aside.onnx")  # as between evaluate's promotion and its export
     with contextlib.closing(Served(root, fresh=True, env=without("torch", tmp_path))) as served:
@@ -111,7 +111,7 @@ def test_the_onnx_and_torch_runtimes_answer_alike(served_trained, serve, digits)
 
 @pytest.fixture
 def exported_copy(trained_root, tmp_path) -> Volume:
-    return Volume(private_copy(trained_root, tmp_path))
+    return Volume(private_copy(trained_root, tmp_path / "volume"))
 
 
 def test_auto_picks_onnx_where_the_version_is_exported_else_torch(exported_copy, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, read_until, run_here, start_mnist
+from conftest import assert_one_line_error, private_copy, read_until, run_here, start_mnist
 from mnist_pipeline.storage.atomic import TEMP_PREFIX
 from mnist_pipeline.storage.locks import exclusive_lock
 from mnist_pipeline.volume import Volume
@@ -53,7 +53,7 @@ def load(path: Path) -> dict:
 
 def data_only_copy(trained_root: Path, root: Path) -> Path:
     """A fresh volume with the MNIST files already in data/ (saves fetching them)."""
-    shutil.copytree(trained_root / "data", root / "data")
+    private_copy(trained_root / "data", root / "data")
     return root
 
 
@@ -152,7 +152,7 @@ def tmpfs(path: Path, size: str):
 
 def test_a_read_only_volume_is_a_clear_error_and_the_checkpoint_stays(trained_root, tmp_path):
     root = tmp_path / "volume"
-    shutil.copytree(trained_root / "data", root / "data")
+    private_copy(trained_root / "data", root / "data")
     with tmpfs(root / "model", "8m") as model:
         for path in (trained_root / "model").iterdir():
             if path.is_file():  # (not the report/ folder)
@@ -167,7 +167,7 @@ def test_a_read_only_volume_is_a_clear_error_and_the_checkpoint_stays(trained_ro
 
 def test_a_full_disk_is_a_clear_error_and_the_checkpoint_stays(trained_root, tmp_path):
     root = tmp_path / "volume"
-    shutil.copytree(trained_root / "data", root / "data")
+    private_copy(trained_root / "data", root / "data")
     with tmpfs(root / "model", "4m") as model:
         shutil.copy(trained_root / "model" / "mnist_cnn.pt", model / "mnist_cnn.pt")
         before = (model / "mnist_cnn.pt").read_bytes()

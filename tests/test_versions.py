@@ -45,7 +45,7 @@ def three_versions(tmp_path_factory, worker_id) -> Path:
 
 @pytest.fixture
 def versions_copy(three_versions, tmp_path) -> Path:
-    return private_copy(three_versions, tmp_path)
+    return private_copy(three_versions, tmp_path / "volume")
 
 
 def test_each_new_checkpoint_is_a_version_and_production_moves_only_to_a_better_one(versions_copy):

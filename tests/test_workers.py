@@ -27,7 +27,7 @@ def ok(*args: str) -> None:
 @pytest.fixture(scope="module")
 def two_versions(short_trained_root, tmp_path_factory) -> Path:
     """Version 1 (production) and version 2 (not promoted), both passing --threshold 0."""
-    root = private_copy(short_trained_root, tmp_path_factory.mktemp("workers"))
+    root = private_copy(short_trained_root, tmp_path_factory.mktemp("workers") / "volume")
     ok("evaluate", "--root", str(root), "--threshold", "0")
     ok("train", "--root", str(root))  # one more 20-step epoch (the limit is saved with the checkpoint)
     ok("evaluate", "--root", str(root), "--threshold", "0", "--promote", "never")
@@ -57,7 +57,7 @@ def predicted(served) -> float:
 
 
 def test_workers_switch_versions_together_without_a_failed_request_and_metrics_sum(serve, two_versions, digit):
-    root = private_copy(two_versions, two_versions.parent / "switch")
+    root = private_copy(two_versions, two_versions.parent / "switch" / "volume")
     served = serve(root, "--threshold", "0", "--workers", "2")
     first = wait_until(lambda: (lambda v: len(v) == 2 and set(v.values()) == {1} and v)(versions_served(served)),
                        "two workers serving version 1")
