@@ -53,6 +53,11 @@ def pytest_sessionstart(session):
             f"(.gz or raw), which fills {MIRROR} once; without it the public mirrors do. The cause: {exc}") from None
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """-n logical: a worker more than the CPUs, so that a test waiting on a server or a child leaves its CPU busy."""
+    return len(os.sched_getaffinity(0)) + 1
+
+
 def pytest_collection_modifyitems(items):
     """For each of these built_once volumes, one test that needs it first, the others last: no worker waits for it."""
     for name in ("three_versions", "trained_root"):
