@@ -30,6 +30,8 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.storage.atomic import TEMP_PREFIX, atomic_write_bytes
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in cli.main, before torch loads: idle threads sleep, not spin
+# -n logical: a pytest-xdist worker more than the CPUs, whose tests run while another's wait on a server or a child
+os.environ.setdefault("PYTEST_XDIST_AUTO_NUM_WORKERS", str(len(os.sched_getaffinity(0)) + 1))
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = os.environ.get("MNIST_TEST_MIRROR", "")  # a folder or an http(s) URL
@@ -53,16 +55,14 @@ def pytest_sessionstart(session):
             f"(.gz or raw), which fills {MIRROR} once; without it the public mirrors do. The cause: {exc}") from None
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
-    """-n logical: a worker more than the CPUs, so that a test waiting on a server or a child leaves its CPU busy."""
-    return len(os.sched_getaffinity(0)) + 1
-
-
 def pytest_collection_modifyitems(items):
-    """For each of these built_once volumes, one test that needs it first, the others last: no worker waits for it."""
+    """For each of these built_once volumes, one test that needs it first, the others last: no worker waits for it.
+    Then the modules of quick in-process checks last: where the workers finish unevenly, those fill in."""
     for name in ("three_versions", "trained_root"):
         needing = [item for item in items if name in item.fixturenames]
         items[:] = needing[:1] + [item for item in items if item not in needing] + needing[1:]
+    quick = {"cli", "docs", "follow", "kubernetes", "pipeline", "predict", "records", "units"}  # tests/test_*.py
+    items.sort(key=lambda item: item.path.stem.removeprefix("test_") in quick)
 
 
 @pytest.fixture(scope="session")
