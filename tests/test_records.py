@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_here
+from conftest import assert_one_line_error, private_copy, run_here
 from mnist_pipeline import model
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import checkpoint, evaluation, history, predictions
@@ -55,9 +55,9 @@ def test_format_1_files_read_as_todays_records(format1):
     assert saved_gate.sha256 == saved.sha256
 
 
-def test_a_format_1_volume_trains_on_and_is_written_as_format_2(format1, mirror):
-    (format1.root / "data").mkdir()
-    result = run_here("train", "--root", str(format1.root), "--mirror", str(mirror))
+def test_a_format_1_volume_trains_on_and_is_written_as_format_2(format1, short_trained_root):
+    private_copy(short_trained_root / "data", format1.root / "data")
+    result = run_here("train", "--root", str(format1.root))
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(format1.checkpoint, weights_only=True)
     assert (state["format_version"], state["architecture"], state["epoch"]) == (2, "mnist_cnn", 2)
@@ -129,21 +129,23 @@ def test_a_bad_history_line_is_skipped_with_one_warning(line, format1, caplog):
     assert caplog.text.count("skipped 1 unreadable line") == 1
 
 
-def test_train_goes_on_past_bad_history_lines_and_writes_the_file_anew_without_them(format1, mirror):
+def test_train_goes_on_past_bad_history_lines_and_writes_the_file_anew_without_them(format1, short_trained_root):
     """All of BAD_LINES in one history (one train for them all): one warning, and none of them kept."""
     with format1.history.open("ab") as file:
         file.write(b"".join(line + b"\n" for line in BAD_LINES))
-    result = run_here("train", "--root", str(format1.root), "--mirror", str(mirror))
+    private_copy(short_trained_root / "data", format1.root / "data")
+    result = run_here("train", "--root", str(format1.root))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("unreadable line") == 1 and f"skipped {len(BAD_LINES)} unreadable" in result.stderr
     kept = format1.history.read_bytes()
     assert not any(line in kept for line in BAD_LINES)
 
 
-def test_a_history_that_is_not_a_file_is_set_aside_and_train_goes_on(format1, mirror):
+def test_a_history_that_is_not_a_file_is_set_aside_and_train_goes_on(format1, short_trained_root):
     format1.history.unlink()
     format1.history.mkdir()  # a folder where the file should be
-    result = run_here("train", "--root", str(format1.root), "--mirror", str(mirror))
+    private_copy(short_trained_root / "data", format1.root / "data")
+    result = run_here("train", "--root", str(format1.root))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "moved history.jsonl aside" in result.stderr and format1.history.is_file()
     assert [p.is_dir() for p in format1.model_dir.glob("history.jsonl.*.aside")] == [True]

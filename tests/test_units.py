@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_mnist
+from conftest import private_copy, run_mnist
 from mnist_pipeline import cli, runtime, settings, signals, train
 from mnist_pipeline.data import png as png_grayscale
 from mnist_pipeline.infer import _file_names
@@ -127,7 +127,8 @@ def test_progress_reads_the_loss_only_when_it_shows_it(monkeypatch):
     assert reads == []
 
 
-def test_the_training_loop_reads_the_device_only_at_saves_and_epoch_ends(tmp_path, mirror, monkeypatch):
+def test_the_training_loop_reads_the_device_only_at_saves_and_epoch_ends(tmp_path, mirror, short_trained_root,
+                                                                       monkeypatch):
     """A host read (.item(), float(), bool() of a tensor) waits for the GPU: none may happen per step."""
     monkeypatch.setattr(signals, "_received", None)  # one that another in-process test recorded would stop the run
     reads = []
@@ -136,9 +137,10 @@ def test_the_training_loop_reads_the_device_only_at_saves_and_epoch_ends(tmp_pat
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: reads.append(_n) or _f(self, *a))
 
     def host_reads(steps: int, root: Path) -> int:
+        private_copy(short_trained_root / "data", root / "data")
         reads.clear()
         config = settings.TrainConfig(root=root, mirror=str(mirror), device="cpu", threads=1, save_every_s=0,
-                                   recipe=settings.Recipe(max_steps=steps))
+                                      recipe=settings.Recipe(max_steps=steps))
         assert train.run(config).epoch == 1
         return len(reads)
 
