@@ -1,5 +1,6 @@
 """`mnist serve --workers N`: several processes on one port, each following the volume, /metrics summed
-over them, a killed one replaced, and a stop that ends them all. Two versions from 20-step trains."""
+over them, a killed one replaced, and a stop that ends them all. The volume: test_versions' three versions, of
+which version 3 is production."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Dict
 
 import pytest
 
-from conftest import assert_one_line_error, private_copy, run_here, run_mnist, wait_until
+from conftest import assert_one_line_error, run_here, run_mnist, wait_until
+from test_versions import three_versions, versions_copy  # noqa: F401 (fixtures: tests' parameters)
 from mnist_pipeline import data
 from mnist_pipeline.data import png as png_grayscale
 
@@ -22,16 +24,6 @@ PNG = {"Content-Type": "image/png"}
 def ok(*args: str) -> None:
     result = run_here(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def two_versions(short_trained_root, tmp_path_factory) -> Path:
-    """Version 1 (production) and version 2 (not promoted), both passing --threshold 0."""
-    root = private_copy(short_trained_root, tmp_path_factory.mktemp("workers") / "volume")
-    ok("evaluate", "--root", str(root), "--threshold", "0")
-    ok("train", "--root", str(root))  # one more 20-step epoch (the limit is saved with the checkpoint)
-    ok("evaluate", "--root", str(root), "--threshold", "0", "--promote", "never")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +48,11 @@ def predicted(served) -> float:
     return metric(served, "mnist_requests_total").get('route="/predict",status="200"', 0.0)
 
 
-def test_workers_switch_versions_together_without_a_failed_request_and_metrics_sum(serve, two_versions, digit):
-    root = private_copy(two_versions, two_versions.parent / "switch" / "volume")
+def test_workers_switch_versions_together_without_a_failed_request_and_metrics_sum(serve, versions_copy, digit):
+    root = versions_copy
     served = serve(root, "--threshold", "0", "--workers", "2")
-    first = wait_until(lambda: (lambda v: len(v) == 2 and set(v.values()) == {1} and v)(versions_served(served)),
-                       "two workers serving version 1")
+    first = wait_until(lambda: (lambda v: len(v) == 2 and set(v.values()) == {3} and v)(versions_served(served)),
+                       "two workers serving version 3")
     answers, stop = [], threading.Event()
 
     def client():
@@ -73,9 +65,9 @@ def test_workers_switch_versions_together_without_a_failed_request_and_metrics_s
     for thread in clients:
         thread.start()
     try:
-        wait_until(lambda: len(answers) >= 10, "answers from version 1")
-        ok("promote", "2", "--root", str(root))
-        wait_until(lambda: set(versions_served(served).values()) == {2}, "every worker to serve version 2")
+        wait_until(lambda: len(answers) >= 10, "answers from version 3")
+        ok("promote", "1", "--root", str(root))
+        wait_until(lambda: set(versions_served(served).values()) == {1}, "every worker to serve version 1")
         switched = len(answers)
         wait_until(lambda: len(answers) >= switched + 10, "answers after the switch")
     finally:
@@ -83,15 +75,15 @@ def test_workers_switch_versions_together_without_a_failed_request_and_metrics_s
         for thread in clients:
             thread.join()
     assert [a for a in answers if a[0] != 200] == [], "failed requests"
-    assert answers[0][1] == "1" and {version for _, version in answers[switched:]} == {"2"}
+    assert answers[0][1] == "3" and {version for _, version in answers[switched:]} == {"1"}
     assert set(versions_served(served)) == set(first), "the same two workers, none restarted"
     # the requests counted by whichever worker answered them, summed
     wait_until(lambda: predicted(served) >= len(answers), "the counts")
     assert predicted(served) == len(answers)
 
 
-def test_a_killed_worker_is_replaced_its_counts_kept_and_a_stop_ends_every_worker(serve, two_versions, digit):
-    served = serve(two_versions, "--threshold", "0", "--workers", "2")
+def test_a_killed_worker_is_replaced_its_counts_kept_and_a_stop_ends_every_worker(serve, versions_copy, digit):
+    served = serve(versions_copy, "--threshold", "0", "--workers", "2")
     pids = wait_until(lambda: (lambda v: len(v) == 2 and v)(versions_served(served)), "two workers")
     for _ in range(5):
         assert served.request("POST", "/predict", digit, PNG)[0] == 200
@@ -103,8 +95,8 @@ def test_a_killed_worker_is_replaced_its_counts_kept_and_a_stop_ends_every_worke
     wait_until(lambda: killed not in versions_served(served), "the killed worker to be gone from /metrics")
     for _ in range(5):
         assert served.request("POST", "/predict", digit, PNG)[0] == 200
-    now = wait_until(lambda: (lambda v: len(v) == 2 and set(v.values()) == {1} and v)(versions_served(served)),
-                     "a new second worker serving version 1")
+    now = wait_until(lambda: (lambda v: len(v) == 2 and set(v.values()) == {3} and v)(versions_served(served)),
+                     "a new second worker serving version 3")
     assert killed not in now
     assert f"(pid {killed}) ended (killed by SIGKILL)" in "".join(served.stderr)
     wait_until(lambda: predicted(served) >= 10, "the counts")
