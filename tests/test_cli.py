@@ -101,7 +101,7 @@ def test_epochs_minus_one_from_the_shell_exits_2_without_traceback(tmp_path):
 
 def test_every_subcommand_help_names_flags_and_env_twins():
     for command in ("train", "evaluate", "infer", "pipeline"):
-        result = run_mnist(command, "--help")
+        result = run_here(command, "--help")
         assert result.returncode == 0
         for setting in taken_by(command):
             assert setting.flag in result.stdout and setting.env in result.stdout.replace("\n", " ")
