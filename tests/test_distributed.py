@@ -299,13 +299,24 @@ def test_a_world_size_that_does_not_divide_the_batch_is_a_usage_error(volume):
     assert "Traceback" not in result.stderr and checkpoint.read_bytes() == before
 
 
-def test_a_busy_volume_stops_every_rank_with_exit_4(volume):
-    """Rank 0 finds the train lock taken; the others stop with its exit code instead of waiting for it."""
+def test_a_busy_volume_stops_every_rank_with_exit_4(volume, tmp_path):
+    """Rank 0 finds the train lock taken; the others stop with its exit code instead of waiting for it. Rank 1 is
+    held after hearing it until the agent, rank 0 having exited, sends it SIGTERM: it is ending already."""
+    release = tmp_path / "release"
     with exclusive_lock(Volume(volume), "train"):
-        result = run_mnist("train", "--root", str(volume), "--nproc-per-node", "2", timeout=TIMEOUT)
-    assert result.returncode == 4, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: another train is running"), result.stderr[-3000:]
+        group = conftest.start_mnist("train", "--root", str(volume), "--nproc-per-node", "2",
+                                     env={**ON_CPU, **rank_fault(f"hold:follows:{release}")})
+        try:
+            seen = conftest.read_until(group, "closing signal SIGTERM")  # torch's agent says so
+            release.touch()
+            out, rest = group.communicate(timeout=TIMEOUT)
+        finally:
+            release.touch()
+            group.kill()
+    stderr = seen + rest
+    assert group.returncode == 4, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: another train is running"), stderr[-3000:]
     assert not (volume / "model" / "mnist_cnn.pt").exists()
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
 from mnist_pipeline.errors import PipelineError, UsageError, first_line
+from mnist_pipeline.faults import hold_point
 
 if TYPE_CHECKING:
     import torch
@@ -144,9 +145,11 @@ def main_first(world: World) -> Iterator[None]:
         return
     dist.broadcast(status, src=0)
     if status.item():
-        dist.barrier()
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the agent may stop the group meanwhile: already ending
+        # ending already: the agent's SIGTERM, sent once rank 0 has exited (after the barrier), changes nothing
+        for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
+        dist.barrier()
+        hold_point("follows")
         raise Follows(int(status.item()))
     yield
 
