@@ -78,9 +78,12 @@ def test_a_worse_version_leaves_production_and_never_promotes_is_obeyed(versions
     ok("train", "--root", str(root), "--fresh", "--max-steps", "20", "--lr", "0.0001", "--seed", "1")
     ok("evaluate", "--root", str(root), "--threshold", "0")
     assert [row["version"] for row in listed(root)] == [1, 2, 3, 4] and production(root) == 3
+    ok("promote", "4", "--root", str(root))  # the worst one: --promote auto would replace it with any trained one
     ok("train", "--root", str(root), "--fresh", "--max-steps", "60", "--seed", "2")
     ok("evaluate", "--root", str(root), "--threshold", "0", "--promote", "never")
-    assert production(root) == 3 and len(listed(root)) == 5
+    rows = listed(root)
+    assert len(rows) == 5 and rows[4]["accuracy"] > rows[3]["accuracy"], "version 5 is not better than production"
+    assert production(root) == 4
 
 
 def test_promote_and_rollback_walk_the_alias_log(versions_copy):
