@@ -13,22 +13,10 @@ from typing import Dict
 
 import pytest
 
-from conftest import assert_one_line_error, run_here, run_mnist, wait_until
-from test_versions import three_versions, versions_copy  # noqa: F401 (fixtures: tests' parameters)
-from mnist_pipeline import data
-from mnist_pipeline.data import png as png_grayscale
+from conftest import assert_one_line_error, run_mnist, wait_until
+from test_versions import digit, ok, three_versions, versions_copy  # noqa: F401 (digit, three_versions, versions_copy: fixtures)
 
 PNG = {"Content-Type": "image/png"}
-
-
-def ok(*args: str) -> None:
-    result = run_here(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def digit(mirror, tmp_path_factory) -> bytes:
-    return png_grayscale(data.load_split(tmp_path_factory.mktemp("data"), "test", str(mirror)).images[0])
 
 
 def metric(served, name: str) -> Dict[str, float]:
