@@ -1,5 +1,5 @@
-"""The processes that answer: serve() runs the app on a listening socket in this process; supervise()
-forks --workers of them onto the one port and keeps that many running.
+"""Several processes that answer on one port: supervise() forks --workers of them, each running
+server.serve(), and keeps that many running.
 
 The parent binds a socket for each worker on the port (SO_REUSEPORT: the kernel spreads new
 connections over them; one socket shared by all would let the first worker awake take every
@@ -13,10 +13,10 @@ serve.
 
 A worker that ends on its own is logged and replaced (after RESTART_DELAY_S when it lived less than
 YOUNG_S: a worker that cannot start must not fork in a loop); YOUNG_ENDS in a row end serve with an
-error. SIGTERM and SIGINT go to every worker;
-each finishes the requests it has, as uvicorn does; the parent waits for them all, then ends as the
-signal says (143, 130). The workers are in a process group of their own, so Ctrl-C in a terminal
-reaches them once, through the parent, and each ends with the parent if it is killed outright.
+error. SIGTERM and SIGINT go to every worker; each finishes the requests it has, as uvicorn does; the
+parent waits for them all, then ends as the signal says (143, 130). The workers are in a process group
+of their own, so Ctrl-C in a terminal reaches them once, through the parent, and each ends with the
+parent if it is killed outright.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 from mnist_pipeline import signals
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.faults import crash_point
-from mnist_pipeline.serve.connections import (BACKLOG, OncePerSecond, allow_open_files, give_back_freed_memory, guarded,
-                                              listen)
+from mnist_pipeline.serve.connections import listen
+from mnist_pipeline.serve.server import serve
 from mnist_pipeline.settings import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -56,39 +56,6 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 # modules the parent loads before it forks, for the workers to share: the web framework (no threads
 # of their own, so fork-safe), not the model's runtime
 PRELOAD = ("fastapi", "starlette.formparsers", "starlette.staticfiles", "PIL.Image", "PIL.PngImagePlugin")
-
-
-def serve(sock: socket.socket, config: ServeConfig, started: Callable[[], None] = lambda: None) -> None:
-    """The app on `sock` in this process until SIGTERM or SIGINT; `started` once the app is built."""
-    import uvicorn
-
-    from mnist_pipeline.serve.app import create_app
-    from mnist_pipeline.serve.budget import Limits
-
-    class Server(uvicorn.Server):
-        """uvicorn's server, stopping also for a signal that came before it listened for them (signals.py
-        records one from the process's start), so a worker stopped while it starts does stop."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            with super().capture_signals():
-                early = signals.received()
-                if early is not None:
-                    self.handle_exit(early, None)
-                yield
-
-    give_back_freed_memory()
-    limits = allow_open_files(Limits.of(config))
-    app = create_app(config)
-    server = Server(uvicorn.Config(
-        app, http=guarded(limits), loop="asyncio", backlog=BACKLOG,
-        timeout_keep_alive=limits.keep_alive,  # type: ignore[arg-type]
-        log_level="warning", access_log=False, lifespan="on"))
-    flood = OncePerSecond()
-    for name in ("uvicorn.error", "asyncio", "mnist_pipeline.serve.app", "mnist_pipeline.serve.connections"):
-        logging.getLogger(name).addFilter(flood)
-    started()
-    server.run(sockets=[sock])
 
 
 class WorkerFailed(PipelineError):
