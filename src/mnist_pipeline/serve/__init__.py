@@ -51,6 +51,6 @@ def run(config: ServeConfig) -> None:
     log.info("listening on http://%s:%d (volume %s, threshold %s, %d worker%s)", host, port, config.root,
              config.threshold, count, "s" if count > 1 else "")
     if count == 1:
-        workers.serve(sock, config)
+        server.serve(sock, config)
     else:
         workers.supervise(sock, config, count)

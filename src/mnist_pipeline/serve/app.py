@@ -1,6 +1,6 @@
 """The routes: the page, /predict, the probes, /metrics, the report. What a request may hold is bounded
-in budget.py; the model that follows the volume comes from follow.py, loaded by runtimes.py. No torch
-here: with the onnx runtime, serve never imports it."""
+in budget.py, its body read by bodies.py; the model that follows the volume comes from follow.py,
+loaded by runtimes.py. No torch here: with the onnx runtime, serve never imports it."""
 
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from mnist_pipeline import faults, preprocess
 from mnist_pipeline.contract import describe
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import aliases, versions
+from mnist_pipeline.serve import bodies
 from mnist_pipeline.serve.budget import Limits, Slots, Uploads
 from mnist_pipeline.serve.follow import Follower, Kept
 from mnist_pipeline.serve.runtimes import Live, Runtimes
@@ -36,11 +35,6 @@ from mnist_pipeline.volume import Volume
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent.parent / "static"
-MAX_IMAGE_BYTES = 2 * 1024 * 1024
-MAX_FILES = 64
-MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
-DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
-UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
 DECODE_TURN_S = 0.005  # a request decodes images for this long (one image at least) before others' get a turn
 
 
@@ -50,7 +44,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     runtimes = Runtimes(config.runtime, config.device, config.threads)
     metrics = Metrics()
     slots = Slots(limits.max_decodes, limits.max_waiting, metrics.decoding, metrics.waiting)
-    uploads = Uploads(UPLOADS_BYTES)
+    uploads = Uploads(bodies.UPLOADS_BYTES)
     def swapped(live: Live) -> None:
         metrics.epoch.set(live.epoch)
         metrics.version.set(live.version or 0)
@@ -75,27 +69,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app.add_middleware(Front, counter=metrics.requests, read_timeout=limits.read_timeout)
 
-    @app.exception_handler(ClientError)
-    async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(_request: Request, _exc: ClientDisconnect) -> Response:
-        # the client closed the connection mid-upload: nobody reads this, Front counts it as 499
-        return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def bug(_request: Request, exc: Exception) -> JSONResponse:
-        # a bug: uvicorn logs its traceback; the client gets JSON all the same
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": f"bad request: {exc.errors()[:1]}"}, status_code=400)
+    _answer_errors_in_json(app)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -133,7 +107,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if asked is not None and not (asked.isdigit() and 0 < int(asked) <= versions.MAX_VERSION):
             raise ClientError(400, f"version {asked[:40]!r} is not a version number: GET /models lists them")
         with uploads.account() as take:
-            images = await _images(request, take)
+            images = await bodies.images(request, take)
             live = follower.live or await run_in_threadpool(follower.current)  # kept, whatever swaps in later
             if asked is not None:
                 try:
@@ -164,6 +138,32 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
+def _answer_errors_in_json(app: FastAPI) -> None:
+    """Every failure a JSON {"error": ...}: the client's (4xx), a client gone (499, for the count), a bug (500)."""
+
+    @app.exception_handler(ClientError)
+    async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_request: Request, _exc: ClientDisconnect) -> Response:
+        # the client closed the connection mid-upload: nobody reads this, Front counts it as 499
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, exc: Exception) -> JSONResponse:
+        # a bug: uvicorn logs its traceback; the client gets JSON all the same
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": f"bad request: {exc.errors()[:1]}"}, status_code=400)
+
+
 def _describe(live: Live, threshold: float) -> Dict[str, Any]:
     return {"checkpoint": live.describe(), "accuracy": live.accuracy, "threshold": threshold, "runtime": live.runtime}
 
@@ -185,73 +185,6 @@ def _public(message: str, private: List[str]) -> str:
     for path in private:
         message = message.replace(f" --root {path}", "").replace(path + "/", "").replace(path, "the volume")
     return message
-
-
-async def _images(request: Request, take) -> List[bytes]:
-    """The request's images: repeated multipart `file` fields, or one raw body with an image Content-Type."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "multipart/form-data" and not kind.startswith("image/"):
-        raise ClientError(415, f"Content-Type {kind or '(none)'!r} is not accepted: send multipart/form-data "
-                               f"with the image in the field `file`, or the image itself as image/png, image/jpeg, ...")
-    body = await _body(request, MAX_BODY_BYTES if kind == "multipart/form-data" else MAX_IMAGE_BYTES, take)
-    if not body:
-        raise ClientError(400, "the request body is empty: send an image")
-    if kind.startswith("image/"):
-        return [body]
-    take(len(body))  # the parsed files, beside the body until it is parsed
-    pending = [body]
-    del body  # held by `pending` alone, which the parser empties
-
-    async def stream() -> AsyncIterator[bytes]:
-        yield pending.pop()
-
-    try:
-        form = await MultiPartParser(request.headers, stream(), max_files=MAX_FILES,
-                                     max_part_size=MAX_IMAGE_BYTES).parse()
-    except MultiPartException as exc:
-        too_many = "Too many files" in exc.message
-        raise ClientError(413 if too_many else 400, f"more than {MAX_FILES} files in one request: send fewer"
-                          if too_many else f"malformed multipart body: {exc.message}") from None
-    try:
-        files = [value for key, value in form.multi_items() if key == "file"]
-        if not files:
-            raise ClientError(400, "no `file` field: send each image as a multipart field named `file`")
-        if not all(isinstance(f, UploadFile) for f in files):
-            raise ClientError(400, "the `file` field holds text, not a file: upload the image as a file")
-        images = []
-        for number, upload in enumerate(files, 1):
-            data = await upload.read(MAX_IMAGE_BYTES + 1)
-            if len(data) > MAX_IMAGE_BYTES:
-                raise ClientError(413, f"file {number} ({upload.filename}) is over {MAX_IMAGE_BYTES // 2**20} MB: "
-                                       f"send a smaller image")
-            images.append(data)
-        return images
-    finally:
-        await form.close()
-
-
-async def _body(request: Request, limit: int, take) -> bytes:
-    """The body, or 413 once it exceeds `limit`: never kept beyond it.
-
-    The rest of an oversized body is read and dropped (up to DRAIN_BYTES), so that the client,
-    still sending, gets to read the 413 instead of a broken connection.
-    """
-    declared = request.headers.get("content-length", "")
-    too_large = ClientError(413, f"the request is over {limit // 2**20} MB: send a smaller image "
-                                 f"(at most {MAX_IMAGE_BYTES // 2**20} MB each)")
-    if declared.isdigit() and int(declared) > DRAIN_BYTES:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > DRAIN_BYTES:
-            break
-        if size <= limit:
-            take(len(chunk))
-            chunks.append(chunk)
-    if size > limit:
-        raise too_large
-    return b"".join(chunks)
 
 
 def _decode_turn(images: List[bytes], inputs: List[bytes], live: Live) -> Optional[List[Dict[str, Any]]]:
