@@ -55,41 +55,6 @@ def page(evaluation: Evaluation, summary: Dict[str, Any], chart: str, prediction
     """index.html: `chart` the inline SVG, `pictures` infer's images by file name (data: URIs), `versions`
     versions_section's HTML."""
     e = html.escape
-    matrix = evaluation.confusion_matrix
-    per_class = []
-    worst = min(range(10), key=lambda d: matrix[d][d] / max(1, sum(matrix[d])))
-    for d in range(10):
-        total = sum(matrix[d])
-        confused = max((c for c in range(10) if c != d), key=lambda c: matrix[d][c])
-        times = matrix[d][confused]
-        mix = f"{confused} ({times} {'time' if times == 1 else 'times'})" if times else "-"
-        css = ' class="low"' if d == worst else ""
-        per_class.append(f"<tr><td>{d}</td><td>{total:,}</td><td{css}>{matrix[d][d] / max(1, total):.2%}</td>"
-                         f"<td>{mix}</td></tr>")
-    epochs = summary["epochs"][-MAX_EPOCH_ROWS:]
-    older = len(summary["epochs"]) - len(epochs)
-    epoch_rows = "".join(
-        f"<tr><td>{r['epoch']}</td><td>{r['steps']:,}</td><td>{r['train_loss']:.4f}</td>"
-        + (f"<td>{r['eval']['accuracy']:.2%}</td><td>{r['eval']['test_loss']:.4f}</td>" if r["eval"]
-           else '<td class="muted">-</td><td class="muted">-</td>') + "</tr>"
-        for r in epochs
-    ) + (f'<tr><td colspan="5" class="muted">and {older:,} earlier epochs</td></tr>' if older else "")
-    if predictions:
-        note = "" if predictions.sha256 == evaluation.sha256 else (
-            f' <span class="low">(by an older checkpoint, epoch {predictions.epoch}; '
-            f"run <code>mnist infer</code>, then <code>mnist report</code>)</span>")
-        cards = "".join(
-            f'<div><img src="{e(pictures[p.file])}" alt="results/{e(p.file)}" title="results/{e(p.file)}">'
-            f'predicted <b>{p.predicted}</b><br>'
-            f'<span class="{"" if p.predicted == p.label else "low"}">true {p.label}</span>, '
-            f'{p.confidence:.1%}</div>'
-            for p in predictions.predictions
-        )
-        infer_html = f'<p class="muted">{len(predictions.predictions)} random test images from results/{note}</p>' \
-                     f'<div class="infer">{cards}</div>'
-    else:
-        infer_html = '<p class="muted">No infer results yet: run <code>mnist infer</code>, then ' \
-                     '<code>mnist report</code>.</p>'
     wrong = evaluation.total - evaluation.correct
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -112,7 +77,7 @@ is a mistake (darker: more). <a href="confusion_matrix.png">confusion_matrix.png
 <img src="confusion_matrix.png" alt="confusion matrix with counts">
 <h3>Per digit</h3>
 <table><tr><th>digit</th><th>test images</th><th>right</th><th>most often taken for</th></tr>
-{''.join(per_class)}</table>
+{_per_digit_rows(evaluation.confusion_matrix)}</table>
 
 <h2>What the mistakes look like</h2>
 <p>The test images the model gets wrong while most sure of itself. <a href="mistakes.png">mistakes.png</a></p>
@@ -122,12 +87,59 @@ is a mistake (darker: more). <a href="confusion_matrix.png">confusion_matrix.png
 <p>Hover a point for its values. <a href="training.svg">training.svg</a></p>
 {chart}
 <table><tr><th>epoch</th><th>steps</th><th>train loss</th><th>test accuracy</th><th>test loss</th></tr>
-{epoch_rows}</table>
+{_epoch_rows(summary["epochs"])}</table>
 
 <h2>Versions</h2>
 {versions or '<p class="muted">No versions listed.</p>'}
 
 <h2>Latest infer images</h2>
-{infer_html}
+{_infer_section(evaluation, predictions, pictures)}
 </body></html>
 """
+
+
+def _per_digit_rows(matrix: Sequence[Sequence[int]]) -> str:
+    """A row a digit: its test images, the share right (the worst in red), what it is most often taken for."""
+    rows = []
+    worst = min(range(10), key=lambda d: matrix[d][d] / max(1, sum(matrix[d])))
+    for d in range(10):
+        total = sum(matrix[d])
+        confused = max((c for c in range(10) if c != d), key=lambda c: matrix[d][c])
+        times = matrix[d][confused]
+        mix = f"{confused} ({times} {'time' if times == 1 else 'times'})" if times else "-"
+        css = ' class="low"' if d == worst else ""
+        rows.append(f"<tr><td>{d}</td><td>{total:,}</td><td{css}>{matrix[d][d] / max(1, total):.2%}</td>"
+                    f"<td>{mix}</td></tr>")
+    return "".join(rows)
+
+
+def _epoch_rows(every: List[Dict[str, Any]]) -> str:
+    """The latest MAX_EPOCH_ROWS epochs, a row each, and how many earlier ones are left out."""
+    epochs = every[-MAX_EPOCH_ROWS:]
+    older = len(every) - len(epochs)
+    return "".join(
+        f"<tr><td>{r['epoch']}</td><td>{r['steps']:,}</td><td>{r['train_loss']:.4f}</td>"
+        + (f"<td>{r['eval']['accuracy']:.2%}</td><td>{r['eval']['test_loss']:.4f}</td>" if r["eval"]
+           else '<td class="muted">-</td><td class="muted">-</td>') + "</tr>"
+        for r in epochs
+    ) + (f'<tr><td colspan="5" class="muted">and {older:,} earlier epochs</td></tr>' if older else "")
+
+
+def _infer_section(evaluation: Evaluation, predictions: Optional[Predictions], pictures: Dict[str, str]) -> str:
+    """infer's images with what the model said of each, or how to get them."""
+    e = html.escape
+    if not predictions:
+        return '<p class="muted">No infer results yet: run <code>mnist infer</code>, then ' \
+               '<code>mnist report</code>.</p>'
+    note = "" if predictions.sha256 == evaluation.sha256 else (
+        f' <span class="low">(by an older checkpoint, epoch {predictions.epoch}; '
+        f"run <code>mnist infer</code>, then <code>mnist report</code>)</span>")
+    cards = "".join(
+        f'<div><img src="{e(pictures[p.file])}" alt="results/{e(p.file)}" title="results/{e(p.file)}">'
+        f'predicted <b>{p.predicted}</b><br>'
+        f'<span class="{"" if p.predicted == p.label else "low"}">true {p.label}</span>, '
+        f'{p.confidence:.1%}</div>'
+        for p in predictions.predictions
+    )
+    return f'<p class="muted">{len(predictions.predictions)} random test images from results/{note}</p>' \
+           f'<div class="infer">{cards}</div>'
