@@ -82,44 +82,54 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
         except UsageError as exc:
             parser.error(str(exc))
         return distributed.launch(nproc, sys.argv[1:] if argv is None else argv)
+    _set_up_process(args.verbose, world.is_main)
+    if args.command in ("evaluate", "infer", "pipeline"):
+        values["started"] = started
+    try:
+        return _run(parser, args, values, world)
+    except PipelineError as exc:
+        if not getattr(exc, "silent", False):  # (a rank that stops because rank 0 did: rank 0 says why)
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _set_up_process(verbose: bool, is_main: bool) -> None:
     # Before torch loads: idle OpenMP threads sleep instead of spinning, which slows everything else
     # down on a machine with few cores (docs/performance.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signals.install()  # recorded only, until the stages run: torch's import is not interrupted
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO if is_main else logging.WARNING, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
     )
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, values: Dict[str, Any],
+         world: distributed.World) -> int:
+    """The command, under the train lock where it trains, with SIGTERM and SIGINT its to handle where it can."""
     volume = Volume(values["root"])
-    if args.command in ("evaluate", "infer", "pipeline"):
-        values["started"] = started
-    try:
-        reads_volume = ("evaluate", "infer", "models", "promote", "rollback", "export")
-        if args.command in reads_volume and not volume.root.is_dir():
-            raise PipelineError(
-                f"no volume at {describe(volume.root)} (no such folder): run `mnist train --root "
-                f"{describe(volume.root)}` first, or fix --root / MNIST_ROOT"
-            )
-        command = COMMANDS[args.command]
-        with contextlib.ExitStack() as args.train_lock:
-            if args.command in ("train", "pipeline") and world.size == 1:
-                # before torch loads: a train started beside an evaluate and an infer (`docker compose up`)
-                # holds its lock long before they would use the old checkpoint. In a torchrun group rank 0
-                # takes it in train.run, once the group has formed: a busy volume then stops every rank.
-                args.train_lock.enter_context(exclusive_lock(volume, "train"))
-            for module in command.modules:
-                importlib.import_module(module)
-            _check_threads(parser, values)
-            if not command.interruptible:
-                return command.run(args, values)
-            with signals.interruptible():
-                code = command.run(args, values)
-            check_signal(args.command)
-            return code
-    except PipelineError as exc:
-        if not getattr(exc, "silent", False):  # (a rank that stops because rank 0 did: rank 0 says why)
-            print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    reads_volume = ("evaluate", "infer", "models", "promote", "rollback", "export")
+    if args.command in reads_volume and not volume.root.is_dir():
+        raise PipelineError(
+            f"no volume at {describe(volume.root)} (no such folder): run `mnist train --root "
+            f"{describe(volume.root)}` first, or fix --root / MNIST_ROOT"
+        )
+    command = COMMANDS[args.command]
+    with contextlib.ExitStack() as args.train_lock:
+        if args.command in ("train", "pipeline") and world.size == 1:
+            # before torch loads: a train started beside an evaluate and an infer (`docker compose up`)
+            # holds its lock long before they would use the old checkpoint. In a torchrun group rank 0
+            # takes it in train.run, once the group has formed: a busy volume then stops every rank.
+            args.train_lock.enter_context(exclusive_lock(volume, "train"))
+        for module in command.modules:
+            importlib.import_module(module)
+        _check_threads(parser, values)
+        if not command.interruptible:
+            return command.run(args, values)
+        with signals.interruptible():
+            code = command.run(args, values)
+        check_signal(args.command)
+        return code
 
 
 def _check_threads(parser: argparse.ArgumentParser, values: Dict[str, Any]) -> None:
