@@ -61,12 +61,7 @@ def train(volume: Volume, config: TrainConfig, state: TrainingState, train_set: 
                     os.kill(os.getpid(), fault_signal)
                 if distributed.stop_agreed(world, signals.received() is not None):  # all ranks stop at one step
                     report.close()
-                    if world.is_main:
-                        _save_progress(volume, state, recorder)
-                    distributed.barrier(world)  # the others leave once the progress is saved
-                    raise signals.interrupted(
-                        f"at epoch {state.epoch + 1}, step {state.step}/{steps_per_epoch}; progress saved to "
-                        f"{volume.progress}: run `mnist train` again to continue")
+                    raise _stopped(volume, state, recorder, world, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(recipe, state.epoch, state.step, steps_per_epoch)
                 batch = order[state.step * recipe.batch_size:(state.step + 1) * recipe.batch_size]
@@ -81,21 +76,38 @@ def train(volume: Volume, config: TrainConfig, state: TrainingState, train_set: 
                     _save_progress(volume, state, recorder)
                     next_save = time.monotonic() + config.save_every_s
             report.close()
-            _check_finite(state)  # reads the loss: waits for the epoch's last step
-            epoch_seconds = time.monotonic() - epoch_started
-            epoch_loss = float(state.loss_sum) / steps_per_epoch
-            recorder.end_epoch(state.epoch + 1, steps_per_epoch, epoch_loss)
-            state.epoch, state.step = state.epoch + 1, 0
-            state.reset_loss()
-            if world.is_main:
-                recorder.save(state.epoch, state.step)  # before the checkpoint: never behind it
-                checkpoint.write(volume.checkpoint, state.snapshot(), fault_point="checkpoint-before-rename")
-                if volume.progress.exists():  # (a kill -9 just before leaves it stale: the next train sets it aside)
-                    volume.progress.unlink()
-            log.info("epoch %d done in %.2f s: train loss %.4f; saved %s", state.epoch, epoch_seconds, epoch_loss,
-                     volume.checkpoint)
+            epoch_loss = _end_epoch(volume, state, recorder, world, steps_per_epoch, epoch_started)
     return TrainResult(epoch=state.epoch, train_loss=epoch_loss, seconds=time.monotonic() - started,
                        checkpoint=volume.checkpoint)
+
+
+def _stopped(volume: Volume, state: TrainingState, recorder: history.Recorder, world: distributed.World,
+             steps_per_epoch: int) -> signals.Interrupted:
+    """Every rank stops at this step: rank 0 saves the progress, the others leave once it has. What to raise."""
+    if world.is_main:
+        _save_progress(volume, state, recorder)
+    distributed.barrier(world)
+    return signals.interrupted(f"at epoch {state.epoch + 1}, step {state.step}/{steps_per_epoch}; progress saved to "
+                               f"{volume.progress}: run `mnist train` again to continue")
+
+
+def _end_epoch(volume: Volume, state: TrainingState, recorder: history.Recorder, world: distributed.World,
+               steps_per_epoch: int, epoch_started: float) -> float:
+    """The epoch's loss, checked finite; rank 0 saves its history, then the checkpoint, and drops the progress."""
+    _check_finite(state)  # reads the loss: waits for the epoch's last step
+    epoch_seconds = time.monotonic() - epoch_started
+    epoch_loss = float(state.loss_sum) / steps_per_epoch
+    recorder.end_epoch(state.epoch + 1, steps_per_epoch, epoch_loss)
+    state.epoch, state.step = state.epoch + 1, 0
+    state.reset_loss()
+    if world.is_main:
+        recorder.save(state.epoch, state.step)  # before the checkpoint: never behind it
+        checkpoint.write(volume.checkpoint, state.snapshot(), fault_point="checkpoint-before-rename")
+        if volume.progress.exists():  # (a kill -9 just before leaves it stale: the next train sets it aside)
+            volume.progress.unlink()
+    log.info("epoch %d done in %.2f s: train loss %.4f; saved %s", state.epoch, epoch_seconds, epoch_loss,
+             volume.checkpoint)
+    return epoch_loss
 
 
 def _step_function(state: TrainingState, images: torch.Tensor, labels: torch.Tensor,
