@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -38,104 +39,152 @@ STATIC = Path(__file__).parent.parent / "static"
 DECODE_TURN_S = 0.005  # a request decodes images for this long (one image at least) before others' get a turn
 
 
+@dataclass(frozen=True)
+class Service:
+    """What the routes share, one per process (app.state.service): the model that follows the volume, the
+    versions kept on request, what requests may hold at once, and the counts /metrics gives."""
+
+    config: ServeConfig
+    volume: Volume
+    follower: Follower
+    kept: Kept
+    metrics: Metrics
+    slots: Slots
+    uploads: Uploads
+    private: List[str]  # the volume's path as messages may spell it: answers leave it out
+
+    @classmethod
+    def of(cls, config: ServeConfig, limits: Limits) -> "Service":
+        volume = Volume(config.root)
+        runtimes = Runtimes(config.runtime, config.device, config.threads)
+        metrics = Metrics()
+
+        def swapped(live: Live) -> None:
+            metrics.epoch.set(live.epoch)
+            metrics.version.set(live.version or 0)
+
+        return cls(config=config, volume=volume, metrics=metrics,
+                   follower=Follower(volume, config.threshold, runtimes, on_swap=swapped, model=config.model),
+                   kept=Kept(volume, config.threshold, runtimes),
+                   slots=Slots(limits.max_decodes, limits.max_waiting, metrics.decoding, metrics.waiting),
+                   uploads=Uploads(bodies.UPLOADS_BYTES), private=_private_paths(volume.root))
+
+    def public(self, message: str) -> str:
+        """`message` with the volume's path taken out: `--root /x` goes, /x/model/... becomes model/..."""
+        for path in self.private:
+            message = message.replace(f" --root {path}", "").replace(path + "/", "").replace(path, "the volume")
+        return message
+
+
 def create_app(config: ServeConfig) -> FastAPI:
-    volume = Volume(config.root)
     limits = Limits.of(config)
-    runtimes = Runtimes(config.runtime, config.device, config.threads)
-    metrics = Metrics()
-    slots = Slots(limits.max_decodes, limits.max_waiting, metrics.decoding, metrics.waiting)
-    uploads = Uploads(bodies.UPLOADS_BYTES)
-    def swapped(live: Live) -> None:
-        metrics.epoch.set(live.epoch)
-        metrics.version.set(live.version or 0)
-
-    follower = Follower(volume, config.threshold, runtimes, on_swap=swapped, model=config.model)
-    kept = Kept(volume, config.threshold, runtimes)
-    report_dir = volume.report_dir
-    private = _private_paths(volume.root)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        # the first look at the volume before the first connection: a worker that starts beside others
-        # (or replaces one) never answers "not loaded yet" while they serve
-        await run_in_threadpool(follower.start)
-        yield
-        follower.stop()
-
     # no docs pages (they load Swagger from a CDN) and no OpenTelemetry overhead per request
-    app = FastAPI(title="mnist serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+    app = FastAPI(title="mnist serve", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
+    app.state.service = service = Service.of(config, limits)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    app.add_middleware(Front, counter=metrics.requests, read_timeout=limits.read_timeout)
-
+    app.add_middleware(Front, counter=service.metrics.requests, read_timeout=limits.read_timeout)
     _answer_errors_in_json(app)
-
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/healthz")
-    async def healthz() -> Dict[str, str]:  # async: answered on the event loop, never queued for a thread
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        live, problem = follower.current(), _public(follower.problem, private)  # (in that order)
-        if live is None:
-            return JSONResponse({"error": problem}, status_code=503)
-        return JSONResponse({**_describe(live, config.threshold), "model": config.model,
-                             **({"pending": problem} if problem else {})}, headers=_version_header(live))
-
-    @app.get("/models")
-    def models() -> JSONResponse:
-        listed = aliases.catalogue(volume)
-        for row in listed:
-            if "corrupt" in row:
-                row["corrupt"] = _public(row["corrupt"], private)
-        live = follower.live
-        return JSONResponse({"model": config.model, "serving": live.version if live else None,
-                             "aliases": aliases.every(volume), "versions": listed})
-
-    @app.get("/metrics")
-    def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
-        asked = request.query_params.get("version")
-        if asked is not None and not (asked.isdigit() and 0 < int(asked) <= versions.MAX_VERSION):
-            raise ClientError(400, f"version {asked[:40]!r} is not a version number: GET /models lists them")
-        with uploads.account() as take:
-            images = await bodies.images(request, take)
-            live = follower.live or await run_in_threadpool(follower.current)  # kept, whatever swaps in later
-            if asked is not None:
-                try:
-                    live = await run_in_threadpool(kept.get, int(asked))
-                except PipelineError as exc:
-                    raise ClientError(404 if isinstance(exc, versions.NoSuchVersion) else 409,
-                                      _public(str(exc), private)) from None
-            if live is None:
-                raise ClientError(503, f"no model to serve yet: {_public(follower.problem, private)}")
-            started = time.perf_counter()
-            inputs: List[bytes] = []
-            predictions = None
-            while predictions is None:
-                async with slots.slot(newcomer=not inputs):
-                    predictions = await run_in_threadpool(_decode_turn, images, inputs, live)
-            metrics.latency.observe(time.perf_counter() - started)
-        return JSONResponse({"checkpoint": live.describe(), "predictions": predictions},
-                            headers=_version_header(live))
-
-    @app.get("/report", include_in_schema=False)
-    def report_root() -> Response:
-        return RedirectResponse("/report/", status_code=307)
-
-    @app.get("/report/{name:path}", include_in_schema=False)
-    def report(name: str) -> FileResponse:
-        return FileResponse(_report_file(report_dir, name or "index.html"))
-
+    app.include_router(routes)
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # the first look at the volume before the first connection: a worker that starts beside others
+    # (or replaces one) never answers "not loaded yet" while they serve
+    follower = app.state.service.follower
+    await run_in_threadpool(follower.start)
+    yield
+    follower.stop()
+
+
+routes = APIRouter()
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+@routes.get("/", include_in_schema=False)
+def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+@routes.get("/healthz")
+async def healthz() -> Dict[str, str]:  # async: answered on the event loop, never queued for a thread
+    return {"status": "ok"}
+
+
+@routes.get("/readyz")
+def readyz(request: Request) -> JSONResponse:
+    service = _service(request)
+    live, problem = service.follower.current(), service.public(service.follower.problem)  # (in that order)
+    if live is None:
+        return JSONResponse({"error": problem}, status_code=503)
+    return JSONResponse({**_describe(live, service.config.threshold), "model": service.config.model,
+                         **({"pending": problem} if problem else {})}, headers=_version_header(live))
+
+
+@routes.get("/models")
+def models(request: Request) -> JSONResponse:
+    service = _service(request)
+    listed = aliases.catalogue(service.volume)
+    for row in listed:
+        if "corrupt" in row:
+            row["corrupt"] = service.public(row["corrupt"])
+    live = service.follower.live
+    return JSONResponse({"model": service.config.model, "serving": live.version if live else None,
+                         "aliases": aliases.every(service.volume), "versions": listed})
+
+
+@routes.get("/metrics")
+def prometheus(request: Request) -> Response:
+    return Response(_service(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@routes.post("/predict")
+async def predict(request: Request) -> JSONResponse:
+    service = _service(request)
+    asked = request.query_params.get("version")
+    if asked is not None and not (asked.isdigit() and 0 < int(asked) <= versions.MAX_VERSION):
+        raise ClientError(400, f"version {asked[:40]!r} is not a version number: GET /models lists them")
+    with service.uploads.account() as take:
+        images = await bodies.images(request, take)
+        live = await _model(service, asked)
+        started = time.perf_counter()
+        inputs: List[bytes] = []
+        predictions = None
+        while predictions is None:
+            async with service.slots.slot(newcomer=not inputs):
+                predictions = await run_in_threadpool(_decode_turn, images, inputs, live)
+        service.metrics.latency.observe(time.perf_counter() - started)
+    return JSONResponse({"checkpoint": live.describe(), "predictions": predictions}, headers=_version_header(live))
+
+
+async def _model(service: Service, asked: Optional[str]) -> Live:
+    """The model a request gets: the version it asks for, else the one serving now (kept for the whole request,
+    whatever swaps in later)."""
+    live = service.follower.live or await run_in_threadpool(service.follower.current)
+    if asked is not None:
+        try:
+            live = await run_in_threadpool(service.kept.get, int(asked))
+        except PipelineError as exc:
+            raise ClientError(404 if isinstance(exc, versions.NoSuchVersion) else 409,
+                              service.public(str(exc))) from None
+    if live is None:
+        raise ClientError(503, f"no model to serve yet: {service.public(service.follower.problem)}")
+    return live
+
+
+@routes.get("/report", include_in_schema=False)
+def report_root() -> Response:
+    return RedirectResponse("/report/", status_code=307)
+
+
+@routes.get("/report/{name:path}", include_in_schema=False)
+def report(name: str, request: Request) -> FileResponse:
+    return FileResponse(_report_file(_service(request).volume.report_dir, name or "index.html"))
 
 
 def _answer_errors_in_json(app: FastAPI) -> None:
@@ -178,13 +227,6 @@ def _private_paths(root: Path) -> List[str]:
     with contextlib.suppress(OSError, RuntimeError):
         spellings.add(str(root.resolve()))
     return sorted((s for s in spellings if s not in (".", "")), key=len, reverse=True)
-
-
-def _public(message: str, private: List[str]) -> str:
-    """`message` with the volume's path taken out: `--root /x` goes, /x/model/... becomes model/..."""
-    for path in private:
-        message = message.replace(f" --root {path}", "").replace(path + "/", "").replace(path, "the volume")
-    return message
 
 
 def _decode_turn(images: List[bytes], inputs: List[bytes], live: Live) -> Optional[List[Dict[str, Any]]]:
