@@ -3,6 +3,7 @@ order, PNG, progress lines, warm-up steps, and a training loop that does not wai
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import logging
 import os
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import private_copy, run_mnist
+from conftest import FORKS, private_copy, run_mnist
 from mnist_pipeline import cli, runtime, settings, signals, train
 from mnist_pipeline.data import png as png_grayscale
 from mnist_pipeline.infer import _file_names
@@ -35,30 +36,26 @@ def test_thread_count_follows_the_cgroup_quota_not_the_host(tmp_path, monkeypatc
     assert runtime.available_cpus(tmp_path) == 1
 
 
-@pytest.fixture
-def global_torch_settings(monkeypatch):
-    """Restore the process-wide switches deterministic_cuda() turns."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.utils.deterministic.fill_uninitialized_memory)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    yield
-    # the private switch runtime uses: the public one imports torch._dynamo (a second, for nothing here)
-    torch._C._set_deterministic_algorithms(saved[0], warn_only=saved[1])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
-    torch.utils.deterministic.fill_uninitialized_memory = saved[4]
+def cuda_switches(before):
+    """deterministic_cuda() in this process, with CUBLAS_WORKSPACE_CONFIG `before` and cuDNN autotuning on: the
+    settings it leaves. Run in a child: the switches are process-wide."""
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    os.environ.update({} if before is None else {"CUBLAS_WORKSPACE_CONFIG": before})
+    torch.backends.cudnn.benchmark = True
+    runtime.deterministic_cuda()
+    return (os.environ["CUBLAS_WORKSPACE_CONFIG"], torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark, torch.utils.deterministic.fill_uninitialized_memory)
 
 
 @pytest.mark.parametrize("before, after", [(None, ":4096:8"), (":16:8", ":16:8"), (":0:0", ":4096:8")])
-def test_cuda_is_made_deterministic(global_torch_settings, monkeypatch, before, after):
-    if before is not None:
-        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", before)
-    torch.backends.cudnn.benchmark = True
-    runtime.deterministic_cuda()
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == after  # a setting that does not make cuBLAS exact is replaced
-    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-    assert not torch.utils.deterministic.fill_uninitialized_memory
+def test_cuda_is_made_deterministic(before, after):
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=FORKS) as child:
+        config, exact, warn_only, deterministic, benchmark, fill = child.submit(cuda_switches, before).result()
+    assert config == after  # a setting that does not make cuBLAS exact is replaced
+    assert exact and not warn_only
+    assert deterministic and not benchmark
+    assert not fill
 
 
 def test_learning_rate_cycles_within_each_epoch_and_decays_across_epochs():
