@@ -83,8 +83,8 @@ def litter(root: Path) -> list:
     return sorted(str(p.relative_to(root)) for p in root.rglob(TEMP_PREFIX + "*"))
 
 
-# `mnist` and torchrun's agent fork from a server that has imported torch and the stages (a new interpreter spends
-# seconds on that) and runs no torch op, so a child starts torch's thread pools as a new process does.
+# `mnist` and torchrun's agent fork from a server that has imported torch and the stages (slow in a new
+# interpreter) and runs no torch op, so a child starts torch's thread pools as a new process does.
 FORKS = multiprocessing.get_context("forkserver")
 FORKS.set_forkserver_preload(["mnist_pipeline.cli", "torch", "mnist_pipeline.train", "mnist_pipeline.evaluate",
                               "mnist_pipeline.serve.app", "uvicorn", "onnxruntime", "torch.distributed.run"])

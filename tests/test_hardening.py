@@ -118,7 +118,7 @@ def test_only_dead_writers_temps_are_swept_and_never_a_users_file(tmp_path):
     users = [tmp_path / ".tmp-notes", tmp_path / ".mnist-tmp.notes"]
     for path in users:
         path.write_text("mine")
-        os.utime(path, (0, 0))  # old: age no longer decides
+        os.utime(path, (0, 0))  # old: age does not decide
     try:
         atomic.remove_dead_temps(tmp_path)
         assert not Path(dead).exists() and Path(alive).exists()

@@ -97,7 +97,7 @@ def metric(served: Served, line_start: str) -> Optional[float]:
 
 def test_an_image_is_limited_by_what_it_decodes_to_not_by_its_pixels(served_trained):
     served, _ = served_trained
-    # 9 megapixels, far under the old 40-megapixel cap, but 36 MB of RGBA to decode
+    # 9 megapixels, within Pillow's own cap, but 36 MB of RGBA to decode
     status, body = served.json("POST", "/predict", seven(3000, "RGBA"), PNG)
     assert status == 400 and "MB" in body["error"] and "3000x3000" in body["error"], body
     # as many pixels in 8-bit grey decode to a quarter of that: read

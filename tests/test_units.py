@@ -199,8 +199,8 @@ def _train_and_tell_whether_dynamo_loaded() -> None:
 
 
 def test_train_never_imports_torch_dynamo(tmp_path):
-    """torch.optim.Optimizer's methods and torch.use_deterministic_algorithms import torch._dynamo: seconds of
-    every process's start. The CUDA settings are made here too, which needs no GPU."""
+    """torch.optim.Optimizer's methods and torch.use_deterministic_algorithms import torch._dynamo: a large
+    import at every process's start. The CUDA settings are made here too, which needs no GPU."""
     result = run_mnist("train", "--root", str(tmp_path), "--device", "cpu", "--max-steps", "2",
                        main=_train_and_tell_whether_dynamo_loaded)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -89,7 +89,7 @@ def deterministic_cuda() -> None:
     torch.backends.cudnn.deterministic = True
     # an op without a deterministic kernel raises instead of drifting. Not through
     # torch.use_deterministic_algorithms: it also sets torch.compile's switch, whose import pulls in
-    # torch._dynamo, seconds of every process's start (docs/performance.md); nothing here compiles
+    # torch._dynamo, a large import at every process's start (docs/performance.md); nothing here compiles
     set_mode = getattr(torch._C, "_set_deterministic_algorithms", None)
     if set_mode is None:
         torch.use_deterministic_algorithms(True)

@@ -30,8 +30,8 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 class NesterovSGD:
     """torch.optim.SGD(nesterov=True): its arithmetic (torch.optim.sgd.sgd, the functional form) and state_dict.
 
-    Not the class itself: torch.optim.Optimizer's methods import torch._dynamo on first use, some 800
-    modules and seconds of every train process's start (docs/performance.md), longer than a GPU's epoch.
+    Not the class itself: torch.optim.Optimizer's methods import torch._dynamo on first use, a large
+    import at every train process's start (docs/performance.md), longer than a GPU's epoch.
     """
 
     def __init__(self, params, recipe: Recipe):
