@@ -320,7 +320,11 @@ def test_evaluate_and_infer_on_a_root_that_does_not_exist_create_nothing(stage, 
     (lambda s: s.update(rng=s["rng"].float()), "rng"),
     (lambda s: s.update(cuda_rng=torch.zeros(3, 3)), "cuda_rng"),
     (lambda s: s.update(loss_sum=float("nan")), "loss_sum"),
+    (lambda s: s.update(loss_sum=-1.0), "loss_sum -1.0"),
     (lambda s: s.update(step=-3), "negative"),
+    (lambda s: s.update(step=468), "step 468 is past the end of an epoch, 468 steps at its batch size 128"),
+    (lambda s: s["train_config"].update(max_steps=20) or s.update(step=20), "step 20 is past the end"),
+    (lambda s: s["train_config"].update(momentum_typo=0.9), "does not fit this version"),
 ])
 def test_a_checkpoint_with_a_malformed_state_is_refused_at_load(change, fragment, evaluated_root):
     path = evaluated_root / "model" / "mnist_cnn.pt"

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from mnist_pipeline import limits
 from mnist_pipeline.errors import PipelineError, first_line
+from mnist_pipeline.settings import Recipe
 from mnist_pipeline.storage.atomic import atomic_write_bytes
 from mnist_pipeline.storage.files import NotReadable, describe, read_regular
 
@@ -152,8 +153,8 @@ def _state_problem(state: Dict[str, Any]) -> Optional[str]:
     world_size = state.get("world_size", 1)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         return f"its world_size {str(world_size)[:20]!r} is not a number of processes"
-    if not math.isfinite(state["loss_sum"]):
-        return f"its loss_sum {state['loss_sum']} is not finite"
+    if not (math.isfinite(state["loss_sum"]) and state["loss_sum"] >= 0):
+        return f"its loss_sum {state['loss_sum']} is not a finite sum of losses (0 or more)"
     rng, expected = state["rng"], torch.get_rng_state()
     if rng.dtype != expected.dtype or rng.shape != expected.shape:
         return f"its rng is a {rng.dtype} tensor of shape {list(rng.shape)}, not torch's CPU generator state"
@@ -165,4 +166,11 @@ def _state_problem(state: Dict[str, Any]) -> Optional[str]:
         limits.check_train_config(state["train_config"])
     except ValueError as exc:
         return str(exc)
+    try:
+        steps = Recipe(**state["train_config"]).steps_per_epoch(limits.TRAIN_IMAGES)
+    except TypeError as exc:
+        return f"its train_config does not fit this version ({exc})"
+    if state["step"] >= steps:  # (a progress file's step is within its epoch; a checkpoint's is 0)
+        return (f"its step {state['step']} is past the end of an epoch, {steps} steps at its batch size "
+                f"{state['train_config']['batch_size']}")
     return None

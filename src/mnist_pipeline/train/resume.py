@@ -48,11 +48,7 @@ class TrainingState:
 
     @classmethod
     def restore(cls, saved: checkpoint.Checkpoint, device: torch.device) -> "TrainingState":
-        try:
-            recipe = Recipe(**saved.state["train_config"])
-        except TypeError as exc:
-            raise saved.invalid(f"its train_config does not fit this version ({exc})") from None
-        self = cls(recipe, saved.build_model(), device)
+        self = cls(Recipe(**saved.state["train_config"]), saved.build_model(), device)  # (checked by the record)
         try:
             self.optimizer.load_state_dict(saved.state["optimizer"])
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
@@ -63,7 +59,7 @@ class TrainingState:
             if isinstance(cuda_rng, torch.Tensor):
                 torch.cuda.set_rng_state(cuda_rng, device)
             else:  # saved by a CPU run: a state derived from the seed, the same on every resume
-                torch.cuda.manual_seed(recipe.seed)
+                torch.cuda.manual_seed(self.recipe.seed)
         self.epoch, self.step = saved.epoch, saved.state["step"]
         self.resumed = True
         self.reset_loss(saved.state["loss_sum"])
