@@ -1,8 +1,9 @@
 """The pipeline's commands: train, evaluate, infer, all three in one process, and the report.
 
 The stages never import one another or the report: what one hands the next goes through here or the
-volume. The report is written once per command, from the records on the volume. evaluate (and
-pipeline) then export the version they registered as an ONNX model where onnxruntime imports.
+volume. The report is written once per command, from the records the command made and, for those it
+did not make, the records on the volume. evaluate (and pipeline) then export the version they
+registered as an ONNX model where onnxruntime imports.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from mnist_pipeline.volume import Volume
 
 if TYPE_CHECKING:
     from mnist_pipeline.evaluate import Scored  # (it loads torch: the parser answers without it)
+    from mnist_pipeline.records.evaluation import Evaluation
+    from mnist_pipeline.records.predictions import Predictions
 
 Values = Dict[str, Any]
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ def train(args: argparse.Namespace, v: Values) -> int:
 def evaluate(args: argparse.Namespace, v: Values) -> int:
     scored = _evaluate(v)
     volume = Volume(v["root"])
-    _report_after(volume, v["mirror"], describe(volume.eval_results))
+    _report_after(volume, v["mirror"], describe(volume.eval_results), scored.evaluation)
     _export_after(volume, scored, v, f"{describe(volume.eval_results)} and the report are written")
     return 0
 
@@ -50,10 +53,10 @@ def pipeline(args: argparse.Namespace, v: Values) -> int:
     check_signal("train")
     scored = _evaluate(v)
     check_signal("evaluate")
-    _infer(v)
+    inferred = _infer(v)
     check_signal("infer")
     volume = Volume(v["root"])
-    _report_after(volume, v["mirror"], f"{describe(volume.results_dir)}/")
+    _report_after(volume, v["mirror"], f"{describe(volume.results_dir)}/", scored.evaluation, inferred)
     _export_after(volume, scored, v, f"{describe(volume.results_dir)}/ and the report are written")
     return 0
 
@@ -79,12 +82,13 @@ def _evaluate(v: Values) -> Scored:
     return scored
 
 
-def _infer(v: Values) -> None:
+def _infer(v: Values) -> "Predictions":
     from mnist_pipeline import infer as stage
 
     result = stage.run(infer_config(v))
     files = ", ".join(f"{p.file} (true {p.label})" for p in result.predictions)
     print(f"infer: accuracy {result.accuracy:.4f} > {result.threshold}: {files}")
+    return result
 
 
 def report(args: argparse.Namespace, v: Values) -> int:
@@ -110,30 +114,34 @@ def infer_config(v: Values) -> InferConfig:
                        seed=v["seed"], started=v["started"])
 
 
-def write_report(volume: Volume, mirror: Optional[str]) -> Path:
-    """model/report/ from the evaluation, the history and infer's predictions on the volume."""
+def write_report(volume: Volume, mirror: Optional[str], scores: Optional["Evaluation"] = None,
+                 inferred: Optional["Predictions"] = None) -> Path:
+    """model/report/ from the evaluation and infer's predictions this command made (those it did not make: from
+    the volume), and the history."""
     from mnist_pipeline import data, report as reports
     from mnist_pipeline.records import aliases, evaluation, history, predictions
 
-    try:
-        scores = evaluation.read(volume)
-    except FileNotFoundError:
-        raise PipelineError(f"no {describe(volume.eval_results)} yet: run `mnist evaluate` first") from None
-    try:
-        inferred = predictions.read(volume)
-    except FileNotFoundError:
-        inferred = None
-    except PipelineError as exc:
-        logging.getLogger(__name__).warning("the report leaves out results/: %s", exc)
-        inferred = None
+    if scores is None:
+        try:
+            scores = evaluation.read(volume)
+        except FileNotFoundError:
+            raise PipelineError(f"no {describe(volume.eval_results)} yet: run `mnist evaluate` first") from None
+    if inferred is None:
+        try:
+            inferred = predictions.read(volume)
+        except FileNotFoundError:
+            pass
+        except PipelineError as exc:
+            log.warning("the report leaves out results/: %s", exc)
     test_images = data.load_split(volume.data_dir, "test", mirror).images
     return reports.write(volume, scores, history.read(volume), test_images, inferred, aliases.catalogue(volume),
                          aliases.history(volume))
 
 
-def _report_after(volume: Volume, mirror: Optional[str], written: str) -> None:
+def _report_after(volume: Volume, mirror: Optional[str], written: str, scores: "Evaluation",
+                  inferred: Optional["Predictions"] = None) -> None:
     try:
-        print(f"report: {describe(write_report(volume, mirror))}")
+        print(f"report: {describe(write_report(volume, mirror, scores, inferred))}")
     except PipelineError as exc:
         raise PipelineError(f"{written} is written, but not the report: {exc}; `mnist report` tries again") from None
 
