@@ -20,7 +20,7 @@ import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from mnist_pipeline import distributed, faults, parse, settings, signals
-from mnist_pipeline.commands import COMMANDS
+from mnist_pipeline.commands import COMMANDS, Command
 from mnist_pipeline.commands.stages import check_signal
 from mnist_pipeline.errors import PipelineError, UsageError
 from mnist_pipeline.storage.files import describe
@@ -72,8 +72,9 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
         values, args.explicit = settings.resolve(args.command, vars(args), env)
     except ValueError as exc:
         parser.error(str(exc))
+    command = COMMANDS[args.command]
     world = distributed.world(env)  # a rank of a torchrun group, or a world of one
-    if world.size > 1 and args.command != "train":
+    if world.size > 1 and not command.group:
         parser.error(f"only `mnist train` runs as a torchrun group, not `mnist {args.command}`: run it in one process")
     nproc = values.pop("nproc_per_node", 1)
     if nproc > 1 and not distributed.launched(env):
@@ -83,10 +84,10 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
             parser.error(str(exc))
         return distributed.launch(nproc, sys.argv[1:] if argv is None else argv)
     _set_up_process(args.verbose, world.is_main)
-    if args.command in ("evaluate", "infer", "pipeline"):
+    if command.waits:
         values["started"] = started
     try:
-        return _run(parser, args, values, world)
+        return _run(parser, args, command, values, world)
     except PipelineError as exc:
         if not getattr(exc, "silent", False):  # (a rank that stops because rank 0 did: rank 0 says why)
             print(f"error: {exc}", file=sys.stderr)
@@ -104,19 +105,17 @@ def _set_up_process(verbose: bool, is_main: bool) -> None:
     )
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, values: Dict[str, Any],
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, command: Command, values: Dict[str, Any],
          world: distributed.World) -> int:
     """The command, under the train lock where it trains, with SIGTERM and SIGINT its to handle where it can."""
     volume = Volume(values["root"])
-    reads_volume = ("evaluate", "infer", "models", "promote", "rollback", "export")
-    if args.command in reads_volume and not volume.root.is_dir():
+    if command.needs_volume and not volume.root.is_dir():
         raise PipelineError(
             f"no volume at {describe(volume.root)} (no such folder): run `mnist train --root "
             f"{describe(volume.root)}` first, or fix --root / MNIST_ROOT"
         )
-    command = COMMANDS[args.command]
     with contextlib.ExitStack() as args.train_lock:
-        if args.command in ("train", "pipeline") and world.size == 1:
+        if command.trains and world.size == 1:
             # before torch loads: a train started beside an evaluate and an infer (`docker compose up`)
             # holds its lock long before they would use the old checkpoint. In a torchrun group rank 0
             # takes it in train.run, once the group has formed: a busy volume then stops every rank.
