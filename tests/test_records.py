@@ -22,7 +22,8 @@ def write_evaluation(root: Path, sha256: str, epoch: int, accuracy: float = 0.99
     correct = round(accuracy * 10_000)
     matrix = tuple((correct, 10_000 - correct, *[0] * 8) if row == 0 else (0,) * 10 for row in range(10))
     evaluation.write(Volume(root), evaluation.Evaluation(
-        accuracy=correct / 10_000, test_loss=0.1, correct=correct, total=10_000, per_class_accuracy=(1.0,) * 10,
+        accuracy=correct / 10_000, test_loss=0.1, correct=correct, total=10_000,
+        per_class_accuracy=(correct / 10_000,) + (0.0,) * 9,  # (a digit with no images: 0, as evaluate says)
         confusion_matrix=matrix, mistakes=(), sha256=sha256, epoch=epoch, compute_seconds=0.0, device="cpu",
         evaluated_at="2026-12-04T00:00:00+0000"))
 
@@ -63,6 +64,34 @@ def test_a_format_1_volume_trains_on_and_is_written_as_format_2(format1, short_t
     assert (state["format_version"], state["architecture"], state["epoch"]) == (2, "mnist_cnn", 2)
 
 
+def test_the_first_format_1_files_read_too_and_the_first_network_is_refused_by_name(format1):
+    """Format 1's first files: checkpoints from before the step limit and the network's mean and std, with
+    label_smoothing 0 and the epoch's train_loss; evaluations from before they listed mistakes."""
+    state = torch.load(format1.checkpoint, weights_only=True)
+    del state["train_config"]["max_steps"]
+    state["train_config"]["label_smoothing"] = 0.0
+    state["model_config"] = {k: v for k, v in state["model_config"].items() if k not in ("mean", "std")}
+    torch.save({**state, "train_loss": 0.5}, format1.checkpoint)
+    saved = checkpoint.read(format1.checkpoint)
+    assert saved.state["train_config"]["max_steps"] == 0 and "label_smoothing" not in saved.state["train_config"]
+    assert isinstance(saved.build_model(), model.MnistCNN)
+
+    record = eval_json(format1)
+    del record["mistakes"]
+    format1.eval_results.write_text(json.dumps(record))
+    assert evaluation.read(format1).mistakes == ()
+    record["format_version"] = evaluation.FORMAT_VERSION  # format 2 always lists them
+    format1.eval_results.write_text(json.dumps(record))
+    with pytest.raises(PipelineError, match="has no 'mistakes'"):
+        evaluation.read(format1)
+
+    # the network of the first release had other layers: its weights cannot be loaded into today's
+    state["model_config"] = {"channels": [32, 64, 128], "first_kernel": 5}
+    torch.save(state, format1.checkpoint)
+    with pytest.raises(PipelineError, match="its network is the first release's"):
+        checkpoint.read(format1.checkpoint)
+
+
 def test_a_checkpoint_names_its_architecture_and_loading_picks_the_class(format1, monkeypatch):
     class Tiny(torch.nn.Module):
         def __init__(self, width: int = 3):
@@ -96,6 +125,11 @@ def eval_json(volume: Volume) -> dict:
     (lambda e: e.update(test_loss=float("inf")), "Infinity is not a number JSON allows"),
     (lambda e: e.update(format_version=9), "format_version 9 is newer"),
     (lambda e: e.pop("per_class_accuracy"), "no 'per_class_accuracy'"),
+    (lambda e: e["per_class_accuracy"].pop("3"), "per_class_accuracy has no '3'"),
+    (lambda e: e["per_class_accuracy"].update({"3": 0.5}), "per_class_accuracy[3] is 0.5, not the share"),
+    (lambda e: e["mistakes"].append({"test_index": 5, "label": 2, "predicted": 2, "confidence": 0.5}),
+     "predicted its own label 2: not a mistake"),
+    (lambda e: e["checkpoint"].pop("sha256"), "checkpoint has no 'sha256'"),
 ])
 def test_a_malformed_evaluation_is_one_error_naming_the_file_for_every_reader(change, fragment, format1):
     record = eval_json(format1)
@@ -158,10 +192,16 @@ def test_the_chart_thins_a_long_history_to_a_few_thousand_points():
     assert svg.count("<circle") == chart.MAX_POINTS and len(svg) < 2_000_000
 
 
-def test_a_malformed_predictions_file_is_left_out_of_the_report_not_fatal(format1):
+@pytest.mark.parametrize("change, fragment", [
+    (lambda p: p["predictions"][0].update(confidence="high"), "predictions[0].confidence is 'high'"),
+    (lambda p: p["predictions"][1].pop("label"), "predictions[1] has no 'label'"),
+    (lambda p: p["predictions"].append(p["predictions"][0]), "predictions name one file twice"),
+])
+def test_a_malformed_predictions_file_is_left_out_of_the_report_not_fatal(change, fragment, format1):
     path = format1.results_dir / "predictions.json"
     record = json.loads(path.read_text())
-    record["predictions"][0]["confidence"] = "high"
+    change(record)
     path.write_text(json.dumps(record))
-    with pytest.raises(PipelineError, match="predictions.json is not valid"):
+    with pytest.raises(PipelineError, match="predictions.json is not valid") as refused:
         predictions.read(format1)
+    assert fragment in str(refused.value)

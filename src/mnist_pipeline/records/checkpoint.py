@@ -131,9 +131,13 @@ def _bytes(path: Path) -> bytes:
 
 
 def _upgrade(state: Dict[str, Any]) -> Dict[str, Any]:
-    """The state as FORMAT_VERSION has it: format 1 knew one network, which it did not name."""
+    """The state as FORMAT_VERSION has it. Format 1 knew one network, which it did not name; its first files
+    have no max_steps (there was no step limit: every epoch whole) and a label_smoothing that was always 0."""
     if state["format_version"] == 1:
-        state = {**state, "format_version": 2, "architecture": "mnist_cnn"}
+        config = {"max_steps": 0, **state["train_config"]}
+        if config.get("label_smoothing") == 0.0:
+            del config["label_smoothing"]
+        state = {**state, "format_version": 2, "architecture": "mnist_cnn", "train_config": config}
     return state
 
 
@@ -145,6 +149,8 @@ def _state_problem(state: Dict[str, Any]) -> Optional[str]:
 
     if state["format_version"] != FORMAT_VERSION:
         return f"format_version {state['format_version']} is not one this version reads (1 to {FORMAT_VERSION})"
+    if "first_kernel" in state["model_config"]:  # format 1's very first network: other layers, other names
+        return "its network is the first release's (a model_config with first_kernel), which this version cannot build"
     if state.get("architecture") not in model.ARCHITECTURES:
         return (f"its architecture {str(state.get('architecture'))[:40]!r} is not one this version knows "
                 f"({', '.join(model.ARCHITECTURES)})")

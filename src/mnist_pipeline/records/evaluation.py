@@ -6,7 +6,8 @@
   correct, total      counts (total: the test images, 1 to 10,000)
   per_class_accuracy  {"0": ..., "9": ...}, each in [0, 1]
   confusion_matrix    10 x 10 counts, rows the true digit, summing to total
-  mistakes            the most confident mistakes: test_index, label, predicted, confidence
+  mistakes            the most confident mistakes: test_index, label, predicted, confidence (the first
+                      files of format 1 have none: read as an empty list)
   checkpoint          {sha256, epoch} of the checkpoint scored (format 1 also had its path)
   compute_seconds, device, evaluated_at   how and when
 """
@@ -85,7 +86,7 @@ def read(volume: Volume) -> Evaluation:
 
 
 def parse(record: Dict[str, Any]) -> Evaluation:
-    j.version(record, FORMAT_VERSION)  # format 1 differs only in its checkpoint's extra `path`
+    version = j.version(record, FORMAT_VERSION)  # format 1 also has its checkpoint's `path`, unread
     total = j.integer(j.field(record, "total"), "total", 1, MAX_IMAGES)
     correct = j.integer(j.field(record, "correct"), "correct", 0, total)
     accuracy = j.number(j.field(record, "accuracy"), "accuracy", 0, 1)
@@ -99,27 +100,37 @@ def parse(record: Dict[str, Any]) -> Evaluation:
     if sum(map(sum, matrix)) != total or sum(matrix[d][d] for d in range(10)) != correct:
         raise j.Invalid("confusion_matrix does not add up to total and its diagonal to correct")
     per_class = j.obj(j.field(record, "per_class_accuracy"), "per_class_accuracy")
+    per_class_accuracy = tuple(j.number(j.field(per_class, str(d), "per_class_accuracy"), f"per_class_accuracy[{d}]",
+                                        0, 1) for d in range(10))
+    for d, share in enumerate(per_class_accuracy):
+        right = matrix[d][d] / max(1, sum(matrix[d]))
+        if abs(share - right) > 1e-6:  # (written rounded to 6 digits)
+            raise j.Invalid(f"per_class_accuracy[{d}] is {share}, not the share confusion_matrix gives ({right:.6f})")
     mistakes = []
-    for k, entry in enumerate(j.array(j.field(record, "mistakes"), "mistakes", limit=MAX_IMAGES)):
-        m = j.obj(entry, f"mistakes[{k}]")
-        mistakes.append(Mistake(
-            test_index=j.integer(j.field(m, "test_index"), f"mistakes[{k}].test_index", 0, total - 1),
-            label=j.integer(j.field(m, "label"), f"mistakes[{k}].label", 0, 9),
-            predicted=j.integer(j.field(m, "predicted"), f"mistakes[{k}].predicted", 0, 9),
-            confidence=j.number(j.field(m, "confidence"), f"mistakes[{k}].confidence", 0, 1),
-        ))
+    listed = record.get("mistakes", []) if version == 1 else j.field(record, "mistakes")
+    for k, entry in enumerate(j.array(listed, "mistakes", limit=MAX_IMAGES)):
+        at = f"mistakes[{k}]"
+        m = j.obj(entry, at)
+        mistake = Mistake(
+            test_index=j.integer(j.field(m, "test_index", at), f"{at}.test_index", 0, total - 1),
+            label=j.integer(j.field(m, "label", at), f"{at}.label", 0, 9),
+            predicted=j.integer(j.field(m, "predicted", at), f"{at}.predicted", 0, 9),
+            confidence=j.number(j.field(m, "confidence", at), f"{at}.confidence", 0, 1),
+        )
+        if mistake.label == mistake.predicted:
+            raise j.Invalid(f"{at} predicted its own label {mistake.label}: not a mistake")
+        mistakes.append(mistake)
     checkpoint = j.obj(j.field(record, "checkpoint"), "checkpoint")
     return Evaluation(
         accuracy=accuracy,
         test_loss=j.number(j.field(record, "test_loss"), "test_loss", 0),
         correct=correct,
         total=total,
-        per_class_accuracy=tuple(j.number(j.field(per_class, str(d)), f"per_class_accuracy[{d}]", 0, 1)
-                                 for d in range(10)),
+        per_class_accuracy=per_class_accuracy,
         confusion_matrix=matrix,
         mistakes=tuple(mistakes),
-        sha256=j.sha256(j.field(checkpoint, "sha256"), "checkpoint.sha256"),
-        epoch=j.integer(j.field(checkpoint, "epoch"), "checkpoint.epoch", 0, checkpoints.MAX_EPOCH),
+        sha256=j.sha256(j.field(checkpoint, "sha256", "checkpoint"), "checkpoint.sha256"),
+        epoch=j.integer(j.field(checkpoint, "epoch", "checkpoint"), "checkpoint.epoch", 0, checkpoints.MAX_EPOCH),
         compute_seconds=j.number(record.get("compute_seconds", 0.0), "compute_seconds", 0),
         device=j.text(record.get("device", "?"), "device", 40),
         evaluated_at=j.text(record.get("evaluated_at", "?"), "evaluated_at", 40),

@@ -57,7 +57,7 @@ class Predictions:
 
 def write_into(folder: Path, predictions: Predictions) -> None:
     """Into infer's staging folder, which replaces results/ as a whole (so no atomic write of its own)."""
-    (folder / NAME).write_text(json.dumps(predictions.to_json(), indent=2) + "\n")
+    (folder / NAME).write_text(json.dumps(predictions.to_json(), indent=2, allow_nan=False) + "\n")
 
 
 def read(volume: Volume) -> Predictions:
@@ -74,20 +74,23 @@ def parse(record: Dict[str, Any]) -> Predictions:
     checkpoint = j.obj(j.field(record, "checkpoint"), "checkpoint")
     entries = []
     for k, entry in enumerate(j.array(j.field(record, "predictions"), "predictions", limit=MAX_IMAGES)):
-        p = j.obj(entry, f"predictions[{k}]")
-        name = j.text(j.field(p, "file"), f"predictions[{k}].file", 40)
+        at = f"predictions[{k}]"
+        p = j.obj(entry, at)
+        name = j.text(j.field(p, "file", at), f"{at}.file", 40)
         if not FILE_NAME.match(name):
-            raise j.Invalid(f"predictions[{k}].file {name!r} is not a name infer gives (digit.png, digit_N.png)")
+            raise j.Invalid(f"{at}.file {name!r} is not a name infer gives (digit.png, digit_N.png)")
         entries.append(Prediction(
             file=name,
-            test_index=j.integer(j.field(p, "test_index"), f"predictions[{k}].test_index", 0, MAX_IMAGES - 1),
-            label=j.integer(j.field(p, "label"), f"predictions[{k}].label", 0, 9),
-            predicted=j.integer(j.field(p, "predicted"), f"predictions[{k}].predicted", 0, 9),
-            confidence=j.number(j.field(p, "confidence"), f"predictions[{k}].confidence", 0, 1),
+            test_index=j.integer(j.field(p, "test_index", at), f"{at}.test_index", 0, MAX_IMAGES - 1),
+            label=j.integer(j.field(p, "label", at), f"{at}.label", 0, 9),
+            predicted=j.integer(j.field(p, "predicted", at), f"{at}.predicted", 0, 9),
+            confidence=j.number(j.field(p, "confidence", at), f"{at}.confidence", 0, 1),
         ))
+    if len({e.file for e in entries}) < len(entries):
+        raise j.Invalid("predictions name one file twice: each image infer saves has a name of its own")
     return Predictions(
-        sha256=j.sha256(j.field(checkpoint, "sha256"), "checkpoint.sha256"),
-        epoch=j.integer(j.field(checkpoint, "epoch"), "checkpoint.epoch", 0, MAX_EPOCH),
+        sha256=j.sha256(j.field(checkpoint, "sha256", "checkpoint"), "checkpoint.sha256"),
+        epoch=j.integer(j.field(checkpoint, "epoch", "checkpoint"), "checkpoint.epoch", 0, MAX_EPOCH),
         accuracy=j.number(j.field(record, "accuracy"), "accuracy", 0, 1),
         threshold=j.number(j.field(record, "threshold"), "threshold", 0, 1),
         compute_seconds=j.number(record.get("compute_seconds", 0.0), "compute_seconds", 0),

@@ -101,10 +101,14 @@ def mistakes_image(evaluation: Evaluation, test_images: torch.Tensor) -> Image.I
     image = Image.new("RGB", (width, GRID_ORIGIN[1] + rows * TILE[1] + 12), WHITE)
     draw = ImageDraw.Draw(image)
     wrong = evaluation.total - evaluation.correct
-    title = f"The {len(mistakes)} most confident mistakes of {wrong:,}" if wrong else "No mistakes"
+    if mistakes:
+        title = f"The {len(mistakes)} most confident mistakes of {wrong:,}"
+        note = "most confident first; under each: true digit, predicted digit, confidence"
+    elif wrong:  # an evaluation of format 1's first files, which did not list them
+        title, note = f"{wrong:,} mistakes", "this evaluation does not list them: `mnist evaluate` writes a new one"
+    else:
+        title, note = "No mistakes", "every test image is classified right"
     draw.text((GRID_ORIGIN[0], 10), title, fill=INK, font=_font(18))
-    note = "most confident first; under each: true digit, predicted digit, confidence" if mistakes else \
-        "every test image is classified right"
     draw.text((GRID_ORIGIN[0], 36), note, fill=MUTED, font=_font(13))
     for k, mistake in enumerate(mistakes):
         digit = Image.frombytes("L", (28, 28), bytes(test_images[mistake.test_index].flatten().tolist()))
