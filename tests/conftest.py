@@ -1,5 +1,4 @@
-"""What the tests share: MNIST, `mnist` run as a user runs it, and the volumes and servers several tests use.
-MNIST: $XDG_CACHE_HOME/mnist-compose, filled once by data.ensure from MNIST_TEST_MIRROR or else the internet."""
+"""What the tests share: MNIST, `mnist` run as a user runs it, and the volumes and servers several tests use."""
 
 import concurrent.futures
 import contextlib
@@ -49,10 +48,10 @@ def pytest_sessionstart(session):
         for name in data.FILES:  # gzipped too, as mirrors serve them: the tests of the fetch read .gz files
             if not (MIRROR / f"{name}.gz").exists():
                 atomic_write_bytes(MIRROR / f"{name}.gz", gzip.compress((MIRROR / name).read_bytes(), 1, mtime=0))
-    except (PipelineError, OSError) as exc:
-        raise pytest.UsageError(  # one line from pytest, before any test
-            f"no MNIST for the tests: set MNIST_TEST_MIRROR to a folder or http(s) URL holding the four MNIST files "
-            f"(.gz or raw), which fills {MIRROR} once; without it the public mirrors do. The cause: {exc}") from None
+    except (PipelineError, OSError) as exc:  # one line from pytest, before any test; the product's advice is for users
+        cause = str(exc).split("; ")[0].replace("MNIST_MIRROR=", "")
+        raise pytest.UsageError(f"no MNIST for the tests ({cause}): set MNIST_TEST_MIRROR to a folder or http(s) "
+                                f"URL of the MNIST files, to fill {MIRROR} once (unset: public mirrors)") from None
 
 
 def pytest_collection_modifyitems(items):

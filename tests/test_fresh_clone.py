@@ -57,6 +57,7 @@ def assert_stopped_with_one_line(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == pytest.ExitCode.USAGE_ERROR, output[-3000:]
     lines = [line for line in output.splitlines() if "MNIST" in line]
     assert len(lines) == 1 and "no MNIST for the tests" in lines[0] and "MNIST_TEST_MIRROR" in lines[0], output
+    assert "MNIST_MIRROR" not in lines[0].replace("MNIST_TEST_MIRROR", ""), lines[0]  # (the product's setting)
     assert "Traceback" not in output and "passed" not in output and "error" not in result.stdout, output
 
 
@@ -70,6 +71,12 @@ def test_with_the_internet_the_tests_fill_the_cache_once_from_the_public_mirrors
     assert cached(tmp_path) == sorted([*data.FILES, *(f"{name}.gz" for name in data.FILES)])
     with unreachable() as internet:  # filled once: the next run fetches nothing
         assert_passed(inner_pytest(tmp_path, internet))
+
+
+def test_a_mirror_named_by_url_fills_the_cache_without_the_internet(tmp_path, mirror):
+    with unreachable() as nowhere, http_server(mirror) as named:
+        assert_passed(inner_pytest(tmp_path, nowhere, MNIST_TEST_MIRROR=named))
+    assert cached(tmp_path) == sorted([*data.FILES, *(f"{name}.gz" for name in data.FILES)])
 
 
 def test_without_a_reachable_mirror_the_run_stops_at_once_with_one_line(tmp_path):

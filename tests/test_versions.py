@@ -141,6 +141,9 @@ def test_a_corrupt_version_is_listed_as_corrupt_and_never_served(versions_copy, 
     assert_one_line_error(run_here("predict", "--root", root, "--model", "2", "--threshold", "0", str(broken)),
                           1, "version 2")
     assert production(versions_copy) == 3
+    (versions_copy / "model" / "versions" / "1" / "eval_results.json").write_text("{}")  # which file is wrong
+    assert "1  corrupt: version 1: " in (listing := run_here("models", "--root", root).stdout), listing
+    assert "versions/1/eval_results.json is not valid: it has no 'total'" in listing
 
 
 def test_kill_9_at_registration_leaves_no_partial_version(short_trained_copy):

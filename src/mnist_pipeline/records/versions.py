@@ -194,13 +194,14 @@ def read(volume: Volume, number: int) -> Version:
             data_sha256=j.sha256(j.field(record, "data_sha256"), "data_sha256"),
             package=j.text(j.field(record, "package"), "package", 40),
         )
-        scores = evaluations.parse(j.load(folder / EVALUATION, "evaluation"))
+        path = folder / EVALUATION
+        scores = evaluations.parse(j.load(path, "evaluation"))
     except FileNotFoundError:
         if not folder.exists():
             raise
-        raise PipelineError(f"version {number}: {describe(folder)} lacks {METADATA} or {EVALUATION}") from None
+        raise PipelineError(f"version {number}: {describe(folder)} lacks {path.name}") from None
     except j.Invalid as exc:
-        raise PipelineError(f"version {number}: a file in {describe(folder)} is not valid: {exc}") from None
+        raise PipelineError(f"version {number}: {describe(path)} is not valid: {exc}") from None
     if (scores.sha256, scores.accuracy, scores.epoch) != (version.sha256, version.accuracy, version.epoch):
         raise PipelineError(f"version {number}: its {EVALUATION} is of another checkpoint than {METADATA} says")
     try:
