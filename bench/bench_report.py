@@ -69,7 +69,7 @@ def main() -> None:
         print(f"Recorder.add: {record_us:.1f} us a step; a training step (batch 128): {step_us / 1000:.1f} ms; "
               f"recording is {record_us / step_us:.4%} of a step")
 
-        recorder.records = [{"kind": "step", "epoch": e, "step": s, "loss": 0.1234567, "lr": 0.01234567}
+        recorder.records = [history.Point(epoch=e, step=s, loss=0.1234567, lr=0.01234567)
                             for e in range(1, 101) for s in range(10, 470, 10)]
         started = time.perf_counter()
         recorder.save(100, 0)

@@ -49,7 +49,7 @@ def test_format_1_files_read_as_todays_records(format1):
     assert isinstance(saved.build_model(), model.MnistCNN)
     scores = evaluation.read(format1)
     assert scores.sha256 == saved.sha256 and scores.correct == 1010 and scores.total == 10_000
-    assert [r["kind"] for r in history.read(format1)] == ["step", "epoch", "eval"]
+    assert [r.kind for r in history.read(format1)] == ["step", "epoch", "eval"]
     inferred = predictions.read(format1)
     assert inferred.sha256 == saved.sha256 and [p.file for p in inferred.predictions][0] == "3.png"
     saved_gate, _ = evaluation.evaluated(format1, 0.1)  # the gate passes it (accuracy 0.101)
@@ -152,6 +152,7 @@ BAD_LINES = [
     b'{"kind":"epoch","epoch":1,"steps":true,"train_loss":0.5}',
     b'[1, 2]',
     b'{"kind": "window", "epoch": 1}',
+    b'{"kind":"step","format_version":2,"epoch":1,"step":10,"loss":1.0,"lr":0.1}',  # a newer version's line
 ]
 
 
@@ -159,7 +160,7 @@ BAD_LINES = [
 def test_a_bad_history_line_is_skipped_with_one_warning(line, format1, caplog):
     with format1.history.open("ab") as file:
         file.write(line + b"\n")
-    assert [r["kind"] for r in history.read(format1)] == ["step", "epoch", "eval"]
+    assert [r.kind for r in history.read(format1)] == ["step", "epoch", "eval"]
     assert caplog.text.count("skipped 1 unreadable line") == 1
 
 
@@ -186,7 +187,7 @@ def test_a_history_that_is_not_a_file_is_set_aside_and_train_goes_on(format1, sh
 
 
 def test_the_chart_thins_a_long_history_to_a_few_thousand_points():
-    records = [{"kind": "step", "epoch": 1 + i // 47, "step": 10 * (1 + i % 47), "loss": 1.0 / (1 + i), "lr": 0.1}
+    records = [history.Point(epoch=1 + i // 47, step=10 * (1 + i % 47), loss=1.0 / (1 + i), lr=0.1)
                for i in range(200_000)]
     svg = chart.training_svg(history.summary(records))
     assert svg.count("<circle") == chart.MAX_POINTS and len(svg) < 2_000_000

@@ -55,7 +55,7 @@ def evaluation_of(root: Path) -> dict:
 
 
 def train_records(root: Path) -> list:
-    return [r for r in history.read(Volume(root)) if r["kind"] in history.TRAIN_KINDS]
+    return [r for r in history.read(Volume(root)) if isinstance(r, history.TRAIN_KINDS)]
 
 
 class _References(HTMLParser):
@@ -136,17 +136,17 @@ def test_mistakes_grid_shows_the_most_confident_mistakes_first(reported):
 
 def test_history_holds_both_epochs_without_gaps_or_duplicates(reported):
     records = history.read(Volume(reported))
-    steps = [(r["epoch"], r["step"]) for r in records if r["kind"] == "step"]
+    steps = [(r.epoch, r.step) for r in records if isinstance(r, history.Point)]
     assert steps == [(e, s) for e in (1, 2) for s in POINTS]
-    assert all(r["loss"] > 0 and r["lr"] >= 0 for r in records if r["kind"] == "step")
-    epochs = [(r["epoch"], r["steps"]) for r in records if r["kind"] == "epoch"]
+    assert all(r.loss > 0 and r.lr >= 0 for r in records if isinstance(r, history.Point))
+    epochs = [(r.epoch, r.steps) for r in records if isinstance(r, history.EpochEnd)]
     assert epochs == [(1, STEPS_PER_EPOCH), (2, STEPS_PER_EPOCH)]
-    evaluations = [r for r in records if r["kind"] == "eval"]
-    assert [r["epoch"] for r in evaluations] == [1, 2]
+    evaluations = [r for r in records if isinstance(r, history.Scores)]
+    assert [r.epoch for r in evaluations] == [1, 2]
     evaluation = evaluation_of(reported)
-    assert evaluations[1]["accuracy"] == evaluation["accuracy"]
-    assert evaluations[1]["sha256"] == evaluation["checkpoint"]["sha256"]
-    assert not [r for r in records if r["kind"] == "window"], "nothing pending after a finished epoch"
+    assert evaluations[1].accuracy == evaluation["accuracy"]
+    assert evaluations[1].sha256 == evaluation["checkpoint"]["sha256"]
+    assert not [r for r in records if isinstance(r, history.Window)], "nothing pending after a finished epoch"
 
 
 def test_an_epoch_stopped_by_sigterm_and_finished_later_gives_the_same_history(reported, tmp_path):
@@ -154,7 +154,7 @@ def test_an_epoch_stopped_by_sigterm_and_finished_later_gives_the_same_history(r
     stopped = run_here("train", "--root", root, "--epochs", "2", *STEPS, env={"MNIST_FAULT": "sigterm-at-step:17"})
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     partial = history.read(Volume(tmp_path / "volume"))
-    assert [(r["kind"], r["step"]) for r in partial] == [("step", 10), ("window", 17)]
+    assert [(r.kind, r.step) for r in partial] == [("step", 10), ("window", 17)]
     resumed = run_here("train", "--root", root, "--epochs", "2", *STEPS)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # bit-exact resume: the same points as train + train (resumed) in one go, float for float
@@ -181,7 +181,7 @@ def test_fresh_moves_the_history_aside_and_starts_a_new_one(reported_copy):
     aside = list((reported_copy / "model").glob("history.jsonl.*.aside"))
     assert len(aside) == 1 and aside[0].read_bytes() == old
     records = history.read(Volume(reported_copy))
-    assert [(r["kind"], r["epoch"]) for r in records] == [("step", 1)] * len(POINTS) + [("epoch", 1)]
+    assert [(r.kind, r.epoch) for r in records] == [("step", 1)] * len(POINTS) + [("epoch", 1)]
 
 
 def test_report_rebuilds_the_whole_folder_and_leaves_results_alone(reported_copy):
@@ -222,7 +222,7 @@ def test_a_failing_report_is_an_error_that_keeps_eval_results(reported_copy, mon
     assert evaluation["checkpoint"]["sha256"] == sha and evaluation["total"] == 10000
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before, "the previous report stays whole"
     # evaluating the same checkpoint again replaced its test scores in the history, not added them
-    epochs = [r["epoch"] for r in history.read(Volume(reported_copy)) if r["kind"] == "eval"]
+    epochs = [r.epoch for r in history.read(Volume(reported_copy)) if isinstance(r, history.Scores)]
     assert epochs == [1, 2]
 
 
@@ -249,7 +249,7 @@ def test_history_skips_unreadable_or_incomplete_lines(tmp_path, caplog):
     volume.model_dir.mkdir()
     volume.history.write_text('{"kind":"step","epoch":1,"step":10,"loss":1.0,"lr":0.1}\n{"kind": "st\n'
                               '{"kind":"step","epoch":1,"step":20}\n{"kind":"eval","epoch":1,"accuracy":"high"}\n')
-    assert history.read(volume) == [{"kind": "step", "epoch": 1, "step": 10, "loss": 1.0, "lr": 0.1}]
+    assert history.read(volume) == [history.Point(epoch=1, step=10, loss=1.0, lr=0.1)]
     assert "skipped 3 unreadable line" in caplog.text
 
 
@@ -283,15 +283,15 @@ def test_serve_shows_the_report_at_slash_report(reported, browser, serve):
 
 def test_history_summary_places_each_epoch_after_the_steps_of_the_earlier_ones():
     records = [
-        {"kind": "step", "epoch": 1, "step": 10, "loss": 2.0, "lr": 0.1},
-        {"kind": "step", "epoch": 1, "step": 25, "loss": 1.0, "lr": 0.0},
-        {"kind": "epoch", "epoch": 1, "steps": 25, "train_loss": 1.5},
-        {"kind": "eval", "epoch": 1, "accuracy": 0.9, "test_loss": 0.3, "sha256": "a" * 64},
-        {"kind": "step", "epoch": 2, "step": 10, "loss": 0.5, "lr": 0.05},  # an epoch still running
+        history.Point(epoch=1, step=10, loss=2.0, lr=0.1),
+        history.Point(epoch=1, step=25, loss=1.0, lr=0.0),
+        history.EpochEnd(epoch=1, steps=25, train_loss=1.5),
+        history.Scores(epoch=1, accuracy=0.9, test_loss=0.3, sha256="a" * 64),
+        history.Point(epoch=2, step=10, loss=0.5, lr=0.05),  # an epoch still running
     ]
     summary = history.summary(records)
-    assert [p["x"] for p in summary["points"]] == [10, 25, 35]
-    assert [(e["epoch"], e["x"], e["eval"]["accuracy"]) for e in summary["epochs"]] == [(1, 25, 0.9)]
+    assert [p.x for p in summary.points] == [10, 25, 35]
+    assert [(e.end.epoch, e.x, e.scores.accuracy) for e in summary.epochs] == [(1, 25, 0.9)]
 
 
 def test_pipeline_ends_with_a_report_that_shows_its_infer_images(tmp_path):

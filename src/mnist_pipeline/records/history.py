@@ -1,18 +1,19 @@
 """model/history.jsonl: the training history, one JSON record a line, for the report's curves.
 
-  {"kind": "step", "epoch": 1, "step": 10, "loss": 0.53, "lr": 0.08}
+  {"kind": "step", "epoch": 1, "step": 10, "loss": 0.53, "lr": 0.08}                  Point
       the mean train loss of the batches since the epoch's previous point and the learning rate of
       the last of them; `epoch` is the epoch being trained (from 1), `step` the batches done in it
-  {"kind": "epoch", "epoch": 1, "steps": 468, "train_loss": 0.21}
+  {"kind": "epoch", "epoch": 1, "steps": 468, "train_loss": 0.21}                     EpochEnd
       an epoch finished (its mean train loss)
-  {"kind": "eval", "epoch": 1, "accuracy": 0.9909, "test_loss": 0.03, "sha256": "..."}
+  {"kind": "eval", "epoch": 1, "accuracy": 0.9909, "test_loss": 0.03, "sha256": "..."} Scores
       added by evaluate: the test scores of the checkpoint after that epoch
-  {"kind": "window", "epoch": 1, "step": 17, "loss_sum": 1.23, "count": 7}
+  {"kind": "window", "epoch": 1, "step": 17, "loss_sum": 1.23, "count": 7}             Window
       saved with an interrupted epoch: the batches already summed towards its next point
 
 Each line stands alone: one that does not parse or is out of range is skipped with one warning for
-the file, and never stops train (which writes the file anew from the lines it kept). No format
-version: a record is a line, and each kind's fields are checked as they are read.
+the file, and never stops train (which writes the file anew from the lines it kept). The format is a
+line's: FORMAT_VERSION 1 has no field for it (every line so far); a later format adds
+"format_version", and a line newer than this version reads is skipped like a bad one.
 
 train writes the file (atomically) just before each checkpoint or progress file, so the history
 always reaches at least as far as the point the next train resumes from. That train drops whatever
@@ -22,10 +23,12 @@ same as an uninterrupted run's, without gaps or duplicates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Optional, Union
 
 import torch
 
@@ -38,21 +41,65 @@ from mnist_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
 
-TRAIN_KINDS = ("step", "epoch")  # what train writes (evaluate adds "eval")
+FORMAT_VERSION = 1
 EVERY = 10  # steps between points: 47 points per full epoch, one loss read (a GPU sync) per 10 steps
 MAX_BYTES = 64 * 1024 * 1024  # some 700,000 lines: a file larger than that is set aside, not read
 MAX_STEP = 60_000  # batches in an epoch: the training images at batch size 1
 LOCK = "history"  # train and evaluate both rewrite the file
-# the fields of each kind of record beside its epoch, with their range; int fields must be whole numbers
+
+
+@dataclass(frozen=True)
+class Point:
+    kind: ClassVar[str] = "step"
+    epoch: int
+    step: int
+    loss: float
+    lr: float
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    kind: ClassVar[str] = "epoch"
+    epoch: int
+    steps: int
+    train_loss: float
+
+
+@dataclass(frozen=True)
+class Scores:
+    kind: ClassVar[str] = "eval"
+    epoch: int
+    accuracy: float
+    test_loss: float
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Window:
+    kind: ClassVar[str] = "window"
+    epoch: int
+    step: int
+    loss_sum: float
+    count: int
+
+
+Record = Union[Point, EpochEnd, Scores, Window]
+KINDS = {cls.kind: cls for cls in (Point, EpochEnd, Scores, Window)}
+TRAIN_KINDS = (Point, EpochEnd)  # what train writes (evaluate adds Scores)
+# each kind's numbers beside its epoch, with their range; int fields must be whole numbers
 FIELDS = {
-    "step": {"step": (int, 1, MAX_STEP), "loss": (float, 0, math.inf), "lr": (float, 0, math.inf)},
-    "epoch": {"steps": (int, 1, MAX_STEP), "train_loss": (float, 0, math.inf)},
-    "eval": {"accuracy": (float, 0, 1), "test_loss": (float, 0, math.inf)},
-    "window": {"step": (int, 0, MAX_STEP), "loss_sum": (float, 0, math.inf), "count": (int, 0, EVERY)},
+    Point: {"step": (int, 1, MAX_STEP), "loss": (float, 0, math.inf), "lr": (float, 0, math.inf)},
+    EpochEnd: {"steps": (int, 1, MAX_STEP), "train_loss": (float, 0, math.inf)},
+    Scores: {"accuracy": (float, 0, 1), "test_loss": (float, 0, math.inf)},
+    Window: {"step": (int, 0, MAX_STEP), "loss_sum": (float, 0, math.inf), "count": (int, 0, EVERY)},
 }
 
 
-def read(volume: Volume, quiet: bool = False) -> List[Dict[str, Any]]:
+def to_json(record: Record) -> Dict[str, Any]:
+    return {"kind": record.kind, **dataclasses.asdict(record)}
+
+
+def read(volume: Volume, quiet: bool = False) -> List[Record]:
     """The valid records of the file, in order; the others are skipped with one warning.
 
     A file that cannot be read as one (a FIFO, a folder, larger than MAX_BYTES) gives no records and
@@ -77,27 +124,29 @@ def read(volume: Volume, quiet: bool = False) -> List[Dict[str, Any]]:
     return records
 
 
-def _parse(line: str) -> Any:
-    """The record on `line` with only its known fields, or None if it is not a valid one."""
+def _parse(line: str) -> Optional[Record]:
+    """The record on `line`, or None if it is not a valid one."""
     try:
         record = json.loads(line, parse_constant=lambda name: None)
-        kind = record["kind"]
-        fields = FIELDS[kind]
+        cls = KINDS[record["kind"]]
+        version = record.get("format_version", 1)
     except (ValueError, KeyError, TypeError, RecursionError):
         return None
-    clean = {"kind": kind}
-    for name, (kind_of, low, high) in {"epoch": (int, 1, MAX_EPOCH), **fields}.items():
+    if isinstance(version, bool) or version not in range(1, FORMAT_VERSION + 1):
+        return None  # (a newer version's line)
+    values: Dict[str, Any] = {}
+    for name, (kind_of, low, high) in {"epoch": (int, 1, MAX_EPOCH), **FIELDS[cls]}.items():
         value = record.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
         if kind_of is int and not isinstance(value, int) or not (low <= value <= high):
             return None  # (NaN fails the range too)
-        clean[name] = value
-    if kind == "eval":
+        values[name] = value
+    if cls is Scores:
         if not isinstance(record.get("sha256"), str) or len(record["sha256"]) > 64:
             return None
-        clean["sha256"] = record["sha256"]
-    return clean
+        values["sha256"] = record["sha256"]
+    return cls(**values)
 
 
 def set_aside_unreadable(volume: Volume, set_aside) -> None:
@@ -110,9 +159,20 @@ def set_aside_unreadable(volume: Volume, set_aside) -> None:
         set_aside(volume.history, str(exc))
 
 
-def _write(volume: Volume, records: List[Dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+def _write(volume: Volume, records: List[Record]) -> None:
+    text = "".join(json.dumps(to_json(r), separators=(",", ":"), allow_nan=False) + "\n" for r in records)
     atomic_write_bytes(volume.history, text.encode(), fault_point="history-before-rename")
+
+
+@dataclass
+class _Pending:
+    """A point whose loss sum is still on the device (read when the history is saved)."""
+
+    epoch: int
+    step: int
+    loss_sum: torch.Tensor
+    count: int
+    lr: float
 
 
 class Recorder:
@@ -127,13 +187,13 @@ class Recorder:
         self.volume = volume
         self.window = torch.zeros((), dtype=torch.float32, device=device)
         self.count, self.lr = 0, 0.0
-        self.records: List[Dict[str, Any]] = []
+        self.records: List[Union[Record, _Pending]] = []
         for record in read(volume):  # keep what lies up to the starting point; the rest comes again
-            kind, at = record["kind"], (record["epoch"], record.get("step", 0))
-            if kind == "window" and at == (epoch + 1, step):
-                self.window.fill_(record["loss_sum"])
-                self.count = record["count"]
-            elif (kind == "epoch" and at[0] <= epoch) or (kind == "step" and at <= (epoch + 1, step)):
+            if isinstance(record, Window) and (record.epoch, record.step) == (epoch + 1, step):
+                self.window.fill_(record.loss_sum)
+                self.count = record.count
+            elif (isinstance(record, EpochEnd) and record.epoch <= epoch) or \
+                    (isinstance(record, Point) and (record.epoch, record.step) <= (epoch + 1, step)):
                 self.records.append(record)
         if step % EVERY != self.count:
             log.warning("%s lacks the loss of steps before step %d: its next point averages fewer steps",
@@ -150,54 +210,71 @@ class Recorder:
     def end_epoch(self, epoch: int, steps: int, train_loss: float) -> None:
         if self.count:
             self._point(epoch, steps)
-        self.records.append({"kind": "epoch", "epoch": epoch, "steps": steps, "train_loss": train_loss})
+        self.records.append(EpochEnd(epoch=epoch, steps=steps, train_loss=train_loss))
 
     def save(self, epoch: int, step: int) -> None:
         """Write the file, to match a checkpoint of `epoch` completed epochs and `step` batches into the next."""
-        on_device = [r for r in self.records if isinstance(r.get("loss"), torch.Tensor)]  # points' sums
-        if on_device:
-            sums = torch.stack([r["loss"] for r in on_device]).tolist()  # one read of the device for all
-            for record, loss_sum in zip(on_device, sums, strict=True):
-                record["loss"] = loss_sum / record.pop("count")
-        pending = [{"kind": "window", "epoch": epoch + 1, "step": step, "loss_sum": self.window.item(),
-                    "count": self.count}] if self.count else []
+        pending = [r.loss_sum for r in self.records if isinstance(r, _Pending)]
+        sums = iter(torch.stack(pending).tolist() if pending else [])  # one read of the device for all
+        self.records = [Point(r.epoch, r.step, next(sums) / r.count, r.lr) if isinstance(r, _Pending) else r
+                        for r in self.records]
+        window = [Window(epoch + 1, step, self.window.item(), self.count)] if self.count else []
         with brief_lock(self.volume, LOCK):
             # (quiet: the lines it skips were reported when this train began)
-            evaluations = [r for r in read(self.volume, quiet=True) if r["kind"] == "eval" and r["epoch"] <= epoch]
-            _write(self.volume, self.records + evaluations + pending)
+            scores = [r for r in read(self.volume, quiet=True) if isinstance(r, Scores) and r.epoch <= epoch]
+            _write(self.volume, self.records + scores + window)
 
     def _point(self, epoch: int, step: int) -> None:
         # the sum stays on the device until save(): a new tensor takes up the next window's sum
-        self.records.append({"kind": "step", "epoch": epoch, "step": step, "loss": self.window, "count": self.count,
-                             "lr": self.lr})
+        self.records.append(_Pending(epoch, step, self.window, self.count, self.lr))
         self.window = torch.zeros_like(self.window)
         self.count = 0
 
 
 def add_evaluation(volume: Volume, epoch: int, sha256: str, accuracy: float, test_loss: float) -> None:
     """evaluate's side: the test scores after `epoch`, replacing an earlier evaluation of that epoch."""
-    record = {"kind": "eval", "epoch": epoch, "accuracy": accuracy, "test_loss": test_loss, "sha256": sha256}
     with brief_lock(volume, LOCK):
-        records = [r for r in read(volume) if not (r["kind"] == "eval" and r["epoch"] == epoch)]
-        _write(volume, records + [record])
+        records = [r for r in read(volume) if not (isinstance(r, Scores) and r.epoch == epoch)]
+        _write(volume, records + [Scores(epoch, accuracy, test_loss, sha256)])
 
 
-def summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The report's view: points with a running step count `x`, epoch ends, test scores by epoch."""
-    epochs = {r["epoch"]: r for r in records if r["kind"] == "epoch"}
-    evaluations = {r["epoch"]: r for r in records if r["kind"] == "eval"}
-    points = sorted((r for r in records if r["kind"] == "step"), key=lambda r: (r["epoch"], r["step"]))
+@dataclass(frozen=True)
+class Placed:
+    """A point of the chart: the Point, and `x`, its step counted over all epochs."""
+
+    point: Point
+    x: int
+
+
+@dataclass(frozen=True)
+class EpochRow:
+    """An epoch's end, where it falls on the chart (`x`), and its test scores if evaluated."""
+
+    end: EpochEnd
+    x: int
+    scores: Optional[Scores]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The report's view of the history: its points in step order, and its epochs."""
+
+    points: List[Placed]
+    epochs: List[EpochRow]
+
+
+def summary(records: List[Record]) -> Summary:
+    """The report's view: points with a running step count `x`, epoch ends with their test scores."""
+    epochs = {r.epoch: r for r in records if isinstance(r, EpochEnd)}
+    scores = {r.epoch: r for r in records if isinstance(r, Scores)}
+    points = sorted((r for r in records if isinstance(r, Point)), key=lambda r: (r.epoch, r.step))
     last_step: Dict[int, int] = {}
     for p in points:
-        last_step[p["epoch"]] = max(last_step.get(p["epoch"], 0), p["step"])
+        last_step[p.epoch] = max(last_step.get(p.epoch, 0), p.step)
     offsets: Dict[int, int] = {}  # steps of all earlier epochs (an epoch with no record counts none)
     total = 0
     for epoch in sorted(set(last_step) | set(epochs)):
         offsets[epoch] = total
-        total += epochs[epoch]["steps"] if epoch in epochs else last_step[epoch]
-    return {
-        "points": [{**p, "x": offsets[p["epoch"]] + p["step"]} for p in points],
-        "epochs": [{**epochs[e], "x": offsets[e] + epochs[e]["steps"], "eval": evaluations.get(e)}
-                   for e in sorted(epochs)],
-        "evaluations": evaluations,
-    }
+        total += epochs[epoch].steps if epoch in epochs else last_step[epoch]
+    return Summary(points=[Placed(p, offsets[p.epoch] + p.step) for p in points],
+                   epochs=[EpochRow(epochs[e], offsets[e] + epochs[e].steps, scores.get(e)) for e in sorted(epochs)])

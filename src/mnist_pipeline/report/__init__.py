@@ -31,7 +31,7 @@ from mnist_pipeline.volume import Volume
 FILES = ("index.html", "confusion_matrix.png", "mistakes.png", "training.svg")
 
 
-def write(volume: Volume, evaluation: Evaluation, records: list, test_images: torch.Tensor,
+def write(volume: Volume, evaluation: Evaluation, records: List[history.Record], test_images: torch.Tensor,
           predictions: Optional[Predictions], versions: Optional[List[Dict[str, Any]]] = None,
           moves: Sequence[Move] = ()) -> Path:
     """Replace model/report/ with the report of `evaluation`, the history `records`, infer's `predictions`

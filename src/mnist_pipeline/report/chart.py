@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import List, TypeVar
 
 from mnist_pipeline.records import history
+from mnist_pipeline.records.history import EpochRow, Placed, Summary
 
 CHART = (960, 400)
 MAX_POINTS = 2000  # more than the chart's width in pixels: a longer history is thinned to this
 MAX_EPOCH_MARKS = 100  # dashed lines at epoch ends; more would fill the plot
 PLOT = (76, 56, 884, 340)  # left, top, right, bottom of the plotting area
+T = TypeVar("T")
 
 
 def _log_ticks(low: float, high: float) -> List[float]:
@@ -33,7 +35,7 @@ def _number(value: float) -> str:
     return f"{value:g}" if value >= 1e-3 or value == 0 else f"{value:.0e}"
 
 
-def thin(points: List[Dict[str, Any]], most: int) -> List[Dict[str, Any]]:
+def thin(points: List[T], most: int) -> List[T]:
     """At most `most` of `points`, evenly spread, the first and the last kept."""
     if len(points) <= most:
         return points
@@ -51,11 +53,11 @@ class _Scales:
     lr_high: float
 
     @classmethod
-    def of(cls, points: List[Dict[str, Any]], epochs: List[Dict[str, Any]]) -> "_Scales":
-        loss_low = 10 ** math.floor(math.log10(min(p["loss"] for p in points)))
-        return cls(steps=max([p["x"] for p in points] + [e["x"] for e in epochs]), loss_low=loss_low,
-                   loss_high=max(10 ** math.ceil(math.log10(max(p["loss"] for p in points))), loss_low * 10),
-                   lr_high=max(p["lr"] for p in points) * 1.05 or 1.0)
+    def of(cls, points: List[Placed], epochs: List[EpochRow]) -> "_Scales":
+        loss_low = 10 ** math.floor(math.log10(min(p.point.loss for p in points)))
+        return cls(steps=max([p.x for p in points] + [e.x for e in epochs]), loss_low=loss_low,
+                   loss_high=max(10 ** math.ceil(math.log10(max(p.point.loss for p in points))), loss_low * 10),
+                   lr_high=max(p.point.lr for p in points) * 1.05 or 1.0)
 
     def x(self, step: float) -> float:
         left, _, right, _ = PLOT
@@ -70,20 +72,20 @@ class _Scales:
         return bottom - (bottom - top) * lr / self.lr_high
 
 
-def training_svg(summary: Dict[str, Any]) -> str:
+def training_svg(summary: Summary) -> str:
     width, height = CHART
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="system-ui, sans-serif" font-size="13">',
            '<title>Training: train loss and learning rate over all steps</title>',
            f'<rect width="{width}" height="{height}" fill="#fff"/>']
-    points = thin([p for p in summary["points"] if p["loss"] > 0], MAX_POINTS)
+    points = thin([p for p in summary.points if p.point.loss > 0], MAX_POINTS)
     if not points:
         out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#6b7280">'
                    'No training history yet (model/history.jsonl): train writes it</text></svg>')
         return "\n".join(out)
-    scales = _Scales.of(points, summary["epochs"])
+    scales = _Scales.of(points, summary.epochs)
     out += _ticks(scales)
-    out += _epoch_marks(scales, thin(summary["epochs"], MAX_EPOCH_MARKS))
+    out += _epoch_marks(scales, thin(summary.epochs, MAX_EPOCH_MARKS))
     out += _curves(scales, points)
     out += _frame_and_legend()
     out.append("</svg>")
@@ -108,31 +110,31 @@ def _ticks(scales: _Scales) -> List[str]:
     return out
 
 
-def _epoch_marks(scales: _Scales, epochs: List[Dict[str, Any]]) -> List[str]:
+def _epoch_marks(scales: _Scales, epochs: List[EpochRow]) -> List[str]:
     """A dashed line at each epoch's end, with its number and test accuracy."""
     _, top, _, bottom = PLOT
     out = []
     for epoch in epochs:
-        x = scales.x(epoch["x"])
-        evaluation = epoch["eval"]
-        scores = f"test {evaluation['accuracy']:.2%}" if evaluation else "not evaluated"
+        x = scales.x(epoch.x)
+        scores = f"test {epoch.scores.accuracy:.2%}" if epoch.scores else "not evaluated"
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}" stroke="#6b7280" '
                    f'stroke-dasharray="4 3"/>'
-                   f'<text x="{x - 4:.1f}" y="{top + 14}" text-anchor="end" fill="#111827">epoch {epoch["epoch"]}'
+                   f'<text x="{x - 4:.1f}" y="{top + 14}" text-anchor="end" fill="#111827">epoch {epoch.end.epoch}'
                    f'</text><text x="{x - 4:.1f}" y="{top + 30}" text-anchor="end" fill="#15803d">{scores}</text>')
     return out
 
 
-def _curves(scales: _Scales, points: List[Dict[str, Any]]) -> List[str]:
+def _curves(scales: _Scales, points: List[Placed]) -> List[str]:
     """The learning rate (dashed), the loss over it, and an invisible circle at each point to hover."""
-    loss_path = " ".join(f"{scales.x(p['x']):.1f},{scales.loss(p['loss']):.1f}" for p in points)
-    lr_path = " ".join(f"{scales.x(p['x']):.1f},{scales.lr(p['lr']):.1f}" for p in points)
+    loss_path = " ".join(f"{scales.x(p.x):.1f},{scales.loss(p.point.loss):.1f}" for p in points)
+    lr_path = " ".join(f"{scales.x(p.x):.1f},{scales.lr(p.point.lr):.1f}" for p in points)
     out = [f'<polyline points="{lr_path}" fill="none" stroke="#ea580c" stroke-width="1.5" stroke-dasharray="6 3"/>',
            f'<polyline points="{loss_path}" fill="none" stroke="#2563eb" stroke-width="2"/>']
-    for p in points:
-        out.append(f'<circle cx="{scales.x(p["x"]):.1f}" cy="{scales.loss(p["loss"]):.1f}" r="3" fill="#2563eb" '
-                   f'fill-opacity="0.01"><title>epoch {p["epoch"]}, step {p["step"]}: train loss {p["loss"]:.4f}, '
-                   f'learning rate {p["lr"]:.4g}</title></circle>')
+    for placed in points:
+        p = placed.point
+        out.append(f'<circle cx="{scales.x(placed.x):.1f}" cy="{scales.loss(p.loss):.1f}" r="3" fill="#2563eb" '
+                   f'fill-opacity="0.01"><title>epoch {p.epoch}, step {p.step}: train loss {p.loss:.4f}, '
+                   f'learning rate {p.lr:.4g}</title></circle>')
     return out
 
 

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from mnist_pipeline.records.aliases import Move
 from mnist_pipeline.records.evaluation import Evaluation
+from mnist_pipeline.records.history import EpochRow, Summary
 from mnist_pipeline.records.predictions import Predictions
 
 STYLE = """
@@ -50,7 +51,7 @@ def versions_section(versions: List[Dict[str, Any]], moves: Sequence[Move]) -> s
              if moves else '<p class="muted">No alias has moved yet.</p>'))
 
 
-def page(evaluation: Evaluation, summary: Dict[str, Any], chart: str, predictions: Optional[Predictions],
+def page(evaluation: Evaluation, summary: Summary, chart: str, predictions: Optional[Predictions],
          pictures: Dict[str, str], versions: str = "") -> str:
     """index.html: `chart` the inline SVG, `pictures` infer's images by file name (data: URIs), `versions`
     versions_section's HTML."""
@@ -87,7 +88,7 @@ is a mistake (darker: more). <a href="confusion_matrix.png">confusion_matrix.png
 <p>Hover a point for its values. <a href="training.svg">training.svg</a></p>
 {chart}
 <table><tr><th>epoch</th><th>steps</th><th>train loss</th><th>test accuracy</th><th>test loss</th></tr>
-{_epoch_rows(summary["epochs"])}</table>
+{_epoch_rows(summary.epochs)}</table>
 
 <h2>Versions</h2>
 {versions or '<p class="muted">No versions listed.</p>'}
@@ -113,13 +114,13 @@ def _per_digit_rows(matrix: Sequence[Sequence[int]]) -> str:
     return "".join(rows)
 
 
-def _epoch_rows(every: List[Dict[str, Any]]) -> str:
+def _epoch_rows(every: List[EpochRow]) -> str:
     """The latest MAX_EPOCH_ROWS epochs, a row each, and how many earlier ones are left out."""
     epochs = every[-MAX_EPOCH_ROWS:]
     older = len(every) - len(epochs)
     return "".join(
-        f"<tr><td>{r['epoch']}</td><td>{r['steps']:,}</td><td>{r['train_loss']:.4f}</td>"
-        + (f"<td>{r['eval']['accuracy']:.2%}</td><td>{r['eval']['test_loss']:.4f}</td>" if r["eval"]
+        f"<tr><td>{r.end.epoch}</td><td>{r.end.steps:,}</td><td>{r.end.train_loss:.4f}</td>"
+        + (f"<td>{r.scores.accuracy:.2%}</td><td>{r.scores.test_loss:.4f}</td>" if r.scores
            else '<td class="muted">-</td><td class="muted">-</td>') + "</tr>"
         for r in epochs
     ) + (f'<tr><td colspan="5" class="muted">and {older:,} earlier epochs</td></tr>' if older else "")
