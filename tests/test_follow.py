@@ -17,11 +17,11 @@ from mnist_pipeline.volume import Volume
 
 def write_checkpoint(volume: Volume, epoch: int, model_config=None) -> str:
     model = MnistCNN()
-    checkpoint.write(volume.checkpoint, {
-        "architecture": "mnist_cnn", "epoch": epoch, "step": 0, "loss_sum": 0.0, "model": model.state_dict(),
-        "model_config": model.config if model_config is None else model_config,
-        "optimizer": {}, "rng": torch.get_rng_state(), "train_config": dataclasses.asdict(Recipe()),
-    })
+    checkpoint.write(volume.checkpoint, checkpoint.State(
+        architecture="mnist_cnn", epoch=epoch, step=0, loss_sum=0.0, model=model.state_dict(),
+        model_config=model.config if model_config is None else model_config,
+        optimizer={}, rng=torch.get_rng_state(), train_config=dataclasses.asdict(Recipe()),
+    ))
     return checkpoint.read(volume.checkpoint).sha256
 
 

@@ -43,8 +43,7 @@ def test_data(tmp_path_factory) -> Path:
 
 
 def untrained_state() -> dict:
-    state = resume.TrainingState.fresh(settings.Recipe(), torch.device("cpu")).snapshot()
-    return {"format_version": checkpoint.FORMAT_VERSION, **state}
+    return resume.TrainingState.fresh(settings.Recipe(), torch.device("cpu")).snapshot().to_dict()
 
 
 def write_checkpoint(path: Path, state: dict) -> str:
@@ -233,8 +232,7 @@ def test_evaluate_gives_a_train_started_beside_it_a_grace_before_rescoring_the_o
         the_volume = Volume(evaluated_root)
         with locks.exclusive_lock(the_volume, "train"):  # this process plays the train that starts late
             state = checkpoint.read(the_volume.checkpoint).state
-            state["epoch"] = 7
-            checkpoint.write(the_volume.checkpoint, state)
+            checkpoint.write(the_volume.checkpoint, dataclasses.replace(state, epoch=7))
         _, err = evaluate_.communicate(timeout=300)
     finally:
         if evaluate_.poll() is None:
@@ -469,7 +467,8 @@ def test_score_on_known_inputs_rows_are_true_digits():
     predicted = [0, 1, 1, 1]  # one 0 taken for a 1, the 2 taken for a 1
     logits = [[10.0 if d == p else 0.0 for d in range(10)] for p in predicted]
     split = data.Split(images=torch.zeros(4, 28, 28, dtype=torch.uint8), labels=labels)
-    scored = checkpoint.Checkpoint(path=Path("x.pt"), sha256="0" * 64, state={"epoch": 1})
+    state = dataclasses.replace(resume.TrainingState.fresh(settings.Recipe(), torch.device("cpu")).snapshot(), epoch=1)
+    scored = checkpoint.Checkpoint(path=Path("x.pt"), sha256="0" * 64, state=state)
     scores = evaluate.score(_Fixed(logits), split, torch.device("cpu"), scored)
     assert scores.correct == 2 and scores.total == 4 and scores.accuracy == 0.5
     confusion = scores.confusion_matrix

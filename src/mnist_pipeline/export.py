@@ -104,7 +104,7 @@ def export_version(volume: Volume, number: int, mirror: Optional[str], threads: 
     except PipelineError as exc:
         raise Unusable(str(exc)) from None
     metadata = {"mnist.format_version": ONNX_FORMAT_VERSION, "mnist.checkpoint_sha256": version.sha256,
-                "mnist.epoch": str(version.epoch), "mnist.architecture": saved.state["architecture"],
+                "mnist.epoch": str(version.epoch), "mnist.architecture": saved.state.architecture,
                 "mnist.version": str(number)}
     encoded = to_onnx(network, metadata)
     expected = known[1] if known[0] == version.sha256 else None

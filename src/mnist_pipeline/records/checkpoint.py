@@ -24,6 +24,7 @@ aliases.py) import this module in serve's slim image, which has no torch, for it
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -57,22 +58,44 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class State:
+    """What a checkpoint holds, as FORMAT_VERSION has it (the module's docstring says what each is)."""
+
+    epoch: int
+    step: int
+    loss_sum: float
+    architecture: str
+    model: Dict[str, Any]  # the network's state_dict
+    model_config: Dict[str, Any]
+    optimizer: Dict[str, Any]  # the optimizer's state_dict
+    rng: Any  # a torch.Tensor
+    train_config: Dict[str, Any]
+    world_size: Optional[int] = None  # (format 1 does not say)
+    cuda_rng: Any = None  # (a CUDA run's only)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The dict the file holds (the fields that are set, in this order)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"format_version": FORMAT_VERSION, **{k: v for k, v in values.items() if v is not None}}
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     path: Path
     sha256: str  # of the file's bytes: ties an evaluation to the exact model evaluated
-    state: Dict[str, Any]  # as FORMAT_VERSION has it, whatever format the file was in
+    state: State  # whatever format the file was in
 
     @property
     def epoch(self) -> int:
-        return self.state["epoch"]
+        return self.state.epoch
 
     def build_model(self) -> nn.Module:
         """The network with these weights, or a PipelineError if they do not fit it."""
         from mnist_pipeline import model
 
         try:
-            network = model.build(self.state["architecture"], self.state["model_config"])
-            network.load_state_dict(self.state["model"])
+            network = model.build(self.state.architecture, self.state.model_config)
+            network.load_state_dict(self.state.model)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise self.invalid(f"its weights do not fit this version's network ({first_line(exc)})") from None
         return network
@@ -86,12 +109,12 @@ def invalid(path: Path, why: str) -> PipelineError:
                          f"`mnist train --fresh` moves it aside and trains from scratch")
 
 
-def write(path: Path, state: Dict[str, Any], fault_point: Optional[str] = None) -> None:
-    """`state` as snapshot() gives it (no format_version): saved atomically as FORMAT_VERSION."""
+def write(path: Path, state: State, fault_point: Optional[str] = None) -> None:
+    """`state` saved atomically as FORMAT_VERSION."""
     import torch
 
     buffer = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    torch.save(state.to_dict(), buffer)
     atomic_write_bytes(path, buffer.getvalue(), fault_point)
 
 
@@ -115,7 +138,8 @@ def read(path: Path) -> Checkpoint:
     problem = _state_problem(state)
     if problem:
         raise invalid(path, problem)
-    return Checkpoint(path=path, sha256=sha256, state=state)
+    return Checkpoint(path=path, sha256=sha256, state=State(**{f.name: state.get(f.name)
+                                                                for f in dataclasses.fields(State)}))
 
 
 def sha256_of(path: Path) -> str:

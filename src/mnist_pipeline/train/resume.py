@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -48,39 +48,36 @@ class TrainingState:
 
     @classmethod
     def restore(cls, saved: checkpoint.Checkpoint, device: torch.device) -> "TrainingState":
-        self = cls(Recipe(**saved.state["train_config"]), saved.build_model(), device)  # (checked by the record)
+        self = cls(Recipe(**saved.state.train_config), saved.build_model(), device)  # (checked by the record)
         try:
-            self.optimizer.load_state_dict(saved.state["optimizer"])
+            self.optimizer.load_state_dict(saved.state.optimizer)
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
             raise saved.invalid(f"its optimizer state does not fit ({exc})") from None
-        torch.set_rng_state(saved.state["rng"])
+        torch.set_rng_state(saved.state.rng)
         if device.type == "cuda":
-            cuda_rng = saved.state.get("cuda_rng")
-            if isinstance(cuda_rng, torch.Tensor):
-                torch.cuda.set_rng_state(cuda_rng, device)
+            if saved.state.cuda_rng is not None:
+                torch.cuda.set_rng_state(saved.state.cuda_rng, device)
             else:  # saved by a CPU run: a state derived from the seed, the same on every resume
                 torch.cuda.manual_seed(self.recipe.seed)
-        self.epoch, self.step = saved.epoch, saved.state["step"]
+        self.epoch, self.step = saved.epoch, saved.state.step
         self.resumed = True
-        self.reset_loss(saved.state["loss_sum"])
+        self.reset_loss(saved.state.loss_sum)
         return self
 
-    def snapshot(self) -> Dict[str, Any]:
-        state = {
-            "epoch": self.epoch,
-            "step": self.step,
-            "loss_sum": float(self.loss_sum),
-            "architecture": model.architecture_of(self.model),
-            "model": self.model.state_dict(),
-            "model_config": self.model.config,
-            "optimizer": self.optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
-            "train_config": dataclasses.asdict(self.recipe),
-            "world_size": self.world_size,
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
+    def snapshot(self) -> checkpoint.State:
+        return checkpoint.State(
+            epoch=self.epoch,
+            step=self.step,
+            loss_sum=float(self.loss_sum),
+            architecture=model.architecture_of(self.model),
+            model=self.model.state_dict(),
+            model_config=self.model.config,
+            optimizer=self.optimizer.state_dict(),
+            rng=torch.get_rng_state(),
+            train_config=dataclasses.asdict(self.recipe),
+            world_size=self.world_size,
+            cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        )
 
 
 def starting_point(volume: Volume, recipe: Recipe, explicit: frozenset, device: torch.device,
@@ -102,7 +99,7 @@ def starting_point(volume: Volume, recipe: Recipe, explicit: frozenset, device: 
     else:
         state = TrainingState.restore(source, device)
         if world.is_main:
-            _tell_what_differs(state.recipe, recipe, explicit, source.state.get("world_size"), world.size)
+            _tell_what_differs(state.recipe, recipe, explicit, source.state.world_size, world.size)
         if progress:
             log.info("continuing epoch %d at step %d from %s", state.epoch + 1, state.step, describe(volume.progress))
         else:
