@@ -167,6 +167,7 @@ def test_the_cli_defaults_build_each_stage_config_with_its_own_defaults():
     for v in (values["infer"], values["pipeline"]):
         assert stages.infer_config({**v, "started": 0.0}) == table.InferConfig(root=root, started=0.0)
     assert table.ServeConfig(**values["serve"]) == table.ServeConfig(root=root)
+    assert values["predict"].pop("json") is False  # (how predict prints: not the stage's)
     assert table.PredictConfig(images=(), **values["predict"]) == table.PredictConfig(root=root, images=())
 
 

@@ -26,6 +26,8 @@ WAIT_S = 30.0  # for the input, longer while its producer still runs
 GRACE_S = 5.0  # see storage.waiting.wait_for
 THRESHOLD = 0.95  # the gate: accuracy a checkpoint must exceed to be used
 PRODUCTION = "production"  # the alias serve and predict follow, and evaluate promotes to
+FOLLOW = False  # export: the versions there are, once (the Compose export service follows)
+JSON = False  # predict and models print text
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,10 @@ _ALL = [
             "seconds a request's head or body may stall before the connection is closed (408)", "SECONDS"),
     Setting("--keep-alive", parse.positive_float, default_of(ServeConfig, "keep_alive"),
             "seconds an idle connection stays open after an answer", "SECONDS"),
+    Setting("--follow", parse.boolean, FOLLOW,
+            "keep exporting each new version until SIGTERM or SIGINT (the Compose export service)"),
+    Setting("--json", parse.boolean, JSON,
+            "print JSON instead of text (models: its rows; predict: file, digit, confidence, probabilities)"),
 ]
 SETTINGS: Dict[str, Setting] = {s.dest: s for s in _ALL}
 
@@ -230,11 +236,12 @@ COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "infer": _COMMON + ("seed",) + _INFER,
     "pipeline": _COMMON + ("seed",) + _TRAIN + _INFER + ("promote", "keep"),
     "report": ("root", "mirror"),
-    "predict": _PREDICT,
-    "models": ("root", "keep"),
+    "predict": _PREDICT + ("json",),
+    "models": ("root", "keep", "json"),
     "promote": ("root", "alias"),
     "rollback": ("root", "alias"),
-    "export": ("root", "mirror", "threads"),  # on the CPU: onnxruntime's answers are checked against torch's there
+    # export runs on the CPU: onnxruntime's answers are checked against torch's there
+    "export": ("root", "mirror", "threads", "follow"),
     "serve": _PREDICT + ("runtime", "host", "port", "workers", "max_connections", "max_decodes", "max_waiting",
                          "read_timeout", "keep_alive"),
 }

@@ -32,14 +32,12 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", type=version_number, metavar="N",
                         help="export version N only, again if it has its ONNX model already "
                              "(`mnist models` lists them)")
-    parser.add_argument("--follow", action="store_true",
-                        help="keep exporting each new version until SIGTERM or SIGINT (the Compose export service)")
 
 
 def export(args: argparse.Namespace, v: Values) -> int:
     from mnist_pipeline import export as stage, runtime
 
-    if args.follow and args.version is not None:
+    if v["follow"] and args.version is not None:
         raise UsageError("--follow exports every version as it comes, --version N one version: pass one of them")
     why = stage.unavailable()
     if why:
@@ -49,7 +47,7 @@ def export(args: argparse.Namespace, v: Values) -> int:
     exports = Exports(Volume(v["root"]), v["mirror"], threads)
     if args.version is not None:
         print(line(stage.export_version(exports.volume, args.version, v["mirror"], threads)))
-    elif args.follow:
+    elif v["follow"]:
         exports.follow()
     else:
         exports.once()

@@ -23,7 +23,6 @@ def models_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="?", choices=("list", "log", "prune"), default="list",
                         help="list (the default): the versions; log: every alias move; prune: remove the oldest "
                              "versions no alias points to, keeping --keep")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def promote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +43,11 @@ def models(args: argparse.Namespace, v: Values) -> int:
     volume = Volume(v["root"])
     if args.action == "log":
         moves = aliases.history(volume)
-        if args.json:
+        if v["json"]:
             print(json.dumps([m.to_json() for m in moves], indent=2))
-        for m in moves if not args.json else ():
+        for m in moves if not v["json"] else ():
             print(f"{m.time}  {m.alias}: {m.before or 'none'} -> {m.to}  ({m.reason})")
-        if not moves and not args.json:
+        if not moves and not v["json"]:
             print("no alias has moved yet")
         return 0
     if args.action == "prune":
@@ -57,7 +56,7 @@ def models(args: argparse.Namespace, v: Values) -> int:
               f"nothing to remove: at most {v['keep']} versions without an alias")
         return 0
     rows = aliases.catalogue(volume)
-    if args.json:
+    if v["json"]:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:

@@ -17,13 +17,14 @@ def predict(args: argparse.Namespace, v: Values) -> int:
     """One line per image on stdout, an `error: FILE: ...` line on stderr for each unreadable one."""
     from mnist_pipeline import predict as stage
 
+    as_json = v.pop("json")  # how to print, not the stage's
     results = stage.run(PredictConfig(images=tuple(args.images), **v))
     for result in results:
         if "error" in result:
             print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
-        elif not args.json:
+        elif not as_json:
             print(f"{result['file']}: {result['digit']} ({result['confidence']:.3f})")
-    if args.json:
+    if as_json:
         print(json.dumps(results, indent=2))
     return 1 if any("error" in result for result in results) else 0
 
@@ -37,5 +38,3 @@ def serve(args: argparse.Namespace, v: Values) -> int:
 
 def predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    parser.add_argument("--json", action="store_true",
-                        help="print a JSON list (file, digit, confidence, probabilities) instead of lines")
