@@ -95,7 +95,7 @@ def test_a_model_that_fails_its_parity_check_is_an_error_and_no_file(trained_cop
     evaluation = root / "model" / "eval_results.json"
     evaluation.unlink()
 
-    result = run_mnist("evaluate", "--root", str(root), env=BREAK)
+    result = run_mnist("evaluate", "--root", str(root), "--export", "auto", env=BREAK)
     assert_one_line_error(result, 1, "version 1's ONNX model does not answer as its checkpoint does",
                           "get another digit", "no file written")
     assert "evaluate: accuracy" in result.stdout and evaluation.exists()  # the evaluation stays
@@ -110,10 +110,13 @@ def test_a_model_that_fails_its_parity_check_is_an_error_and_no_file(trained_cop
 def test_without_onnxruntime_export_says_how_to_get_it_and_evaluate_goes_on(trained_copy):
     root = trained_copy
     Volume(root).exported(1).unlink()
+    evaluated = run_here("evaluate", "--root", str(root), "--export", "never")  # (onnxruntime imports here)
+    assert evaluated.returncode == 0 and "export:" not in evaluated.stdout, evaluated.stderr[-3000:]
+    assert not Volume(root).exported(1).exists()
     with without_onnxruntime():
         result = run_here("export", "--root", str(root))
         assert_one_line_error(result, 1, "onnxruntime", "pip install onnxruntime", "docker compose")
-        evaluated = run_here("evaluate", "--root", str(root))
+        evaluated = run_here("evaluate", "--root", str(root), "--export", "auto")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "version 1 is not exported to ONNX: onnxruntime does not import here" in evaluated.stderr
     assert "export:" not in evaluated.stdout and not Volume(root).exported(1).exists()
@@ -127,7 +130,7 @@ def test_follow_exports_a_version_evaluated_after_it_started_and_survives_a_brok
     try:
         read_until(follower, "watching")
         with without_onnxruntime():  # evaluate leaves the export to the follower, as in the graded images
-            evaluated = run_here("evaluate", "--root", str(root), "--threshold", "0")
+            evaluated = run_here("evaluate", "--root", str(root), "--threshold", "0", "--export", "auto")
         assert evaluated.returncode == 0 and "version 2 is not exported" in evaluated.stderr, evaluated.stderr
         wait_until(Volume(root).exported(2).exists, "the follower to export version 2")
         follower.terminate()

@@ -506,7 +506,7 @@ def data_root(short_trained_root, tmp_path) -> Path:
 def test_mnist_pipeline_trains_evaluates_and_infers_in_one_process(data_root):
     result = run_here("pipeline", "--root", str(data_root), "--max-steps", "20", "--threshold", "0")
     assert result.returncode == 0, result.stderr[-3000:]
-    stages = ["train", "evaluate", "infer", "report", "export"]  # (export: onnxruntime is installed here)
+    stages = ["train", "evaluate", "infer", "report"]  # (no export: --export never, conftest.mnist_env)
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == stages
     sha = hashlib.sha256((data_root / "model" / "mnist_cnn.pt").read_bytes()).hexdigest()
     assert json.loads((data_root / "model" / "eval_results.json").read_text())["checkpoint"]["sha256"] == sha

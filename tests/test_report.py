@@ -295,7 +295,8 @@ def test_history_summary_places_each_epoch_after_the_steps_of_the_earlier_ones()
 
 
 def test_pipeline_ends_with_a_report_that_shows_its_infer_images(tmp_path):
-    result = run_here("pipeline", "--root", str(tmp_path), *STEPS, "--threshold", "0", "--seed", "2")
+    result = run_here("pipeline", "--root", str(tmp_path), *STEPS, "--threshold", "0", "--seed", "2",
+                      "--export", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     # the report's line, then the export's (onnxruntime is installed here)
     assert result.stdout.splitlines()[-2] == f"report: {tmp_path / 'model' / 'report' / 'index.html'}"

@@ -104,6 +104,12 @@ def mirror(text: str) -> str:
     return text
 
 
+def export(text: str) -> str:
+    if text not in ("auto", "never"):
+        raise ValueError("must be auto or never")
+    return text
+
+
 def promote(text: str) -> str:
     if text not in ("auto", "never", "always"):
         raise ValueError("must be auto, never or always")

@@ -26,6 +26,7 @@ WAIT_S = 30.0  # for the input, longer while its producer still runs
 GRACE_S = 5.0  # see storage.waiting.wait_for
 THRESHOLD = 0.95  # the gate: accuracy a checkpoint must exceed to be used
 PRODUCTION = "production"  # the alias serve and predict follow, and evaluate promotes to
+EXPORT = "auto"  # evaluate exports the version it registers where onnxruntime imports
 FOLLOW = False  # export: the versions there are, once (the Compose export service follows)
 JSON = False  # predict and models print text
 
@@ -191,6 +192,9 @@ _ALL = [
     Setting("--promote", parse.promote, default_of(EvaluateConfig, "promote"),
             "move the production alias to the new version: auto (when it passes --threshold and is at least as "
             "accurate as production), never or always", "auto|never|always"),
+    Setting("--export", parse.export, EXPORT,
+            "after evaluating: export the version to ONNX where onnxruntime imports (auto), or leave that to "
+            "`mnist export` (never)", "auto|never"),
     Setting("--keep", parse.positive_int, default_of(EvaluateConfig, "keep"),
             "versions no alias points to that are kept (the newest); older ones are removed", "K"),
     Setting("--alias", parse.alias, PRODUCTION, "the alias to move", "NAME"),
@@ -228,13 +232,13 @@ _COMMON = ("root", "mirror", "device", "threads")
 _TRAIN = ("epochs", "batch_size", "lr", "fresh", "max_steps", "save_every")
 _INFER = ("wait", "grace", "threshold", "count")
 _PREDICT = ("root", "device", "threads", "threshold", "model")
-_EVALUATE = ("wait", "grace", "threshold", "promote", "keep")
+_EVALUATE = ("wait", "grace", "threshold", "promote", "keep", "export")
 # which settings each command takes, in --help's order
 COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "train": _COMMON + ("seed",) + _TRAIN + ("nproc_per_node",),  # (pipeline: no torchrun)
     "evaluate": _COMMON + _EVALUATE,  # no --seed: scoring draws nothing at random
     "infer": _COMMON + ("seed",) + _INFER,
-    "pipeline": _COMMON + ("seed",) + _TRAIN + _INFER + ("promote", "keep"),
+    "pipeline": _COMMON + ("seed",) + _TRAIN + _INFER + ("promote", "keep", "export"),
     "report": ("root", "mirror"),
     "predict": _PREDICT + ("json",),
     "models": ("root", "keep", "json"),

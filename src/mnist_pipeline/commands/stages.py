@@ -148,11 +148,14 @@ def _report_after(volume: Volume, mirror: Optional[str], written: str, scores: "
 
 def _export_after(volume: Volume, scored: Scored, v: Values, written: str) -> None:
     """The ONNX model of the version evaluate registered for `scored`, where onnxruntime imports (the graded
-    images lack it: the Compose export service exports there); a version that has it already is left alone."""
+    images lack it: the Compose export service exports there) and --export is auto; a version that has it
+    already is left alone."""
     from mnist_pipeline import export, runtime
     from mnist_pipeline.commands.export import line
     from mnist_pipeline.records import versions
 
+    if v["export"] == "never":
+        return  # (`mnist export`, or the Compose export service, does it)
     number = next((found.number for found in versions.listing(volume)
                    if isinstance(found, versions.Version) and found.sha256 == scored.evaluation.sha256), None)
     if number is None or volume.exported(number).exists():
