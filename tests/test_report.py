@@ -77,6 +77,7 @@ def test_every_report_file_exists_decodes_and_references_only_its_own_files(repo
     assert ET.parse(folder / "training.svg").getroot().tag == "{http://www.w3.org/2000/svg}svg"
     page = (folder / "index.html").read_text()
     assert "http://" not in page and "https://" not in page
+    assert f'<meta name="mnist-report-format" content="{report.FORMAT_VERSION}">' in page
     parser = _References()
     parser.feed(page)
     urls = [u for u in parser.urls if u != "data:,"]  # the empty favicon: no request for /favicon.ico

@@ -6,7 +6,8 @@
   training.svg          chart.py (the same drawing is inline in the page)
 
 The command layer reads the records and calls `write` once per command; nothing here reads the
-volume. The folder is replaced as a whole.
+volume. The folder is replaced as a whole, so nothing is ever read back or upgraded: FORMAT_VERSION,
+in index.html's <meta name="mnist-report-format">, says which layout a folder holds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mnist_pipeline.report.pictures import confusion_image, mistakes_image
 from mnist_pipeline.storage.atomic import replace_dir
 from mnist_pipeline.volume import Volume
 
+FORMAT_VERSION = 1
 FILES = ("index.html", "confusion_matrix.png", "mistakes.png", "training.svg")
 
 
@@ -50,7 +52,8 @@ def write(volume: Volume, evaluation: Evaluation, records: List[history.Record],
         (folder / "training.svg").write_text(chart)
         inline = chart.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1)  # HTML needs no namespace URL
         listed = versions_section(versions, moves) if versions is not None else ""
-        (folder / "index.html").write_text(page(evaluation, summary, inline, predictions, pictures, listed))
+        html = page(evaluation, summary, inline, predictions, pictures, listed, FORMAT_VERSION)
+        (folder / "index.html").write_text(html)
 
     replace_dir(volume.report_dir, fill)
     return volume.report_dir / "index.html"

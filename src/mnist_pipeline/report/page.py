@@ -52,14 +52,14 @@ def versions_section(versions: List[Dict[str, Any]], moves: Sequence[Move]) -> s
 
 
 def page(evaluation: Evaluation, summary: Summary, chart: str, predictions: Optional[Predictions],
-         pictures: Dict[str, str], versions: str = "") -> str:
+         pictures: Dict[str, str], versions: str, format_version: int) -> str:
     """index.html: `chart` the inline SVG, `pictures` infer's images by file name (data: URIs), `versions`
-    versions_section's HTML."""
+    versions_section's HTML, `format_version` the report folder's."""
     e = html.escape
     wrong = evaluation.total - evaluation.correct
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
+<meta name="mnist-report-format" content="{format_version}"><link rel="icon" href="data:,">
 <title>MNIST model report: epoch {evaluation.epoch}, accuracy {evaluation.accuracy:.2%}</title>
 <style>{STYLE}</style></head><body>
 <h1>MNIST model report</h1>
