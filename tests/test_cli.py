@@ -168,6 +168,7 @@ def test_the_cli_defaults_build_each_stage_config_with_its_own_defaults():
         assert stages.infer_config({**v, "started": 0.0}) == table.InferConfig(root=root, started=0.0)
     assert table.ServeConfig(**values["serve"]) == table.ServeConfig(root=root)
     assert values["predict"].pop("json") is False  # (how predict prints: not the stage's)
+    assert values["evaluate"]["export"] == values["pipeline"]["export"] == "auto"  # (the tests' env says never)
     assert table.PredictConfig(images=(), **values["predict"]) == table.PredictConfig(root=root, images=())
 
 
@@ -196,7 +197,7 @@ def test_each_default_is_written_once_in_settings_py():
 
 
 def test_the_cli_builds_its_parser_and_answers_help_and_usage_errors_without_torch():
-    """settings.py holds no torch: `mnist --help` and a bad flag answer at once, before torch's seconds of import."""
+    """settings.py holds no torch: `mnist --help` and a bad flag answer at once, before torch's slow import."""
     code = ("import sys\nfrom mnist_pipeline import cli\n"
             "for argv in (['train', '--help'], ['infer', '--count', '0']):\n"
             "    try:\n        cli.main(argv, env={})\n    except SystemExit as exc:\n        print(exc.code)\n"

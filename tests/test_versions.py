@@ -36,8 +36,9 @@ def production(root: Path):
 @pytest.fixture(scope="session")
 def three_versions(tmp_path_factory, worker_id) -> Path:
     """Version 1: a 20-step checkpoint; 2: a fresh one with a learning rate too small to learn (worse);
-    3: a fresh 60-step one (better). Evaluated with --threshold 0, so the accuracy alone decides."""
-    evaluate = ("evaluate", "--threshold", "0")
+    3: a fresh 60-step one (better). Evaluated with --threshold 0, so the accuracy alone decides, and exported,
+    so serve's runtime auto answers from ONNX."""
+    evaluate = ("evaluate", "--threshold", "0", "--export", "auto")
     return built_once(tmp_path_factory, worker_id, "versions", ("train", "--max-steps", "20"), evaluate,
                       ("train", "--fresh", "--max-steps", "20", "--lr", "0.0001"), evaluate,
                       ("train", "--fresh", "--max-steps", "60"), evaluate)
