@@ -38,7 +38,8 @@ def export(args: argparse.Namespace, v: Values) -> int:
     from mnist_pipeline import export as stage, runtime
 
     if v["follow"] and args.version is not None:
-        raise UsageError("--follow exports every version as it comes, --version N one version: pass one of them")
+        raise UsageError("--follow (or MNIST_FOLLOW) exports every version as it comes, --version N one version: "
+                         "pass one of them, and unset MNIST_FOLLOW for --version")
     why = stage.unavailable()
     if why:
         raise PipelineError(f"mnist export needs onnxruntime for its parity check: {why}; {INSTALL}")

@@ -13,7 +13,8 @@
 Each line stands alone: one that does not parse or is out of range is skipped with one warning for
 the file, and never stops train (which writes the file anew from the lines it kept). The format is a
 line's: FORMAT_VERSION 1 has no field for it (every line so far); a later format adds
-"format_version", and a line newer than this version reads is skipped like a bad one.
+"format_version", and a line newer than this version reads is skipped like a bad one (and so dropped
+when this version's train or evaluate next writes the file: the curve is redrawn as it trains).
 
 train writes the file (atomically) just before each checkpoint or progress file, so the history
 always reaches at least as far as the point the next train resumes from. That train drops whatever
@@ -214,10 +215,10 @@ class Recorder:
 
     def save(self, epoch: int, step: int) -> None:
         """Write the file, to match a checkpoint of `epoch` completed epochs and `step` batches into the next."""
-        pending = [r.loss_sum for r in self.records if isinstance(r, _Pending)]
-        sums = iter(torch.stack(pending).tolist() if pending else [])  # one read of the device for all
-        self.records = [Point(r.epoch, r.step, next(sums) / r.count, r.lr) if isinstance(r, _Pending) else r
-                        for r in self.records]
+        pending = [r for r in self.records if isinstance(r, _Pending)]
+        sums = torch.stack([r.loss_sum for r in pending]).tolist() if pending else []  # one read of the device
+        points = {id(r): Point(r.epoch, r.step, total / r.count, r.lr) for r, total in zip(pending, sums, strict=True)}
+        self.records = [points.get(id(r), r) for r in self.records]
         window = [Window(epoch + 1, step, self.window.item(), self.count)] if self.count else []
         with brief_lock(self.volume, LOCK):
             # (quiet: the lines it skips were reported when this train began)
