@@ -7,9 +7,24 @@ from __future__ import annotations
 
 import urllib.parse
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 from mnist_pipeline import limits
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    """The parser of a setting that takes one of `options`."""
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"must be {', '.join(options[:-1])} or {options[-1]}")
+        return text
+    return parse
+
+
+device = choice("auto", "cpu", "cuda")
+runtime = choice("auto", "onnx", "torch")
+promote = choice("auto", "never", "always")
+export = choice("auto", "never")
 
 
 def positive_int(text: str) -> int:
@@ -57,18 +72,6 @@ def boolean(text: str) -> bool:
     raise ValueError("must be 1/0, true/false, yes/no or on/off")
 
 
-def device(text: str) -> str:
-    if text not in ("auto", "cpu", "cuda"):
-        raise ValueError("must be auto, cpu or cuda")
-    return text
-
-
-def runtime(text: str) -> str:
-    if text not in ("auto", "onnx", "torch"):
-        raise ValueError("must be auto, onnx or torch")
-    return text
-
-
 def host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text):
         raise ValueError("must be a host name or IP address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
@@ -101,18 +104,6 @@ def mirror(text: str) -> str:
             raise ValueError("must be a folder or an http(s) URL")
         if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in text):
             raise ValueError("is not a usable URL (no host name, or a space in it)")
-    return text
-
-
-def export(text: str) -> str:
-    if text not in ("auto", "never"):
-        raise ValueError("must be auto or never")
-    return text
-
-
-def promote(text: str) -> str:
-    if text not in ("auto", "never", "always"):
-        raise ValueError("must be auto, never or always")
     return text
 
 

@@ -74,6 +74,17 @@ def text(value: Any, name: str, limit: int = 200) -> str:
     return value
 
 
+def scored_image(record: Dict[str, Any], at: str, images: int) -> Dict[str, Any]:
+    """A test image's place and score as evaluation's mistakes and infer's predictions give them: test_index (one of
+    `images`), label and predicted digit, confidence; `at` names the object in messages."""
+    return {
+        "test_index": integer(field(record, "test_index", at), f"{at}.test_index", 0, images - 1),
+        "label": integer(field(record, "label", at), f"{at}.label", 0, 9),
+        "predicted": integer(field(record, "predicted", at), f"{at}.predicted", 0, 9),
+        "confidence": number(field(record, "confidence", at), f"{at}.confidence", 0, 1),
+    }
+
+
 def sha256(value: Any, name: str) -> str:
     if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
         raise Invalid(f"{name} is not a sha256 (64 hex digits)")

@@ -110,13 +110,7 @@ def parse(record: Dict[str, Any]) -> Evaluation:
     listed = record.get("mistakes", []) if version == 1 else j.field(record, "mistakes")
     for k, entry in enumerate(j.array(listed, "mistakes", limit=MAX_IMAGES)):
         at = f"mistakes[{k}]"
-        m = j.obj(entry, at)
-        mistake = Mistake(
-            test_index=j.integer(j.field(m, "test_index", at), f"{at}.test_index", 0, total - 1),
-            label=j.integer(j.field(m, "label", at), f"{at}.label", 0, 9),
-            predicted=j.integer(j.field(m, "predicted", at), f"{at}.predicted", 0, 9),
-            confidence=j.number(j.field(m, "confidence", at), f"{at}.confidence", 0, 1),
-        )
+        mistake = Mistake(**j.scored_image(j.obj(entry, at), at, total))
         if mistake.label == mistake.predicted:
             raise j.Invalid(f"{at} predicted its own label {mistake.label}: not a mistake")
         mistakes.append(mistake)

@@ -79,13 +79,7 @@ def parse(record: Dict[str, Any]) -> Predictions:
         name = j.text(j.field(p, "file", at), f"{at}.file", 40)
         if not FILE_NAME.match(name):
             raise j.Invalid(f"{at}.file {name!r} is not a name infer gives (digit.png, digit_N.png)")
-        entries.append(Prediction(
-            file=name,
-            test_index=j.integer(j.field(p, "test_index", at), f"{at}.test_index", 0, MAX_IMAGES - 1),
-            label=j.integer(j.field(p, "label", at), f"{at}.label", 0, 9),
-            predicted=j.integer(j.field(p, "predicted", at), f"{at}.predicted", 0, 9),
-            confidence=j.number(j.field(p, "confidence", at), f"{at}.confidence", 0, 1),
-        ))
+        entries.append(Prediction(file=name, **j.scored_image(p, at, MAX_IMAGES)))
     if len({e.file for e in entries}) < len(entries):
         raise j.Invalid("predictions name one file twice: each image infer saves has a name of its own")
     return Predictions(
