@@ -43,7 +43,7 @@ COPY src/ /tmp/src/src/
 RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation \
       --prefix /opt/package /tmp/src
 
-# --- venv: the dependencies without pip (16 MB the services never run) ------------------------
+# --- venv: the dependencies without pip (which the services never run) ------------------------
 FROM deps AS venv
 RUN rm -rf /opt/venv/bin/pip* /opt/venv/lib/python3*/site-packages/pip /opt/venv/lib/python3*/site-packages/pip-*
 

@@ -97,7 +97,7 @@ def test_a_sigterm_during_the_last_save_exits_143_with_everything_saved(data_roo
 
 
 def test_a_sigterm_as_the_process_exits_still_exits_143(short_trained_copy):
-    """Python's teardown restores the default handlers: a signal there used to kill the process (-15)."""
+    """Python's teardown restores the default handlers: a signal there would kill the process (-15)."""
     result = run_mnist("evaluate", "--root", str(short_trained_copy), env={"MNIST_FAULT": "sigterm:exit"})
     assert result.returncode == 143, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "evaluate: accuracy" in result.stdout

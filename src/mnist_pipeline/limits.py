@@ -1,5 +1,5 @@
 """What each setting may be: one rule each, used on flags and MNIST_* values (cli) and on a
-checkpoint's saved train_config (checkpoint.load). No torch here: the CLI checks before torch loads.
+checkpoint's saved train_config (records.checkpoint.read). No torch here: the CLI checks before torch loads.
 
 Each check takes a parsed value and returns it, or raises ValueError saying what it must be.
 """

@@ -5,9 +5,10 @@
   mistakes.png          pictures.py
   training.svg          chart.py (the same drawing is inline in the page)
 
-The command layer reads the records and calls `write` once per command; nothing here reads the
-volume. The folder is replaced as a whole, so nothing is ever read back or upgraded: FORMAT_VERSION,
-in index.html's <meta name="mnist-report-format">, says which layout a folder holds.
+The command layer hands it the records (those its command made, the others read from the volume) and
+calls `write` once per command; nothing here reads the volume. The folder is replaced as a whole, so
+nothing is ever read back or upgraded: FORMAT_VERSION, in index.html's
+<meta name="mnist-report-format">, says which layout a folder holds.
 """
 
 from __future__ import annotations

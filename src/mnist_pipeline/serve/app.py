@@ -1,6 +1,7 @@
-"""The routes: the page, /predict, the probes, /metrics, the report. What a request may hold is bounded
-in budget.py, its body read by bodies.py; the model that follows the volume comes from follow.py,
-loaded by runtimes.py. No torch here: with the onnx runtime, serve never imports it."""
+"""The routes: the page, /predict, /models, the probes, /metrics, the report, all sharing one Service. What
+a request may hold is bounded in budget.py, its body read by bodies.py; the model that follows the
+volume comes from follow.py, loaded by runtimes.py. No torch here: with the onnx runtime, serve never
+imports it."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ class NesterovSGD:
     """torch.optim.SGD(nesterov=True): its arithmetic (torch.optim.sgd.sgd, the functional form) and state_dict.
 
     Not the class itself: torch.optim.Optimizer's methods import torch._dynamo on first use, a large
-    import at every train process's start (docs/performance.md), longer than a GPU's epoch.
+    import at every train process's start (docs/performance.md), which on a GPU outlasts an epoch.
     """
 
     def __init__(self, params, recipe: Recipe):
