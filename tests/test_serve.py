@@ -241,7 +241,7 @@ def test_hot_reload_switches_to_the_next_evaluated_epoch_without_a_failed_reques
     # production version, which evaluate exported, so auto serves it with onnx (torch for a moment, between
     # the promotion and the export)
     root = short_trained_copy
-    evaluate = ("evaluate", "--root", str(root), "--export", "auto", *(("--promote", "always") if promoted else ()))
+    evaluate = ("evaluate", "--root", str(root), *(("--promote", "always", "--export", "auto") if promoted else ()))
     result = run_here(*evaluate)
     assert result.returncode == 0, result.stderr[-3000:]
     served = serve(root, "--threshold", "0")
