@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
@@ -20,7 +19,7 @@ def write_checkpoint(volume: Volume, epoch: int, model_config=None) -> str:
     checkpoint.write(volume.checkpoint, checkpoint.State(
         architecture="mnist_cnn", epoch=epoch, step=0, loss_sum=0.0, model=model.state_dict(),
         model_config=model.config if model_config is None else model_config,
-        optimizer={}, rng=torch.get_rng_state(), train_config=dataclasses.asdict(Recipe()),
+        optimizer={}, rng=torch.get_rng_state(), train_config=Recipe(),
     ))
     return checkpoint.read(volume.checkpoint).sha256
 

@@ -69,13 +69,14 @@ class State:
     model_config: Dict[str, Any]
     optimizer: Dict[str, Any]  # the optimizer's state_dict
     rng: Any  # a torch.Tensor
-    train_config: Dict[str, Any]
+    train_config: Recipe  # (a dict in the file)
     world_size: Optional[int] = None  # (format 1 does not say)
     cuda_rng: Any = None  # (a CUDA run's only)
 
     def to_dict(self) -> Dict[str, Any]:
         """The dict the file holds (the fields that are set, in this order)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["train_config"] = dataclasses.asdict(self.train_config)
         return {"format_version": FORMAT_VERSION, **{k: v for k, v in values.items() if v is not None}}
 
 
@@ -138,8 +139,9 @@ def read(path: Path) -> Checkpoint:
     problem = _state_problem(state)
     if problem:
         raise invalid(path, problem)
-    return Checkpoint(path=path, sha256=sha256, state=State(**{f.name: state.get(f.name)
-                                                                for f in dataclasses.fields(State)}))
+    values = {f.name: state.get(f.name) for f in dataclasses.fields(State)}
+    values["train_config"] = Recipe(**state["train_config"])
+    return Checkpoint(path=path, sha256=sha256, state=State(**values))
 
 
 def sha256_of(path: Path) -> str:

@@ -92,7 +92,8 @@ def register(volume: Volume, saved: checkpoints.Checkpoint, scores: evaluations.
             return None
         version = Version(number=0, sha256=saved.sha256, bytes=size, epoch=saved.epoch, accuracy=scores.accuracy,
                           test_loss=scores.test_loss, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                          recipe=dict(saved.state.train_config), data_sha256=data_sha256, package=__version__)
+                          recipe=dataclasses.asdict(saved.state.train_config), data_sha256=data_sha256,
+                          package=__version__)
         j.dump(staging / EVALUATION, scores.to_json(), fault_point="")
         j.dump(staging / METADATA, version.to_json(), fault_point="")  # (each fsyncs the folder too)
         with registry_lock(volume, "register its version"):

@@ -3,7 +3,6 @@ resume needs, to and from a checkpoint."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -48,7 +47,7 @@ class TrainingState:
 
     @classmethod
     def restore(cls, saved: checkpoint.Checkpoint, device: torch.device) -> "TrainingState":
-        self = cls(Recipe(**saved.state.train_config), saved.build_model(), device)  # (checked by the record)
+        self = cls(saved.state.train_config, saved.build_model(), device)
         try:
             self.optimizer.load_state_dict(saved.state.optimizer)
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
@@ -74,7 +73,7 @@ class TrainingState:
             model_config=self.model.config,
             optimizer=self.optimizer.state_dict(),
             rng=torch.get_rng_state(),
-            train_config=dataclasses.asdict(self.recipe),
+            train_config=self.recipe,
             world_size=self.world_size,
             cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         )
