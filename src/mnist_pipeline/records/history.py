@@ -49,51 +49,54 @@ MAX_STEP = 60_000  # batches in an epoch: the training images at batch size 1
 LOCK = "history"  # train and evaluate both rewrite the file
 
 
+def _whole(low: int, high: int) -> Any:
+    """A field holding a whole number in [low, high], checked as a line is read."""
+    return dataclasses.field(metadata={"check": (int, low, high)})
+
+
+def _number(low: float, high: float = math.inf) -> Any:
+    """A field holding a finite number in [low, high]."""
+    return dataclasses.field(metadata={"check": (float, low, high)})
+
+
 @dataclass(frozen=True)
 class Point:
     kind: ClassVar[str] = "step"
-    epoch: int
-    step: int
-    loss: float
-    lr: float
+    epoch: int = _whole(1, MAX_EPOCH)
+    step: int = _whole(1, MAX_STEP)
+    loss: float = _number(0)
+    lr: float = _number(0)
 
 
 @dataclass(frozen=True)
 class EpochEnd:
     kind: ClassVar[str] = "epoch"
-    epoch: int
-    steps: int
-    train_loss: float
+    epoch: int = _whole(1, MAX_EPOCH)
+    steps: int = _whole(1, MAX_STEP)
+    train_loss: float = _number(0)
 
 
 @dataclass(frozen=True)
 class Scores:
     kind: ClassVar[str] = "eval"
-    epoch: int
-    accuracy: float
-    test_loss: float
-    sha256: str
+    epoch: int = _whole(1, MAX_EPOCH)
+    accuracy: float = _number(0, 1)
+    test_loss: float = _number(0)
+    sha256: str = dataclasses.field(metadata={"check": (str, 0, 64)})  # at most 64 characters
 
 
 @dataclass(frozen=True)
 class Window:
     kind: ClassVar[str] = "window"
-    epoch: int
-    step: int
-    loss_sum: float
-    count: int
+    epoch: int = _whole(1, MAX_EPOCH)
+    step: int = _whole(0, MAX_STEP)
+    loss_sum: float = _number(0)
+    count: int = _whole(0, EVERY)
 
 
 Record = Union[Point, EpochEnd, Scores, Window]
 KINDS = {cls.kind: cls for cls in (Point, EpochEnd, Scores, Window)}
 TRAIN_KINDS = (Point, EpochEnd)  # what train writes (evaluate adds Scores)
-# each kind's numbers beside its epoch, with their range; int fields must be whole numbers
-FIELDS = {
-    Point: {"step": (int, 1, MAX_STEP), "loss": (float, 0, math.inf), "lr": (float, 0, math.inf)},
-    EpochEnd: {"steps": (int, 1, MAX_STEP), "train_loss": (float, 0, math.inf)},
-    Scores: {"accuracy": (float, 0, 1), "test_loss": (float, 0, math.inf)},
-    Window: {"step": (int, 0, MAX_STEP), "loss_sum": (float, 0, math.inf), "count": (int, 0, EVERY)},
-}
 
 
 def to_json(record: Record) -> Dict[str, Any]:
@@ -136,17 +139,16 @@ def _parse(line: str) -> Optional[Record]:
     if isinstance(version, bool) or version not in range(1, FORMAT_VERSION + 1):
         return None  # (a newer version's line)
     values: Dict[str, Any] = {}
-    for name, (kind_of, low, high) in {"epoch": (int, 1, MAX_EPOCH), **FIELDS[cls]}.items():
-        value = record.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None
-        if kind_of is int and not isinstance(value, int) or not (low <= value <= high):
+    for field in dataclasses.fields(cls):  # each checked as its metadata says
+        kind_of, low, high = field.metadata["check"]
+        value = record.get(field.name)
+        if kind_of is str:
+            if not isinstance(value, str) or len(value) > high:
+                return None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                kind_of is int and not isinstance(value, int) or not (low <= value <= high):
             return None  # (NaN fails the range too)
-        values[name] = value
-    if cls is Scores:
-        if not isinstance(record.get("sha256"), str) or len(record["sha256"]) > 64:
-            return None
-        values["sha256"] = record["sha256"]
+        values[field.name] = value
     return cls(**values)
 
 
