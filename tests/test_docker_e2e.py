@@ -3,9 +3,10 @@
 Builds the images with scripts/offline-prep.sh's override (these machines reach no registry), runs
 train, evaluate, infer one after another in a project of its own, looks into the volume, brings
 `serve` up (the slim image, no torch, with `export` writing the ONNX model it answers from) and
-predicts from the host, as `mnist predict` on torch does, trains again to check it resumes, trains
-once more with the `ddp` profile (two containers, one rank each), then `up` (all three at once:
-evaluate and infer must use the new epoch), and removes what it made. Slow (four trainings per
+predicts from the host, as `mnist predict` on torch does, checks serve's hardening (published on
+127.0.0.1 only, its limits) and that its restart policy brings it back after a SIGKILL, trains again
+to check it resumes, trains once more with the `ddp` profile (two containers, one rank each), then
+`up` (all three at once: evaluate and infer must use the new epoch), and removes what it made. Slow (four trainings per
 flavor): deselect with -m "not docker". Skipped where no Docker engine answers or offline-prep
 cannot run; under CI (CI set) those are failures instead, and both Compose flavors must be present.
 """
@@ -67,6 +68,23 @@ READ_FILES = ("import base64, json, sys; "
               "print(json.dumps({p: base64.b64encode(open(p, 'rb').read()).decode() for p in sys.argv[1:]}))")
 # export's parity check: the largest |probability difference| between onnxruntime and torch
 PARITY = 1e-4
+# run inside the serve container: the pid of `mnist serve`, the one child of the init process (tini, PID 1)
+SERVE_PID = r"""
+import os
+children = []
+for entry in os.listdir("/proc"):
+    if entry.isdigit() and entry != str(os.getpid()):
+        with open(f"/proc/{entry}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        if fields[1] == "1":
+            children.append(int(entry))
+assert len(children) == 1, children
+print(children[0])
+"""
+KILL = "import os, signal, sys; os.kill(int(sys.argv[1]), signal.SIGKILL)"
+# docker-compose.yml's serve hardening, as `docker inspect` reports it (HostConfig)
+SERVE_HOST_CONFIG = {"Memory": 1536 * 1024 * 1024, "PidsLimit": 512, "CapDrop": ["ALL"],
+                     "SecurityOpt": ["no-new-privileges:true"], "ReadonlyRootfs": True}
 
 
 def docker_env(project: str = "", settings: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -148,9 +166,15 @@ def http(url: str, body: Optional[bytes] = None, headers: Optional[Dict[str, str
         return None, str(exc)
 
 
+def inspect(container: str, field: str):
+    """`docker inspect` of one field of `container`, parsed from its JSON."""
+    return json.loads(run(["docker", "inspect", "--format", "{{json %s}}" % field, container]).stdout)
+
+
 def check_serve(compose: List[str], project: str, images: Dict[str, str], pngs: List[str]) -> None:
     """`compose up -d serve` (named, as its profile needs; export comes with it), ready from the host on
-    the onnx runtime, the same answers as torch's for infer's test images, then both down."""
+    the onnx runtime, the same answers as torch's for infer's test images, published on 127.0.0.1 only
+    with its limits, back after a SIGKILL of `mnist serve`, then both down."""
     port = free_port()
     run(compose + ["up", "-d", "serve"], project, timeout=1200, settings={"MNIST_PORT": str(port)})
     for image in (images["serve"], images["export"]):
@@ -158,23 +182,38 @@ def check_serve(compose: List[str], project: str, images: Dict[str, str], pngs: 
         assert size <= MAX_IMAGE_BYTES, f"{image} is {size / 1e6:.0f} MB, over 990 MB"
     no_torch = run(["docker", "run", "--rm", images["serve"], "python", "-c", "import torch"], check=False)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr, no_torch
+    containers = {}
     for name, writable in (("serve", False), ("export", True)):
         container = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
                          "--filter", f"label=com.docker.compose.service={name}"]).stdout.split()
         assert len(container) == 1, (name, container)
+        containers[name] = container[0]
         mounts = json.loads(run(["docker", "inspect", "--format", "{{json .Mounts}}", container[0]]).stdout)
         assert [m["RW"] for m in mounts if m["Destination"] == "/opt/mount"] == [writable], (name, mounts)
+        host_config = inspect(container[0], ".HostConfig")
+        assert host_config["RestartPolicy"]["Name"] == "unless-stopped", (name, host_config["RestartPolicy"])
+    # serve: reachable from this host only, with its limits
+    host_config = inspect(containers["serve"], ".HostConfig")
+    assert {key: host_config[key] for key in SERVE_HOST_CONFIG} == SERVE_HOST_CONFIG, host_config
+    mounts = run(["docker", "exec", containers["serve"], "cat", "/proc/mounts"]).stdout.splitlines()
+    assert [line.split()[2] for line in mounts if line.split()[1] == "/tmp"] == ["tmpfs"], mounts
+    published = inspect(containers["serve"], ".NetworkSettings.Ports")["8000/tcp"]
+    assert [(p["HostIp"], p["HostPort"]) for p in published] == [("127.0.0.1", str(port))], published
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180  # a limit for a hang, never a speed assertion
-    status, ready = http(base + "/readyz")
-    while status != 200 and time.monotonic() < deadline:
-        time.sleep(0.5)
+
+    def ready_and_predicting() -> None:
+        deadline = time.monotonic() + 180  # a limit for a hang, never a speed assertion
         status, ready = http(base + "/readyz")
-    logs = run(compose + ["logs", "serve", "export"], project, check=False).stdout[-3000:]
-    assert status == 200, f"/readyz: {status} {ready}\n{logs}"
-    assert (ready["checkpoint"]["epoch"], ready["runtime"]) == (1, "onnx"), ready
-    status, answer = http(base + "/predict", drawn_one(), {"Content-Type": "image/png"})
-    assert status == 200 and answer["predictions"][0]["digit"] == 1, (status, answer)
+        while status != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status, ready = http(base + "/readyz")
+        logs = run(compose + ["logs", "serve", "export"], project, check=False).stdout[-3000:]
+        assert status == 200, f"/readyz: {status} {ready}\n{logs}"
+        assert (ready["checkpoint"]["epoch"], ready["runtime"]) == (1, "onnx"), ready
+        status, answer = http(base + "/predict", drawn_one(), {"Content-Type": "image/png"})
+        assert status == 200 and answer["predictions"][0]["digit"] == 1, (status, answer)
+
+    ready_and_predicting()
 
     # the torch path: `mnist predict` in the default image, on the same PNGs
     paths = [f"/opt/mount/results/{name}" for name in pngs]
@@ -190,6 +229,20 @@ def check_serve(compose: List[str], project: str, images: Dict[str, str], pngs: 
         assert served["digit"] == item["digit"], (item, served)
         difference = max(abs(a - b) for a, b in zip(served["probabilities"], item["probabilities"], strict=True))
         assert difference <= PARITY, (item, served)
+
+    # `mnist serve` killed outright (as the OOM killer would): the restart policy brings it back
+    pid = run(["docker", "exec", containers["serve"], "python", "-c", SERVE_PID]).stdout.strip()
+    started = inspect(containers["serve"], ".State")["StartedAt"]
+    # (the exec itself may end with the container: no exit code to check; the restart below shows the kill)
+    run(["docker", "exec", containers["serve"], "python", "-c", KILL, pid], check=False)
+    deadline = time.monotonic() + 60  # a limit for a hang, never a speed assertion
+    state = inspect(containers["serve"], ".State")
+    while state["StartedAt"] == started and time.monotonic() < deadline:
+        time.sleep(0.5)
+        state = inspect(containers["serve"], ".State")
+    assert state["StartedAt"] != started and state["Running"], state
+    assert inspect(containers["serve"], ".RestartCount") >= 1
+    ready_and_predicting()
     run(compose + ["stop", "serve", "export"], project, timeout=120)
     run(compose + ["rm", "-f", "serve", "export"], project, timeout=120)
 

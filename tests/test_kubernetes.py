@@ -2,7 +2,8 @@
 
 Core kinds are validated against the strict JSON schemas of pinned Kubernetes versions (kubernetes-validate
 bundles them: an unknown field is an error, as under `kubectl apply --validate=strict`), the TrainJob against
-the CRD schema of Kubeflow Trainer v2.3.0 vendored in deploy/kubernetes/schemas/, made strict the same way.
+the CRD schema of Kubeflow Trainer v2.3.0 and the InferenceService against KServe v0.20.0's, both vendored in
+deploy/kubernetes/schemas/ and made strict the same way.
 The kustomizations are rendered here by `render`, which does the part of kustomize they use; where kubectl is
 installed, its own kustomize renders them too and must agree.
 """
@@ -25,11 +26,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "kubernetes"
-BASE, SINGLE_NODE = DEPLOY / "base", DEPLOY / "overlays" / "single-node"
-KUSTOMIZATIONS = (BASE, SINGLE_NODE)
+BASE, SINGLE_NODE, KSERVE = DEPLOY / "base", DEPLOY / "overlays" / "single-node", DEPLOY / "overlays" / "kserve"
+KUSTOMIZATIONS = (BASE, SINGLE_NODE, KSERVE)
 # the oldest and newest Kubernetes that Kubeflow Trainer v2.3.0 runs its end-to-end tests on
 KUBERNETES_VERSIONS = ("1.32", "1.35")
 TRAINJOB_SCHEMA = DEPLOY / "schemas" / "trainjob-v1alpha1.json"
+INFERENCESERVICE_SCHEMA = DEPLOY / "schemas" / "inferenceservice-v1beta1.json"
+# the custom resources, by apiVersion and kind: their vendored schema, its source and release
+CUSTOM = {
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): (TRAINJOB_SCHEMA, "https://github.com/kubeflow/trainer/", "v2.3.0"),
+    ("serving.kserve.io/v1beta1", "InferenceService"): (INFERENCESERVICE_SCHEMA, "https://github.com/kserve/kserve/",
+                                                        "v0.20.0"),
+}
 # torchrun's settings that the runtime sets, and so its webhook refuses in spec.trainer.env
 PET_NAMES = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
 IMAGE_USER = 1000  # the Dockerfile's `useradd --uid 1000`
@@ -120,7 +128,12 @@ def render(kustomization: Path) -> List[Dict[str, Any]]:
                 for path in paths["replicas"]:
                     set_path(obj, path, replicas["count"])
     for patch in spec.get("patches", []):
-        if "path" in patch:
+        content = yaml.safe_load(patch.get("patch", "[]"))
+        if isinstance(content, dict) and content.get("$patch") == "delete":
+            targets = [o for o in objects if matches(o, patch["target"])]
+            assert len(targets) == 1, f"{patch['target']} matches {len(targets)} resources"
+            objects.remove(targets[0])
+        elif "path" in patch:
             (content,) = load_all(kustomization / patch["path"])
             targets = [o for o in objects if o["kind"] == content["kind"]
                        and o["metadata"]["name"] == content["metadata"]["name"]]
@@ -155,21 +168,25 @@ def strict(schema: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def trainjob_validator() -> jsonschema.Draft7Validator:
-    vendored = json.loads(TRAINJOB_SCHEMA.read_text())
-    assert vendored["source"].startswith("https://github.com/kubeflow/trainer/") and vendored["release"] == "v2.3.0"
-    return jsonschema.Draft7Validator(strict(vendored["openAPIV3Schema"]))
+def validators() -> Dict[tuple, jsonschema.Draft7Validator]:
+    """A strict validator for each custom resource, from its vendored CRD schema."""
+    found = {}
+    for key, (path, source, release) in CUSTOM.items():
+        vendored = json.loads(path.read_text())
+        assert vendored["source"].startswith(source) and vendored["release"] == release, path
+        found[key] = jsonschema.Draft7Validator(strict(vendored["openAPIV3Schema"]))
+    return found
 
 
-def problems(obj: dict, trainjob_validator: jsonschema.Draft7Validator) -> List[str]:
+def problems(obj: dict, validators: Dict[tuple, jsonschema.Draft7Validator]) -> List[str]:
     """What the schemas find wrong with `obj`: nothing for a valid object."""
     name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-    if obj.get("apiVersion") == "trainer.kubeflow.org/v1alpha1" and obj.get("kind") == "TrainJob":
-        found = [f"{name}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
-                 for e in trainjob_validator.iter_errors(obj)]
+    custom = validators.get((obj.get("apiVersion"), obj.get("kind")))
+    if custom is not None:
+        found = [f"{name}: {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in custom.iter_errors(obj)]
         # the CRD leaves metadata open (the API server checks it): check it as any object's metadata
         as_core = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj.get("metadata")}
-        return found + problems(as_core, trainjob_validator)
+        return found + problems(as_core, validators)
     found = []
     for version in KUBERNETES_VERSIONS:
         try:
@@ -184,7 +201,8 @@ def rendered(kustomization: Path) -> Dict[str, dict]:
 
 
 def pod_specs(objects: Dict[str, dict]) -> Dict[str, dict]:
-    """Each workload's pod spec; the TrainJob's is the runtime patch (the runtime holds the rest)."""
+    """Each workload's pod spec; the TrainJob's is the runtime patch (the runtime holds the rest), the
+    InferenceService's its predictor (a pod spec with KServe's fields beside)."""
     specs = {}
     for key, obj in objects.items():
         if obj["kind"] in ("Deployment", "Job"):
@@ -193,17 +211,42 @@ def pod_specs(objects: Dict[str, dict]) -> Dict[str, dict]:
             (patch,) = obj["spec"]["runtimePatches"]
             (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
             specs[key] = node["template"]["spec"]["template"]["spec"]
+        elif obj["kind"] == "InferenceService":
+            specs[key] = obj["spec"]["predictor"]
     return specs
+
+
+def pod_labels(obj: dict) -> Dict[str, str]:
+    """The labels a workload's pods carry: the TrainJob's get the JobSet's, which Trainer names after it."""
+    if obj["kind"] == "TrainJob":
+        return {"jobset.sigs.k8s.io/jobset-name": obj["metadata"]["name"]}
+    if obj["kind"] == "InferenceService":
+        return obj["spec"]["predictor"]["labels"]
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+def selects(selector: dict, labels: Dict[str, str]) -> bool:
+    """A label selector (matchLabels, and matchExpressions with In) against a pod's labels."""
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+SERVE = {BASE: "Deployment/mnist-serve", SINGLE_NODE: "Deployment/mnist-serve", KSERVE: "InferenceService/mnist"}
+WRITERS = {"TrainJob/mnist-train", "Job/mnist-evaluate", "Job/mnist-infer", "Deployment/mnist-export"}
 
 
 # --- the tests -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda path: path.name)
-def test_every_rendered_object_validates_against_its_schema(kustomization, trainjob_validator):
+def test_every_rendered_object_validates_against_its_schema(kustomization, validators):
     objects = render(kustomization)
+    serving = ({"InferenceService"} if kustomization == KSERVE else {"Service", "HorizontalPodAutoscaler"})
     assert {obj["kind"] for obj in objects} >= {"PersistentVolumeClaim", "TrainJob", "Job", "Deployment",
-                                                 "Service", "HorizontalPodAutoscaler"}
-    assert [p for obj in objects for p in problems(obj, trainjob_validator)] == []
+                                                 "NetworkPolicy", "ServiceAccount"} | serving
+    assert [p for obj in objects for p in problems(obj, validators)] == []
 
 
 def test_every_manifest_is_in_a_kustomization():
@@ -227,60 +270,169 @@ def test_every_manifest_is_in_a_kustomization():
     ("TrainJob/mnist-train", ["spec", "trainer"], "numNode", 2),
     ("TrainJob/mnist-train", ["spec", "trainer"], "numNodes", "2"),
     ("TrainJob/mnist-train", ["metadata"], "lables", {}),
+    ("NetworkPolicy/mnist-serve", ["spec"], "policyType", ["Ingress"]),
+    ("InferenceService/mnist", ["spec", "predictor"], "minReplica", 1),
+    ("InferenceService/mnist", ["spec", "predictor", "containers", 0], "readinesProbe", {"httpGet": {}}),
+    ("InferenceService/mnist", ["spec", "predictor", "containers", 0, "securityContext"], "readOnlyRootFileSystem",
+     True),
+    ("InferenceService/mnist", ["spec", "predictor"], "maxReplicas", "4"),
+    ("InferenceService/mnist", ["metadata"], "anotations", {}),
 ], ids=["misspelled probe", "port as a string", "job retries as a word", "misspelled numNodes",
-        "numNodes as a string", "misspelled metadata field"])
-def test_a_misspelled_field_or_a_wrong_type_is_rejected(mistake, trainjob_validator):
+        "numNodes as a string", "misspelled metadata field", "misspelled policyTypes",
+        "misspelled minReplicas", "misspelled probe of the predictor", "misspelled readOnlyRootFilesystem",
+        "maxReplicas as a string", "misspelled metadata field of the InferenceService"])
+def test_a_misspelled_field_or_a_wrong_type_is_rejected(mistake, validators):
     key, where, field, value = mistake
-    obj = copy.deepcopy(rendered(BASE)[key])
+    obj = copy.deepcopy(rendered(KSERVE if key.startswith("InferenceService/") else BASE)[key])
+    assert problems(obj, validators) == []
     node = obj
     for step in where:
         node = node[step]
     node[field] = value
-    found = problems(obj, trainjob_validator)
+    found = problems(obj, validators)
     assert found and all(field in p or repr(value) in p for p in found), found
 
 
-def test_every_step_mounts_the_one_claim_at_opt_mount():
-    objects = rendered(BASE)
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda path: path.name)
+def test_every_step_mounts_the_one_claim_at_opt_mount(kustomization):
+    objects = rendered(kustomization)
     (claim,) = [obj for obj in objects.values() if obj["kind"] == "PersistentVolumeClaim"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     specs = pod_specs(objects)
-    assert sorted(specs) == ["Deployment/mnist-serve", "Job/mnist-evaluate", "Job/mnist-infer",
-                             "TrainJob/mnist-train"]
+    assert set(specs) == WRITERS | {SERVE[kustomization]}
     for key, spec in specs.items():
         volumes = {v["name"]: v for v in spec["volumes"]}
         (container,) = spec["containers"]
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/opt/mount"]
-        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], key
+        claimed = volumes[mount["name"]]["persistentVolumeClaim"]
+        assert claimed["claimName"] == claim["metadata"]["name"], key
         # serve only reads the volume; the others write it
-        assert mount.get("readOnly", False) == (key == "Deployment/mnist-serve"), key
+        assert mount.get("readOnly", False) == claimed.get("readOnly", False) == (key not in WRITERS), key
 
 
-def test_every_pod_runs_as_the_image_user_on_a_read_only_root_with_a_writable_tmp():
-    for key, spec in pod_specs(rendered(BASE)).items():
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda path: path.name)
+def test_every_pod_runs_confined_as_the_image_user_without_an_api_token(kustomization):
+    """uid 1000, non-root, the runtime's seccomp profile, no capabilities, a read-only root with a writable
+    /tmp, and no service account token (the pod says so, or, where its spec cannot, its account)."""
+    objects = rendered(kustomization)
+    accounts = {obj["metadata"]["name"]: obj for obj in objects.values() if obj["kind"] == "ServiceAccount"}
+    for key, spec in pod_specs(objects).items():
         assert spec["securityContext"]["runAsNonRoot"] is True, key
         assert spec["securityContext"]["runAsUser"] == IMAGE_USER, key
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, key
         (container,) = spec["containers"]
         assert container["securityContext"]["readOnlyRootFilesystem"] is True, key
         assert container["securityContext"]["allowPrivilegeEscalation"] is False, key
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}, key
         volumes = {v["name"]: v for v in spec["volumes"]}
         (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
         assert "emptyDir" in volumes[tmp["name"]], key
+        # the pod's own field wins over its account's; a pod with neither gets a token
+        account = accounts[spec["serviceAccountName"]]
+        assert spec.get("automountServiceAccountToken", account.get("automountServiceAccountToken")) is False, key
+        assert account.get("automountServiceAccountToken") is False, key
     assert f"--uid {IMAGE_USER}" in (REPO / "Dockerfile").read_text()
 
 
-def test_serve_is_probed_on_routes_that_serve_has():
-    source = (REPO / "src" / "mnist_pipeline" / "serve" / "http.py").read_text()
-    (routes,) = [ast.literal_eval(node.value) for node in ast.parse(source).body
-                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "ROUTES"]
-    deployment = rendered(BASE)["Deployment/mnist-serve"]
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+def serve_strings() -> set:
+    """Every string constant in serve's source: its routes among them, however the app declares them."""
+    found = set()
+    for path in (REPO / "src" / "mnist_pipeline" / "serve").rglob("*.py"):
+        found |= {node.value for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    return found
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda path: path.name)
+def test_serve_is_probed_on_routes_that_serve_has(kustomization):
+    (container,) = pod_specs(rendered(kustomization))[SERVE[kustomization]]["containers"]
     probes = {name: container[name]["httpGet"]["path"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
     # ready only with a model that passes the gate; started and alive while the process answers
     assert probes == {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
-    assert set(probes.values()) <= set(routes)
+    assert set(probes.values()) <= serve_strings()
     assert container["ports"][0]["containerPort"] == 8000  # the image's MNIST_PORT default
-    assert "replicas" not in deployment["spec"]  # the autoscaler owns it
+    assert {(e["name"], e["value"]) for e in container["env"]} >= {("MNIST_WORKERS", "1")}
+
+
+def test_serve_runs_the_slim_image_and_export_writes_what_it_answers_from():
+    """As under Compose: serve in the image of the Dockerfile's target `serve` (no torch), which answers from
+    the ONNX models that export (target `export`, `mnist export --follow`) writes; without export it is never
+    ready. The autoscaler owns serve's replicas; one exporter, replaced rather than doubled on an update."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    objects = rendered(BASE)
+    specs = pod_specs(objects)
+    images = {key: spec["containers"][0].get("image") for key, spec in specs.items()}
+    images["TrainJob/mnist-train"] = objects["TrainJob/mnist-train"]["spec"]["trainer"]["image"]
+    assert images["Deployment/mnist-serve"] == "registry.example.com/mnist-compose-serve:0.1.0"
+    assert images["Deployment/mnist-export"] == "registry.example.com/mnist-compose-export:0.1.0"
+    assert {images[key] for key in ("TrainJob/mnist-train", "Job/mnist-evaluate", "Job/mnist-infer")} == {
+        "registry.example.com/mnist-compose:0.1.0"}
+    for name in ("serve", "export"):
+        assert compose[name]["build"]["target"] == name
+        (container,) = specs[f"Deployment/mnist-{name}"]["containers"]
+        assert container["command"] == compose[name]["command"], name
+    assert "replicas" not in objects["Deployment/mnist-serve"]["spec"]
+    export = objects["Deployment/mnist-export"]["spec"]
+    assert (export["replicas"], export["strategy"]["type"]) == (1, "Recreate")
+
+
+def test_the_inferenceservice_serves_as_the_deployment_does():
+    """The kserve overlay: the base's serve Deployment, Service and autoscaler replaced by an InferenceService
+    (KServe's RawDeployment mode, the v2 protocol) whose predictor says what the Deployment says."""
+    base, kserve = rendered(BASE), rendered(KSERVE)
+    assert set(base) - set(kserve) == {"Deployment/mnist-serve", "Service/mnist-serve",
+                                       "HorizontalPodAutoscaler/mnist-serve"}
+    assert set(kserve) - set(base) == {"InferenceService/mnist"}
+    service = kserve["InferenceService/mnist"]
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert service["metadata"]["labels"]["app.kubernetes.io/component"] == "serve"
+    predictor = service["spec"]["predictor"]
+    deployment = base["Deployment/mnist-serve"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert predictor["labels"] == deployment["spec"]["template"]["metadata"]["labels"]
+    for field in ("securityContext", "serviceAccountName", "automountServiceAccountToken", "volumes"):
+        assert predictor[field] == pod[field], field
+    assert predictor["deploymentStrategy"] == deployment["spec"]["strategy"]
+    (container,) = predictor["containers"]
+    (served,) = pod["containers"]
+    assert container["name"] == "kserve-container"  # where KServe looks for the model server
+    for field in ("image", "command", "ports", "startupProbe", "readinessProbe", "livenessProbe", "resources",
+                  "securityContext", "volumeMounts"):
+        assert container[field] == served[field], field
+    # a custom predictor's protocol: the PROTOCOL variable, which KServe reads (v0.20.0's predictor_custom.go)
+    assert container["env"] == served["env"] + [{"name": "PROTOCOL", "value": "v2"}]
+    hpa = base["HorizontalPodAutoscaler/mnist-serve"]["spec"]
+    (metric,) = hpa["metrics"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (hpa["minReplicas"], hpa["maxReplicas"])
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == (
+        metric["resource"]["name"], metric["resource"]["target"]["averageUtilization"])
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda path: path.name)
+def test_network_policies_open_only_what_each_step_needs(kustomization):
+    """One policy a workload, naming both directions: serve takes TCP on its port and opens nothing;
+    evaluate, infer and export have no network; the training pods reach each other on every port (torchrun's
+    rendezvous, the process group's own ports), DNS and HTTPS (the MNIST download), and take traffic from
+    each other only."""
+    objects = rendered(kustomization)
+    policies = [obj for obj in objects.values() if obj["kind"] == "NetworkPolicy"]
+    rules = {}
+    for key in pod_specs(objects):
+        (policy,) = [p for p in policies if selects(p["spec"]["podSelector"], pod_labels(objects[key]))]
+        assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"], key
+        rules[key] = (policy["spec"].get("ingress", []), policy["spec"].get("egress", []))
+    assert rules.pop(SERVE[kustomization]) == ([{"ports": [{"port": 8000, "protocol": "TCP"}]}], [])
+    (container,) = pod_specs(objects)[SERVE[kustomization]]["containers"]
+    assert container["ports"][0]["containerPort"] == 8000
+    train = {"podSelector": {"matchLabels": pod_labels(objects["TrainJob/mnist-train"])}}
+    ingress, egress = rules.pop("TrainJob/mnist-train")
+    assert ingress == [{"from": [train]}]
+    assert egress == [{"to": [train]},
+                      {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+                      {"ports": [{"port": 443, "protocol": "TCP"}]}]
+    assert rules == {key: ([], []) for key in ("Job/mnist-evaluate", "Job/mnist-infer", "Deployment/mnist-export")}
+    # the rank-to-rank rule names the TrainJob by the label its pods get: that of the JobSet, named as it is
+    assert objects["TrainJob/mnist-train"]["metadata"]["name"] == "mnist-train"
 
 
 def test_the_trainjob_runs_train_under_torchrun_on_n_nodes_from_the_kustomization():
@@ -300,7 +452,7 @@ def test_the_trainjob_runs_train_under_torchrun_on_n_nodes_from_the_kustomizatio
     (container,) = job["template"]["spec"]["template"]["spec"]["containers"]
     assert (job["name"], container["name"]) == ("node", "node")  # the torch-distributed runtime's names
     assert "env" not in container
-    assert trainer["image"] == rendered(BASE)["Deployment/mnist-serve"]["spec"]["template"]["spec"][
+    assert trainer["image"] == rendered(BASE)["Job/mnist-evaluate"]["spec"]["template"]["spec"][
         "containers"][0]["image"]
 
 
