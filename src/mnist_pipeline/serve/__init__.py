@@ -49,8 +49,13 @@ DRAIN_S = 10  # after SIGTERM, in-flight requests get this long before a worker 
 def run(config: ServeConfig) -> None:
     """Serve until SIGTERM or SIGINT (then exit as signals.py says); PipelineError when it cannot start or its
     workers keep dying."""
-    from granian import Granian
-    from granian.http import HTTP1Settings
+    try:
+        from granian import Granian
+        from granian.http import HTTP1Settings
+    except ImportError:
+        raise PipelineError("mnist serve runs on granian, which this installation leaves out (the train, evaluate "
+                            "and infer image does): use the serve image (`docker compose up serve`, Dockerfile "
+                            "target serve), or `pip install granian fastapi python-multipart prometheus-client`") from None
 
     from mnist_pipeline.serve import metrics
 

@@ -81,6 +81,9 @@ class Service:
 
 def create_app(config: ServeConfig) -> FastAPI:
     _give_back_freed_memory()
+    # python-multipart warns of each malformed body it parses: the client's 400 says it, a flood of them
+    # must not fill the log
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     # no OpenTelemetry overhead per request; the docs page is ours (Swagger UI's, without inline script)
     app = FastAPI(title="mnist serve", version=api.API_VERSION, lifespan=_lifespan, docs_url=None,
                   redoc_url=None, description="Read handwritten digits: the page, the prediction API, the model's "
@@ -92,7 +95,18 @@ def create_app(config: ServeConfig) -> FastAPI:
                        uploads=service.uploads, access_log=config.access_log)
     _answer_errors_in_json(app)
     app.include_router(routes)
+    app.openapi = lambda: app.openapi_schema or _without_422(FastAPI.openapi(app))
     return app
+
+
+def _without_422(schema: Dict[str, Any]) -> Dict[str, Any]:
+    """The schema without FastAPI's 422 answers: a request that fails validation gets a 400 Error here."""
+    for path in schema["paths"].values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema
 
 
 @contextlib.asynccontextmanager
@@ -218,7 +232,7 @@ def report(name: str, request: Request) -> FileResponse:
 
 
 def _answer_errors_in_json(app: FastAPI) -> None:
-    """Every failure a JSON {"error": ...}: the client's (4xx), a client gone (499, for the count), a bug (500)."""
+    """Every failure a JSON {"error": ...}: the client's (4xx), a bug (500)."""
 
     @app.exception_handler(ClientError)
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
@@ -229,9 +243,10 @@ def _answer_errors_in_json(app: FastAPI) -> None:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ClientDisconnect)
-    async def client_gone(_request: Request, _exc: ClientDisconnect) -> Response:
-        # the client closed the connection mid-upload: nobody reads this, Front counts it as 499
-        return Response(status_code=499)
+    async def body_broke_off(_request: Request, _exc: ClientDisconnect) -> JSONResponse:
+        # granian ends a body this way both when the client leaves and when its chunking is malformed
+        return JSONResponse({"error": "the request body broke off (malformed chunked encoding, or the client "
+                                      "left): send it whole"}, status_code=400, headers={"Connection": "close"})
 
     @app.exception_handler(Exception)
     async def bug(_request: Request, exc: Exception) -> JSONResponse:

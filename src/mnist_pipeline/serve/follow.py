@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Tuple, Union
 
+from mnist_pipeline import faults
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import aliases, versions
 from mnist_pipeline.serve.runtimes import Live, Runtimes
@@ -148,6 +149,7 @@ class Kept:
         try:
             if time.monotonic() - self._last_load < self.LOAD_GAP_S:
                 raise Kept.Busy(f"versions are loading too often: retry version {number} in 1 s")
+            faults.hold_point("version-load")
             live = self.runtimes.load(self.volume, number, self.threshold)
             self._last_load = time.monotonic()  # (a refusal, cheap, does not count)
         finally:

@@ -44,9 +44,9 @@ def busy(what: str) -> ClientError:
 class Front:
     """In front of every route. It puts Content-Security-Policy, X-Content-Type-Options and X-Request-ID on every
     answer; answers a path with a NUL byte 404 itself; turns a plain-text error (a bad Range: 416) into JSON;
-    counts each request by route and status (499: the client left first, as nginx counts it) and logs it when
-    asked; and ends a body over MAX_BODY_BYTES (413), one that stops arriving (408), or one the process
-    cannot hold now (503). granian itself times out a stalled head but not a body."""
+    counts each request by route and status (499: no answer was begun) and logs it when asked; and ends a body
+    over MAX_BODY_BYTES (413), one that stops arriving (408), or one the process cannot hold now (503). granian
+    itself times out a stalled head but not a body."""
 
     def __init__(self, app, counter: Any, read_timeout: float, uploads: Any, access_log: bool):
         self.app, self.counter, self.read_timeout = app, counter, read_timeout
