@@ -25,7 +25,7 @@ from mnist_pipeline import faults, preprocess
 from mnist_pipeline.contract import describe
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import aliases, versions
-from mnist_pipeline.serve import bodies
+from mnist_pipeline.serve import bodies, v2
 from mnist_pipeline.serve.budget import Limits, Slots, Uploads
 from mnist_pipeline.serve.follow import Follower, Kept
 from mnist_pipeline.serve.runtimes import Live, Runtimes
@@ -87,6 +87,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.add_middleware(Front, counter=service.metrics.requests, read_timeout=limits.read_timeout)
     _answer_errors_in_json(app)
     app.include_router(routes)
+    app.include_router(v2.routes)
     return app
 
 
