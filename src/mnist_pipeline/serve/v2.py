@@ -323,8 +323,8 @@ def _parse(body: bytes, header_length: Optional[str]) -> Asked:
     if not isinstance(request, dict):
         raise ClientError(400, "the inference request is not a JSON object")
     request_id = request.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise ClientError(400, "`id` is not a string")
+    if request_id is not None and not (isinstance(request_id, str) and _utf8(request_id)):
+        raise ClientError(400, "`id` is not a string of Unicode text")
     parameters = _object(request.get("parameters"), "the request's `parameters`")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
@@ -332,7 +332,7 @@ def _parse(body: bytes, header_length: Optional[str]) -> Asked:
                                "(BYTES [N])")
     tensor = _object(inputs[0], "the input")
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if name not in INPUTS:
+    if not isinstance(name, str) or name not in INPUTS:
         raise ClientError(400, f"unknown input {str(name)[:40]!r}: send `images` or `image_files`")
     if datatype != INPUTS[name][0]:
         raise ClientError(400, f"input {name!r} has datatype {str(datatype)[:20]!r}: it is {INPUTS[name][0]}")
@@ -343,6 +343,15 @@ def _parse(body: bytes, header_length: Optional[str]) -> Asked:
     else:
         images, files = [], _files(data, count)
     return Asked(request_id, images, files, _outputs(request.get("outputs"), parameters))
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` can be answered (JSON's \\ud800 escapes parse to a lone surrogate, which has no UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _object(value: Any, what: str) -> Dict[str, Any]:
@@ -432,6 +441,8 @@ def _files(data: Union[bytes, List[Any]], count: int) -> List[bytes]:
                                        f"the {len(data) - offset - 4} left")
             files.append(_file(data[offset + 4:offset + 4 + size], len(files) + 1))
             offset += 4 + size
+            if len(files) > count:  # (many empty elements would take long to count)
+                break
     else:
         for number, text in enumerate(data, 1):
             if not isinstance(text, str):
@@ -470,7 +481,7 @@ def _outputs(outputs: Any, parameters: Dict[str, Any]) -> List[Tuple[str, bool]]
     for output in outputs:
         output = _object(output, "an output")
         name = output.get("name")
-        if name not in OUTPUTS:
+        if not isinstance(name, str) or name not in OUTPUTS:
             raise ClientError(400, f"unknown output {str(name)[:40]!r}: ask for `probabilities` and/or `digit`")
         binary = _object(output.get("parameters"), f"output {name!r}'s `parameters`").get("binary_data", default)
         if not isinstance(binary, bool):
