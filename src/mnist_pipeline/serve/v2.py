@@ -152,6 +152,7 @@ def _inline(schema: Dict[str, Any]) -> Dict[str, Any]:
 
 
 ERRORS: Dict[Union[int, str], Dict[str, Any]] = {400: {"model": V2Error}, 404: {"model": V2Error}}
+METADATA_ERRORS: Dict[Union[int, str], Dict[str, Any]] = {**ERRORS, 503: {"model": V2Error}}  # (none loaded yet)
 INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": _inline(InferRequest.model_json_schema())},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary",
@@ -186,12 +187,12 @@ async def server_metadata() -> Dict[str, Any]:
     return {"name": "mnist serve", "version": __version__, "extensions": EXTENSIONS}
 
 
-@routes.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
+@routes.get("/models/{name}", response_model=ModelMetadata, responses=METADATA_ERRORS)
 async def model_metadata(name: str, request: Request) -> JSONResponse:
     return await _metadata(request, name, None)
 
 
-@routes.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
+@routes.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=METADATA_ERRORS)
 async def version_metadata(name: str, version: str, request: Request) -> JSONResponse:
     return await _metadata(request, name, version)
 
