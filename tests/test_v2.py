@@ -172,6 +172,7 @@ BAD = [  # (path, body, headers, status, a fragment of the error)
     (INFER, b"[" * 100_000, {}, 400, "not a JSON inference request"),
     ("/v2/models/mnist/versions/9/infer", body_of([pixels_json()]), {}, 404, "no version 9"),
     ("/v2/models/mnist/versions/x/infer", body_of([pixels_json()]), {}, 400, "not a version number"),
+    ("/v2/models/mnist/versions/" + "9" * 5000 + "/infer", body_of([pixels_json()]), {}, 400, "not a version number"),
     ("/v2/models/fashion/infer", body_of([pixels_json()]), {}, 404, "unknown model 'fashion'"),
 ]
 

@@ -245,7 +245,9 @@ async def _model(request: Request, name: str, version: Optional[str]) -> Any:
     if name != MODEL:
         raise ClientError(404, f"unknown model {name[:40]!r}: this server has one model, {MODEL!r}")
     if version is not None:
-        if not (version.isascii() and version.isdigit() and 0 < int(version) <= versions.MAX_VERSION):
+        # (its length first: int() refuses a string of thousands of digits)
+        if not (version.isascii() and version.isdigit() and len(version) <= len(str(versions.MAX_VERSION))
+                and 0 < int(version) <= versions.MAX_VERSION):
             raise ClientError(400, f"version {version[:40]!r} is not a version number: GET /models lists them")
         try:
             return await run_in_threadpool(service.kept.get, int(version))
