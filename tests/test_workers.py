@@ -1,6 +1,6 @@
 """`mnist serve --workers N` (granian's worker processes): several on one port, each following the volume,
-/metrics summed over them, killed ones replaced under load, and a stop that ends them all. The volume: test_versions' three versions, of
-which version 3 is production."""
+/metrics summed over them, killed ones replaced under load, and a stop that ends them all. The volume:
+test_versions' three versions, of which version 3 is production."""
 
 from __future__ import annotations
 
@@ -93,10 +93,10 @@ def test_killed_workers_are_replaced_under_load_and_a_stop_ends_every_worker(ser
         alive = set(pids)
         for killed in sorted(pids):  # each worker in turn, under load: the port keeps answering
             os.kill(killed, signal.SIGKILL)
-            alive = wait_until(lambda: (lambda v: len(v) == 2 and killed not in v and set(v.values()) == {3} and v)(
+            alive = wait_until(lambda k=killed: (lambda v: len(v) == 2 and k not in v and set(v.values()) == {3} and v)(
                 versions_served(served)), "the killed worker replaced, serving version 3")
             answered = len(answers)
-            wait_until(lambda: len(answers) >= answered + 10, "answers after the replacement")
+            wait_until(lambda a=answered: len(answers) >= a + 10, "answers after the replacement")
             assert set(answers[answered:]) == {200}
     finally:
         stop.set()

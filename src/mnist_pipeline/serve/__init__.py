@@ -55,7 +55,8 @@ def run(config: ServeConfig) -> None:
     except ImportError:
         raise PipelineError("mnist serve runs on granian, which this installation leaves out (the train, evaluate "
                             "and infer image does): use the serve image (`docker compose up serve`, Dockerfile "
-                            "target serve), or `pip install granian fastapi python-multipart prometheus-client`") from None
+                            "target serve), or `pip install granian fastapi python-multipart prometheus-client`"
+                            ) from None
 
     from mnist_pipeline.serve import metrics
 

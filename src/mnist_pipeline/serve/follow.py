@@ -121,11 +121,11 @@ class Follower:
 
 class Kept:
     """Versions asked for by number (POST /predict?version=N): at most `size` loaded, the least recently used
-    dropped. One load at a time, at most one every LOAD_GAP_S: a request for a version not loaded while that
-    bound is spent gets Busy (503 with Retry-After), so a client cycling through versions cannot make every
-    request wait for a load."""
+    dropped. One load at a time, and at most LOADS_PER_S of them a second after a burst of `size`: a request
+    for a version not loaded while that is spent gets Busy (503 with Retry-After), so a client cycling through
+    versions cannot make every request wait for a load, nor keep a CPU loading models."""
 
-    LOAD_GAP_S = 0.5
+    LOADS_PER_S = 2.0
 
     class Busy(PipelineError):
         pass
@@ -135,7 +135,7 @@ class Kept:
         self._loaded: "OrderedDict[int, Live]" = OrderedDict()
         self._lock = threading.Lock()  # the cache
         self._loading = threading.Lock()  # a load
-        self._last_load = -float("inf")
+        self._loads, self._counted = float(size), time.monotonic()  # loads allowed now (a token bucket)
 
     def get(self, number: int) -> Live:
         """Version `number`, gated; PipelineError (versions.NoSuchVersion for one not kept) when it cannot serve."""
@@ -147,11 +147,14 @@ class Kept:
         if not self._loading.acquire(blocking=False):
             raise Kept.Busy(f"another version is loading: retry version {number} in 1 s")
         try:
-            if time.monotonic() - self._last_load < self.LOAD_GAP_S:
+            now = time.monotonic()
+            self._loads = min(float(self.size), self._loads + (now - self._counted) * self.LOADS_PER_S)
+            self._counted = now
+            if self._loads < 1:
                 raise Kept.Busy(f"versions are loading too often: retry version {number} in 1 s")
             faults.hold_point("version-load")
             live = self.runtimes.load(self.volume, number, self.threshold)
-            self._last_load = time.monotonic()  # (a refusal, cheap, does not count)
+            self._loads -= 1  # (a refusal, cheap, does not count)
         finally:
             self._loading.release()
         with self._lock:
