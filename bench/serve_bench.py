@@ -13,10 +13,14 @@ briefly and exported into a temp folder first, from MNIST_TEST_MIRROR or ../shar
 Each round measures every server in turn (the order rotates from round to round), first with
 --clients keep-alive connections each sending one 280x280 PNG drawing per request (multipart field
 `file`), then --batch-clients connections each sending 64 MNIST test digits (28x28 PNGs) per request:
-a short warm-up, then --seconds of load. Per round and in summary (the median of the rounds): req/s,
-images/s, p50/p99 latency, and the server's CPU per request (user + system of its parent and every
-process below it, from /proc/PID/stat before and after the load, over every request it answered in
-that time), with same-round ratios against the reference (tuned, or uvicorn in --servers).
+a short warm-up, in which the connections open --stagger seconds apart, then --seconds of load.
+(Opened all at once, --stagger 0, the connections of a server whose workers share one listening
+socket, as uvicorn's and gunicorn's do, mostly land on one worker.) Per round and in summary (the
+median of the rounds): req/s, images/s, p50/p99 latency, the server's CPU per request (user + system
+of its parent and every process below it, from /proc/PID/stat before and after the load, over every
+request it answered in that time) and the busiest process's share of that CPU (about 50% when two
+workers share the work, 100% when one does it all), with same-round ratios against the reference
+(tuned, or uvicorn in --servers).
 
 The client is one selector loop over raw sockets with the requests encoded beforehand; it runs on
 the same machine and shares its CPUs with the servers (its own CPU per request is reported too).
@@ -64,8 +68,12 @@ def volume(tmp: str, steps: int) -> Path:
     """A volume trained for `steps` steps, evaluated and exported (accuracy does not matter for speed)."""
     root = Path(tmp) / "volume"
     for stage in (("train", "--max-steps", str(steps)), ("evaluate", "--export", "auto")):
-        if mnist(stage[0], "--root", str(root), *stage[1:], stdout=subprocess.DEVNULL).wait() != 0:
-            raise SystemExit(f"error: mnist {stage[0]} failed while building the bench's volume")
+        with tempfile.TemporaryFile() as log:
+            if mnist(stage[0], "--root", str(root), *stage[1:], stdout=log, stderr=subprocess.STDOUT).wait() != 0:
+                log.seek(0)
+                tail = log.read().decode(errors="replace").splitlines()[-20:]
+                raise SystemExit(f"error: mnist {stage[0]} failed building the bench's volume:\n" + "\n".join(tail))
+    print(f"a volume trained for {steps} steps and exported: {root}", flush=True)
     return root
 
 
@@ -164,22 +172,28 @@ class Connection:
         return int(self.received[9:12])
 
 
-def load(address: Tuple[str, int], request: bytes, clients: int, seconds: float, warmup: float) -> Dict:
-    """`clients` connections sending `request` back to back: what was answered in `seconds` after `warmup`,
-    and how many answers there were in all (warm-up and the last ones in flight included)."""
+def load(address: Tuple[str, int], request: bytes, clients: int, seconds: float, warmup: float,
+         stagger: float = 0.0) -> Dict:
+    """`clients` connections sending `request` back to back, the n-th opened n * `stagger` seconds after the
+    first: what was answered in `seconds` after `warmup`, and how many answers there were in all (warm-up and
+    the last ones in flight included)."""
     selector = selectors.DefaultSelector()
-    connections = [Connection(address, request) for _ in range(clients)]
-    for connection in connections:
-        selector.register(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
-        connection.send()
+    connections: List[Connection] = []
     started = time.perf_counter()
     measure_from, end = started + warmup, started + warmup + seconds
     latencies: List[float] = []
-    failed = answered = reconnects = 0
-    while connections:
+    failed = answered = reconnects = opened = 0
+    while connections or opened < clients:
+        while opened < clients and time.perf_counter() >= started + opened * stagger:
+            connection = Connection(address, request)
+            selector.register(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, connection)
+            connection.send()
+            connections.append(connection)
+            opened += 1
         if time.perf_counter() > end + 60:
             raise SystemExit(f"error: {len(connections)} requests unanswered a minute after the load ended")
-        for key, events in selector.select(timeout=1.0):
+        wait = 1.0 if opened == clients else max(0.0, started + opened * stagger - time.perf_counter())
+        for key, events in selector.select(timeout=wait):
             connection = key.data
             if events & selectors.EVENT_WRITE and connection.pending:
                 connection.flush()
@@ -284,8 +298,10 @@ class Server:
                 raise SystemExit(f"error: {self.name} did not answer {self.probe}:\n" + "\n".join(tail))
             time.sleep(0.05)
 
-    def command(self) -> str:
-        return " ".join(Path(a).name if a == sys.executable else a for a in self.argv)
+    def command(self, root: Path) -> str:
+        """The command line, as one would type it in the repository with the volume at VOLUME."""
+        return " ".join("python" if a == sys.executable else a for a in self.argv).replace(
+            str(root), "VOLUME").replace(f"{REPO}{os.sep}", "")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -337,11 +353,11 @@ def check(server: Server, single: bytes, batch: bytes) -> None:
                              f"images: {body[:300]!r}")
 
 
-def measure(server: Server, request: bytes, images: int, clients: int, seconds: float, warmup: float) -> Dict:
+def measure(server: Server, request: bytes, images: int, clients: int, args: argparse.Namespace) -> Dict:
     """One load on one server, with its processes' CPU and the client's own around it."""
     pids = tree(server.process.pid)
     before, client_before = cpu(pids), resource.getrusage(resource.RUSAGE_SELF)
-    result = load(server.address, request, clients, seconds, warmup)
+    result = load(server.address, request, clients, args.seconds, args.warmup, args.stagger)
     after, client_after = cpu(pids), resource.getrusage(resource.RUSAGE_SELF)
     used = {pid: after[pid] - before[pid] for pid in after if pid in before}
     client = (client_after.ru_utime + client_after.ru_stime) - (client_before.ru_utime + client_before.ru_stime)
@@ -361,7 +377,7 @@ def summarise(rounds: List[Dict], names: List[str], reference: str) -> Dict:
         rows = {name: [r[kind][name] for r in rounds] for name in names}
         summary[kind] = {name: {key: round(statistics.median(row[key] for row in rows[name]), 3)
                                 for key in ("req_per_s", "images_per_s", "p50_ms", "p99_ms", "cpu_ms_per_request",
-                                            "client_cpu_ms_per_request")}
+                                            "client_cpu_ms_per_request", "busiest_process_cpu_share")}
                          for name in names}
         for name in names:
             summary[kind][name]["failed"] = sum(row["failed"] for row in rows[name])
@@ -382,12 +398,12 @@ def table(summary: Dict, names: List[str]) -> None:
         unit = "1 drawing 280x280" if kind == "single" else f"{BATCH} digits 28x28"
         print(f"\n{kind} ({unit} per request), median of the rounds:")
         print(f"  {'server':10}{'req/s':>9}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/req':>12}"
-              f"{'client CPU ms/req':>19}{'failed':>8}")
+              f"{'client CPU ms/req':>19}{'busiest process':>17}{'failed':>8}")
         for name in names:
             row = summary[kind][name]
             print(f"  {name:10}{row['req_per_s']:>9.0f}{row['images_per_s']:>10.0f}{row['p50_ms']:>9.1f}"
                   f"{row['p99_ms']:>9.1f}{row['cpu_ms_per_request']:>12.2f}{row['client_cpu_ms_per_request']:>19.2f}"
-                  f"{row['failed']:>8}")
+                  f"{row['busiest_process_cpu_share']:>17.0%}{row['failed']:>8}")
         for what, ratio in summary[kind]["ratios"].items():
             print(f"  {what}: {ratio['median']:.2f}x (rounds {ratio['min']:.2f}-{ratio['max']:.2f})")
 
@@ -419,6 +435,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0, help="each load, after --warmup")
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--stagger", type=float, default=0.05,
+                        help="seconds between opening one connection and the next, in the warm-up (0: all at once)")
     parser.add_argument("--clients", type=int, default=8, help="single-image keep-alive connections")
     parser.add_argument("--batch-clients", type=int, default=4, help="64-image keep-alive connections")
     parser.add_argument("--train-steps", type=int, default=100, help="the built volume's training steps")
@@ -426,7 +444,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results/serve.json")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.seconds, args.warmup = 1, 0.5, 0.2
+        args.rounds, args.seconds, args.warmup = 1, 0.5, 0.5
+    if args.stagger * max(args.clients, args.batch_clients) > args.warmup:
+        parser.error(f"--stagger {args.stagger:g} opens the last connection after the --warmup {args.warmup:g}: "
+                     f"raise --warmup or lower --stagger")
     mode = "servers" if args.servers else "peers"
     single, batch = multipart(drawings(1)), multipart(digits(BATCH))
     began = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -456,13 +477,13 @@ def main() -> None:
                 for kind, request, images, clients in (("single", single, 1, args.clients),
                                                        ("batch", batch, BATCH, args.batch_clients)):
                     for server in order:
-                        row[kind][server.name] = measure(server, request, images, clients, args.seconds, args.warmup)
+                        row[kind][server.name] = measure(server, request, images, clients, args)
                 rounds.append(row)
                 print(f"round {number + 1}: " + "; ".join(f"{kind} " + ", ".join(
                     f"{n} {row[kind][n]['req_per_s']:.0f} req/s p99 {row[kind][n]['p99_ms']:.0f} ms "
                     f"{row[kind][n]['cpu_ms_per_request']:.1f} CPU ms/req" for n in names)
                     for kind in ("single", "batch")), flush=True)
-            commands = {s.name: s.command() for s in servers}
+            commands = {s.name: s.command(root) for s in servers}
         finally:
             for server in servers:
                 server.stop()
@@ -482,7 +503,8 @@ def main() -> None:
                          "machine: it shares the CPUs with the servers",
                "single": f"{args.clients} clients, one 280x280 PNG drawing per request (multipart field `file`)",
                "batch": f"{args.batch_clients} clients, {BATCH} MNIST test digits (28x28 PNGs) per request",
-               "rounds_of": {"rounds": args.rounds, "warmup_s": args.warmup, "seconds": args.seconds},
+               "rounds_of": {"rounds": args.rounds, "warmup_s": args.warmup, "seconds": args.seconds,
+                             "stagger_s": args.stagger},
                "cpu_per_request": "user + system of the server's parent and every process below it, from "
                                   "/proc/PID/stat around each load, over every request answered then",
                "commands": commands, "rounds": rounds, "summary": summary, "goals": checked}
