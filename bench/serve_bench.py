@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -449,6 +450,11 @@ def main() -> None:
         parser.error(f"--stagger {args.stagger:g} opens the last connection after the --warmup {args.warmup:g}: "
                      f"raise --warmup or lower --stagger")
     mode = "servers" if args.servers else "peers"
+    missing = [name for name in (("gunicorn", "uvicorn_worker", "granian") if args.servers else ())
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"error: --servers needs {', '.join(missing)} in this Python: pip install granian==2.8.9 "
+                         f"gunicorn==27.0.1 uvicorn-worker==0.4.0 (into a virtual environment, not the images)")
     single, batch = multipart(drawings(1)), multipart(digits(BATCH))
     began = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     at_start = machine()
