@@ -1,5 +1,5 @@
 # One Dockerfile, three images that share their base layers:
-#   - the default (last) stage: train, evaluate and infer (torch, the serving stack);
+#   - the default (last) stage: train, evaluate and infer (torch; no HTTP stack: serve is the slim image's);
 #   - target `serve`: the slim serving image, with onnxruntime and numpy instead of torch;
 #   - target `export`: the default image plus onnxruntime and numpy, for `mnist export`.
 #
@@ -102,8 +102,6 @@ COPY --from=venv /opt/venv /opt/venv
 COPY --from=package /opt/package/ /opt/venv/
 USER mnist
 WORKDIR /opt/mount
-# mnist serve (MNIST_HOST above: reachable through the published port)
-EXPOSE 8000
 CMD ["mnist", "--help"]
 
 # --- export: the default image plus onnxruntime and numpy, for `mnist export` ----------------------

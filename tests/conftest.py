@@ -87,7 +87,7 @@ def litter(root: Path) -> list:
 # interpreter) and runs no torch op, so a child starts torch's thread pools as a new process does.
 FORKS = multiprocessing.get_context("forkserver")
 FORKS.set_forkserver_preload(["mnist_pipeline.cli", "torch", "mnist_pipeline.train", "mnist_pipeline.evaluate",
-                              "mnist_pipeline.serve.app", "uvicorn", "onnxruntime", "torch.distributed.run"])
+                              "onnxruntime", "torch.distributed.run"])
 
 
 class Forked(FORKS.Process):
@@ -133,7 +133,8 @@ def start_mnist(*args: str, env: Optional[Dict[str, str]] = None, fresh: bool = 
                 main: Callable[[], None] = cli.script):
     """`mnist ARGS` (main=torch.distributed.run.main: torchrun ARGS) in a process the test talks to while it runs:
     forked, or with `fresh` a new interpreter, where the start matters (python -m as typed, PYTHONIOENCODING)."""
-    if not fresh:
+    # serve's server (granian) starts its workers with multiprocessing, which a forked (daemonic) child may not
+    if not fresh and args[:1] != ("serve",):
         return Forked(list(args), mnist_env(env), main)
     return subprocess.Popen([sys.executable, "-m", "mnist_pipeline", *args], env=mnist_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import re
 import socket
+import shutil
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw
 from conftest import Served, wait_until
 from test_page import browser  # noqa: F401 (a fixture: a test's parameter)
 from test_serve import multipart
-from mnist_pipeline.serve import connections as serve_module
+from test_versions import versions_copy, three_versions  # noqa: F401 (fixtures)
 
 
 def png(image: Image.Image) -> bytes:
@@ -133,32 +134,37 @@ def test_decodes_beyond_the_slots_wait_in_a_bounded_queue_then_get_503(serve, tr
     assert answers["second"][0] == 200, answers["second"]
 
 
-def test_stalled_connections_make_room_for_new_clients(serve, trained_root):
-    served = serve(trained_root, "--max-connections", "4")
+def test_hundreds_of_stalled_connections_are_harmless_and_closed_in_time(serve, trained_root):
+    served = serve(trained_root, "--read-timeout", "2")
     wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
     stalled = []
-    for _ in range(10):  # one header line each, then nothing
+    for _ in range(300):  # half a request head each, then nothing more
         sock = connect(served)
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")
         stalled.append(sock)
     assert served.json("GET", "/healthz")[0] == 200
     status, body = served.json("POST", "/predict", seven(), PNG)
     assert status == 200 and body["predictions"][0]["digit"] == 7
-    # the server closed the stalled connections that were idle longest, the first ones, to stay at 4
-    for sock in stalled[:6]:
-        assert read_all(sock) == b""
-    for sock in stalled[6:]:
-        sock.close()
+    # each is closed once --read-timeout passes with no whole head (granian: closed without an answer)
+    assert {read_all(sock) for sock in stalled} == {b""}
 
 
-def test_a_request_head_or_body_that_stalls_is_answered_408_and_closed(serve, trained_root):
+def test_a_request_head_or_body_that_stalls_is_dropped(serve, trained_root):
     served = serve(trained_root, "--read-timeout", "1")
-    head = exchange(served, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the blank line never comes
-    assert_json_error(head, 408, "head")
+    assert exchange(served, b"GET /healthz HTTP/1.1\r\nHost: x\r\n") == b""  # the blank line never comes
     body = exchange(served, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                             b"Content-Length: 1000\r\n\r\n\x89PNG")
     assert_json_error(body, 408, "body")
-    assert exchange(served, b"") == b""  # a connection that sends nothing is closed without a word
+
+
+def test_content_length_with_chunked_is_answered_then_closed_so_nothing_is_smuggled(served_trained):
+    served, _ = served_trained
+    answer = exchange(served, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                              b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                              b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, _ = parse(answer)
+    assert status == 400 and headers.get("connection") == "close", answer[:300]  # (RFC 9112, section 6.1)
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # the second request, smuggled in the body, unanswered
 
 
 @pytest.mark.parametrize("request_bytes", [
@@ -167,11 +173,11 @@ def test_a_request_head_or_body_that_stalls_is_answered_408_and_closed(serve, tr
     b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n",
 ], ids=["negative length", "two lengths", "bad chunk", "bad header"])
-def test_malformed_http_is_a_json_400_with_the_security_headers(served_trained, request_bytes):
+def test_malformed_http_is_a_400_and_the_server_keeps_serving(served_trained, request_bytes):
     served, _ = served_trained
-    headers = assert_json_error(exchange(served, request_bytes), 400, "malformed HTTP")
-    assert headers["x-content-type-options"] == "nosniff" and "default-src 'self'" in headers[
-        "content-security-policy"]
+    answer = exchange(served, request_bytes)
+    # granian answers what it cannot parse itself, before the app: a bare 400 (or just a close mid-body)
+    assert answer == b"" or parse(answer)[0] == 400, answer[:300]
     assert served.json("GET", "/healthz")[0] == 200
 
 
@@ -196,12 +202,13 @@ def test_a_bad_range_on_the_report_is_a_json_error(served_trained):
 
 def test_a_client_gone_mid_upload_is_no_server_error(served_trained):
     served, _ = served_trained
+    counted = 'mnist_requests_total{route="/predict",status="400"}'  # (granian: a body that broke off)
+    before = metric(served, counted) or 0
     sock = connect(served)
     sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
                  b"\x89PNG\r\n")
     sock.close()
-    wait_until(lambda: metric(served, 'mnist_requests_total{route="/predict",status="499"}'),
-               "the server to count the request the client left")
+    wait_until(lambda: (metric(served, counted) or 0) > before, "the server to count the request the client left")
     assert metric(served, 'mnist_requests_total{route="/predict",status="500"}') is None
     # (and no traceback in the server's log: served_trained checks it when it stops)
 
@@ -250,17 +257,58 @@ def test_answers_do_not_say_where_the_volume_is(serve, tmp_path):
     assert status == 503 and "model/mnist_cnn.pt" in body["error"] and str(tmp_path) not in body["error"]
 
 
-def test_a_repeated_log_message_is_logged_at_most_once_a_second(monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr(serve_module.time, "monotonic", lambda: clock[0])
-    flood = serve_module.OncePerSecond()
 
-    def record(message: str) -> logging.LogRecord:
-        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, message, None, None)
 
-    passed = [flood.filter(record("Invalid HTTP request received.")) for _ in range(100)]
-    assert passed.count(True) == 1
-    assert flood.filter(record("another message"))  # alike only when the same
-    clock[0] += 1.5
-    later = record("Invalid HTTP request received.")
-    assert flood.filter(later) and "99 more like it" in later.getMessage()
+@pytest.mark.parametrize("asked", ["\u00b2", "\u0663", "9" * 5000, "-1", "1.0", "0"])
+def test_a_version_is_ascii_digits_within_bounds(served_trained, asked):
+    served, _ = served_trained
+    status, body = served.json("POST", "/predict?version=" + urllib.parse.quote(asked), seven(), PNG)
+    assert status == 400 and "version" in body["error"], body
+
+
+def test_a_symlinked_report_folder_is_not_served(serve, trained_root, tmp_path):
+    root = tmp_path / "volume"
+    shutil.copytree(trained_root / "model", root / "model", ignore=shutil.ignore_patterns("report"))
+    (root / "model" / "report").symlink_to("/")
+    served = serve(root)
+    for path in ("/report/etc/passwd", "/report/", "/report/index.html"):
+        status, body = served.json("GET", path)
+        assert status == 404 and "root:" not in json.dumps(body), (path, body)
+
+
+def test_a_client_cycling_versions_waits_for_no_load_of_another(serve, versions_copy, tmp_path):
+    release = tmp_path / "release"
+    served = serve(versions_copy, "--threshold", "0", env={"MNIST_FAULT": f"hold:version-load:{release}"})
+    wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
+    first: Dict[str, Tuple[int, dict]] = {}
+    loading = threading.Thread(target=lambda: first.update(answer=served.json("POST", "/predict?version=1",
+                                                                              seven(), PNG)))
+    loading.start()
+    wait_until(lambda: Path(f"{release}.held").exists(), "version 1 to be loading")
+    status, headers, data = served.request("POST", "/predict?version=2", seven(), PNG)  # another load: not now
+    assert status == 503 and headers["retry-after"] == "1" and "loading" in json.loads(data)["error"], data
+    status, body = served.json("POST", "/predict", seven(), PNG)  # the model serving needs no load: answered
+    assert status == 200 and body["checkpoint"]["version"] == 3
+    release.touch()
+    loading.join()
+    assert first["answer"][0] == 200 and first["answer"][1]["checkpoint"]["version"] == 1
+
+
+def test_a_request_id_is_echoed_and_the_access_log_names_it(serve, trained_root):
+    served = serve(trained_root, "--access-log")
+    wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the server to load the model")
+    assert served.request("GET", "/healthz", headers={"X-Request-ID": "abc-123"})[1]["x-request-id"] == "abc-123"
+    made = served.request("GET", "/healthz", headers={"X-Request-ID": "not an id\u00e9"})[1]["x-request-id"]
+    assert re.fullmatch("[0-9a-f]{32}", made)
+    status, headers, _ = served.request("POST", "/predict", seven(), PNG)
+    wait_until(lambda: any(headers["x-request-id"] in line for line in served.stderr), "the access log line")
+    line = next(line for line in served.stderr if headers["x-request-id"] in line)
+    assert "POST /predict 200" in line and "ms" in line
+
+
+def test_the_access_log_is_off_by_default(served_trained):
+    served, _ = served_trained
+    _, headers, _ = served.request("GET", "/healthz")
+    assert re.fullmatch("[0-9a-f]{32}", headers["x-request-id"])
+    served.request("GET", "/healthz")
+    assert not any(headers["x-request-id"] in line for line in served.stderr)

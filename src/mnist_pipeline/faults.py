@@ -17,8 +17,9 @@ only in the group's first start, so a group that torchrun --max-restarts starts 
 
 Points: <file>-before-rename (the new copy written, not yet in place: checkpoint, progress, data,
 eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit,
-serve-worker-N (serve's worker N as it starts, each time);
-hold points: decode (serve, each image, in its decode slot), follows (a torchrun rank that stops because
+serve-worker (each of serve's workers as it builds its app);
+hold points: decode (serve, each image, in its decode slot), version-load (serve, loading a version asked
+for by number), follows (a torchrun rank that stops because
 rank 0 did, once rank 0 may have exited); break points: export-weights (the first weight written into an
 ONNX model is off by 1, which its parity check must refuse).
 """

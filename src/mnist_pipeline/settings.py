@@ -114,16 +114,16 @@ class ServeConfig:
     device: str = DEVICE
     threads: Optional[int] = None  # None: one per request (serve/runtimes.py)
     runtime: str = "auto"  # onnx where onnxruntime imports and the version is exported, else torch (serve/runtimes.py)
-    # what a client may hold (serve.py's docstring): connections at once, the first to go when full
-    # being the one idle longest; images decoded at once (None: the CPUs this process may use) and
-    # requests waiting for that (more: 503); seconds a request's head or body may stall, and an idle
-    # connection may stay open after an answer
-    max_connections: int = 1000
+    # what a client may hold (serve/__init__.py's docstring): requests in progress in a worker (granian's
+    # backpressure; more wait in the listen queue); images decoded at once (None: the CPUs this process may
+    # use) and requests waiting for that (more: 503); seconds a request's head or body may stall, or an
+    # idle connection stay open
+    max_requests: int = 256
     max_decodes: Optional[int] = None
     max_waiting: int = 64
     read_timeout: float = 10.0
-    keep_alive: float = 5.0
-    workers: Optional[int] = None  # processes answering on the one port (None: the CPUs this process may use)
+    workers: Optional[int] = None  # processes answering on the one port (None: one per CPU, at most 4)
+    access_log: bool = False  # one line per request on stderr: client, method, path, status, time, request id
 
 
 def default_of(config: type, name: str) -> Any:
@@ -210,17 +210,18 @@ _ALL = [
             "PORT"),
     Setting("--workers", parse.positive_int, default_of(ServeConfig, "workers"),
             "processes answering on the one port, each following the volume and each held to the limits below "
-            "(default: the CPUs this process may use)", "N"),
-    Setting("--max-connections", parse.positive_int, default_of(ServeConfig, "max_connections"),
-            "connections open at once; a new one closes the one idle longest", "N"),
+            "(default: one per CPU this process may use, at most 4)", "N"),
+    Setting("--max-requests", parse.positive_int, default_of(ServeConfig, "max_requests"),
+            "requests in progress at once in each worker; more wait in the listen queue", "N"),
     Setting("--max-decodes", parse.positive_int, default_of(ServeConfig, "max_decodes"),
             "images decoded at once (default: the CPUs this process may use)", "N"),
     Setting("--max-waiting", parse.non_negative_int, default_of(ServeConfig, "max_waiting"),
             "requests waiting for a decode; more get 503 with Retry-After", "N"),
     Setting("--read-timeout", parse.positive_float, default_of(ServeConfig, "read_timeout"),
-            "seconds a request's head or body may stall before the connection is closed (408)", "SECONDS"),
-    Setting("--keep-alive", parse.positive_float, default_of(ServeConfig, "keep_alive"),
-            "seconds an idle connection stays open after an answer", "SECONDS"),
+            "seconds a request's head or body may stall, or an idle connection stay open, before it is closed "
+            "(a stalled body: 408)", "SECONDS"),
+    Setting("--access-log", parse.boolean, default_of(ServeConfig, "access_log"),
+            "log one line per request: client, method, path, status, milliseconds, request id (X-Request-ID)"),
     Setting("--follow", parse.boolean, FOLLOW,
             "keep exporting each new version until SIGTERM or SIGINT (the Compose export service)"),
     Setting("--json", parse.boolean, JSON,
@@ -246,8 +247,8 @@ COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "rollback": ("root", "alias"),
     # export runs on the CPU: onnxruntime's answers are checked against torch's there
     "export": ("root", "mirror", "threads", "follow"),
-    "serve": _PREDICT + ("runtime", "host", "port", "workers", "max_connections", "max_decodes", "max_waiting",
-                         "read_timeout", "keep_alive"),
+    "serve": _PREDICT + ("runtime", "host", "port", "workers", "max_requests", "max_decodes", "max_waiting",
+                         "read_timeout", "access_log"),
 }
 
 

@@ -22,7 +22,7 @@ class Command:
     help: str
     run: Callable[[argparse.Namespace, Values], int]
     modules: tuple = ()  # imported before a signal may interrupt (torch's import is never cut short)
-    interruptible: bool = True  # serve (uvicorn) and export handle SIGTERM themselves: a graceful shutdown
+    interruptible: bool = True  # serve (granian) and export handle SIGTERM themselves: a graceful shutdown
     arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None  # what it takes besides settings
     trains: bool = False  # holds the volume's train lock, taken before torch loads
     group: bool = False  # may run as a torchrun group (each rank a process running it)

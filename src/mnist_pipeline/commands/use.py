@@ -32,7 +32,7 @@ def predict(args: argparse.Namespace, v: Values) -> int:
 def serve(args: argparse.Namespace, v: Values) -> int:
     from mnist_pipeline import serve as server
 
-    server.run(ServeConfig(**v))  # uvicorn handles SIGTERM itself: a graceful shutdown
+    server.run(ServeConfig(**v))  # granian handles SIGTERM itself: a graceful shutdown
     return 0
 
 

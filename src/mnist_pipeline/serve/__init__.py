@@ -1,56 +1,147 @@
-"""serve: the HTTP API and the draw-a-digit page.
+"""serve: the HTTP API and the draw-a-digit page, on granian (a Rust HTTP server for ASGI apps).
 
-The model and its preprocessing come from model.py and preprocess.py, the gated model that follows
-the volume from follow.py. Nothing here writes to the volume. Every error is a 4xx (or a 503: busy,
-retry) with a JSON {"error": ...}; the process keeps serving whatever a client sends.
+granian runs --workers processes on the port, replaces one that dies, closes a connection whose
+request head stalls for --read-timeout, and drains in-flight requests on SIGTERM. If a worker dies
+again within seconds of its replacement, granian ends serve with exit 1: one `error:` line, and the
+restart policy (Compose, Kubernetes) starts it again. Each worker builds the app (app.py), which
+follows the volume on its own (follow.py); /metrics sums the workers (metrics.py).
 
---workers N processes answer on the one port (workers.py), each with the app and its own watcher
-of the volume; /metrics sums them (metrics.py). What a client may cost is bounded in each, since the
-port is open to anyone:
-- memory: an upload is at most MAX_BODY_BYTES, all uploads held at once at most UPLOADS_BYTES (bodies.py), an
-  image's decoded pixels at most preprocess.MAX_DECODED_BYTES, and at most --max-decodes images are
-  decoded at once (one at a time per request); --max-waiting requests may wait for a decode, more get
-  a 503 with Retry-After;
-- connections: at most --max-connections (the one idle the longest makes room for a new one), each
-  closed when a request's head or body stops arriving for --read-timeout seconds, or when it sits
-  idle after an answer for --keep-alive seconds (connections.Guard, and http.Front's receive);
-- logs: a message that repeats is logged at most once a second (OncePerSecond).
+What a client may cost is bounded in each worker, since the port is open to anyone: granian's
+backpressure (--max-requests in progress; more wait in the listen queue) and head timeout; a body
+within MAX_BODY_BYTES that keeps arriving (http.Front); at most --max-decodes images decoded at once
+and --max-waiting requests queued for that (budget.py).
 
-  app.py          the routes
-  bodies.py       a request's body, read within bounds, parsed into images
-  budget.py       what requests may hold at once: the limits, decode slots, upload bytes
-  http.py         the edge every answer passes: JSON errors, security headers, counts, body timeouts
-  connections.py  the socket and uvicorn's protocol with a head timeout and a connection cap
-  follow.py       the gated model, kept current as the volume changes
-  runtimes.py     the model's runtime (torch or onnxruntime) and the model it loads
-  metrics.py      /metrics, summed over the workers
-  server.py       one process's server: the app under uvicorn
-  workers.py      the parent that runs several servers on one port
+  app.py       the routes, typed (OpenAPI at /openapi.json, its docs page at /docs)
+  bodies.py    a request's images (Starlette's form parsing, with its limits)
+  budget.py    decode slots and the bytes of uploads held at once
+  http.py      the ASGI middleware every answer passes: JSON errors, headers, counts, body bounds
+  follow.py    the gated model, kept current as the volume changes
+  runtimes.py  the model's runtime (onnxruntime or torch) and the model it loads
+  metrics.py   /metrics, in prometheus-client's multiprocess mode
 
-Nothing here imports the model's runtime or the web framework at module level: the parent of
-several workers forks them before any of that loads.
+Nothing here imports the model's runtime at module level: granian forks the workers from this process.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any, Callable
 
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.runtime import available_cpus
-from mnist_pipeline.serve.connections import listen
 from mnist_pipeline.settings import ServeConfig
 
 log = logging.getLogger(__name__)
 
+# workers by default: one per CPU up to this; each holds a model and a decode's memory (~100 MB idle,
+# more under large uploads), so a big host must not start dozens unasked (--workers raises it)
+MAX_DEFAULT_WORKERS = 4
+# granian's own lines (a worker's unexpected exit) through the root logger, on stderr like ours
+LOG_TO_STDERR = {"loggers": {"_granian": {"handlers": [], "propagate": True}}}
+DRAIN_S = 10  # after SIGTERM, in-flight requests get this long before a worker is killed
+
 
 def run(config: ServeConfig) -> None:
-    from mnist_pipeline.serve import server, workers
+    """Serve until SIGTERM or SIGINT (then exit as signals.py says); PipelineError when it cannot start or its
+    workers keep dying."""
+    try:
+        from granian import Granian
+        from granian.http import HTTP1Settings
+    except ImportError:
+        raise PipelineError("mnist serve runs on granian, which this installation leaves out (the train, evaluate "
+                            "and infer image does): use the serve image (`docker compose up serve`, Dockerfile "
+                            "target serve), or `pip install granian fastapi python-multipart prometheus-client`"
+                            ) from None
 
-    count = config.workers or available_cpus()
-    sock = listen(config.host, config.port, shared=count > 1)
-    host, port = sock.getsockname()[:2]
-    log.info("listening on http://%s:%d (volume %s, threshold %s, %d worker%s)", host, port, config.root,
-             config.threshold, count, "s" if count > 1 else "")
-    if count == 1:
-        server.serve(sock, config)
-    else:
-        workers.supervise(sock, config, count)
+    from mnist_pipeline.serve import metrics
+
+    count = config.workers or min(available_cpus(), MAX_DEFAULT_WORKERS)
+    if config.runtime != "auto" or config.device not in ("auto", "cpu"):
+        from mnist_pipeline.serve.runtimes import Runtimes
+
+        Runtimes(config.runtime, config.device, config.threads)  # a setting that cannot work: its error, once
+    port, placeholder = _reserve(config.host, config.port)
+    directory = metrics.shared_folder()
+    server = Granian("mnist_pipeline.serve.app:create_app", address=config.host, port=port, interface="asgi",
+                     workers=count, backpressure=config.max_requests, respawn_failed_workers=True,
+                     http1_settings=HTTP1Settings(header_read_timeout=int(config.read_timeout * 1000)),
+                     workers_kill_timeout=DRAIN_S, log_level="warning", log_dictconfig=LOG_TO_STDERR)
+    stopped_by: list = []
+    ours = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}  # signals.py's
+    server.on_startup(lambda: _started(config.host, port, count, config, stopped_by))
+    try:
+        server.serve(target_loader=functools.partial(_app, config), wrap_loader=False)
+    except SystemExit as exc:  # granian's own end: a worker that kept dying (it logged which)
+        if exc.code:
+            raise PipelineError("a serve worker kept dying right after its restart (see the log above): fix "
+                                "what it says; under Compose or Kubernetes serve is restarted") from None
+    finally:
+        placeholder.close()
+        metrics.remove_shared_folder(directory)
+        for signum, handler in ours.items():
+            signal.signal(signum, handler)
+    if stopped_by:
+        signal.raise_signal(stopped_by[0])  # recorded by signals.py: the exit code says which
+
+
+def _app(config: ServeConfig) -> Any:
+    """The app, built in each worker."""
+    from mnist_pipeline.faults import crash_point
+    from mnist_pipeline.serve.app import create_app
+
+    crash_point("serve-worker")
+
+    return create_app(config)
+
+
+def _reserve(host: str, port: int) -> "tuple[int, socket.socket]":
+    """The port to serve on (port 0: a free one), held by a bound socket that never listens: granian's workers
+    bind it beside that (SO_REUSEPORT), and nothing else takes it meanwhile. A taken port is one error line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as alone:  # (without SO_REUSEPORT: fails where anyone listens)
+            alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            alone.bind(address)
+            address = alone.getsockname()
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise PipelineError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port / "
+                            f"MNIST_PORT or --host / MNIST_HOST") from None
+    return sock.getsockname()[1], sock
+
+
+def _started(host: str, port: int, count: int, config: ServeConfig, stopped_by: list) -> None:
+    """In granian's parent once it has set its signal handlers: record which signal stops it (for the exit
+    code), and say where serve listens once a worker accepts connections there."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        granians = signal.getsignal(signum)
+        signal.signal(signum, functools.partial(_record, granians, stopped_by))
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    threading.Thread(target=_say_when_open, args=(host, port, url, count, config), daemon=True).start()
+
+
+def _record(granians: Callable, stopped_by: list, signum: int, frame: Any) -> None:
+    stopped_by.append(signum)
+    granians(signum, frame)
+
+
+def _say_when_open(host: str, port: int, url: str, count: int, config: ServeConfig) -> None:
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    while True:
+        try:
+            socket.create_connection((target, port), timeout=1).close()
+            break
+        except OSError:
+            threading.Event().wait(0.05)
+    log.info("listening on %s (volume %s, threshold %s, %d worker%s, pid %d)", url, config.root, config.threshold,
+             count, "s" if count > 1 else "", os.getpid())
+

@@ -1,35 +1,15 @@
-"""What requests may hold at once: the limits from the settings, decode slots with a bounded queue, and
-the bytes of uploads. Beyond them a request gets 503 with Retry-After, never more memory."""
+"""What requests may hold at once: decode slots with a bounded queue, and the bytes of uploads. Beyond them a
+request gets 503 with Retry-After, never more memory."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
-from prometheus_client import Gauge
-
-from mnist_pipeline import runtime
 from mnist_pipeline.serve.http import busy
-from mnist_pipeline.settings import ServeConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """ServeConfig's limits, as the server applies them."""
-
-    max_connections: int
-    max_decodes: int
-    max_waiting: int
-    read_timeout: float
-    keep_alive: float
-
-    @classmethod
-    def of(cls, config: ServeConfig) -> "Limits":
-        return cls(max_connections=config.max_connections,
-                   max_decodes=config.max_decodes or runtime.available_cpus(),
-                   max_waiting=config.max_waiting, read_timeout=config.read_timeout, keep_alive=config.keep_alive)
+UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
 
 
 class Slots:
@@ -39,7 +19,7 @@ class Slots:
     image at a time and lets other requests' images in between its own.
     """
 
-    def __init__(self, running: int, waiting: int, decoding: Gauge, queued: Gauge):
+    def __init__(self, running: int, waiting: int, decoding: Any, queued: Any):
         self.semaphore, self.max_waiting = asyncio.Semaphore(running), waiting
         self.decoding, self.queued = decoding, queued  # the metrics of what runs and what waits
         self.waiting = 0

@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Tuple, Union
 
+from mnist_pipeline import faults
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import aliases, versions
 from mnist_pipeline.serve.runtimes import Live, Runtimes
@@ -119,25 +121,48 @@ class Follower:
 
 class Kept:
     """Versions asked for by number (POST /predict?version=N): at most `size` loaded, the least recently used
-    dropped. Loads happen one at a time, on the caller's thread."""
+    dropped. One load at a time, and at most LOADS_PER_S of them a second after a burst of `size`: a request
+    for a version not loaded while that is spent gets Busy (503 with Retry-After), so a client cycling through
+    versions cannot make every request wait for a load, nor keep a CPU loading models."""
+
+    LOADS_PER_S = 2.0
+
+    class Busy(PipelineError):
+        pass
 
     def __init__(self, volume: Volume, threshold: float, runtimes: Runtimes, size: int = 3):
         self.volume, self.threshold, self.runtimes, self.size = volume, threshold, runtimes, size
         self._loaded: "OrderedDict[int, Live]" = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache
+        self._loading = threading.Lock()  # a load
+        self._loads, self._counted = float(size), time.monotonic()  # loads allowed now (a token bucket)
 
     def get(self, number: int) -> Live:
         """Version `number`, gated; PipelineError (versions.NoSuchVersion for one not kept) when it cannot serve."""
         with self._lock:
             live = self._loaded.get(number)
-            if live is None or not self.volume.version_dir(number).is_dir():  # (pruned since)
-                self._loaded.pop(number, None)
-                live = self.runtimes.load(self.volume, number, self.threshold)
+            if live is not None and self.volume.version_dir(number).is_dir():  # (not pruned since)
+                self._loaded.move_to_end(number)
+                return live
+        if not self._loading.acquire(blocking=False):
+            raise Kept.Busy(f"another version is loading: retry version {number} in 1 s")
+        try:
+            now = time.monotonic()
+            self._loads = min(float(self.size), self._loads + (now - self._counted) * self.LOADS_PER_S)
+            self._counted = now
+            if self._loads < 1:
+                raise Kept.Busy(f"versions are loading too often: retry version {number} in 1 s")
+            faults.hold_point("version-load")
+            live = self.runtimes.load(self.volume, number, self.threshold)
+            self._loads -= 1  # (a refusal, cheap, does not count)
+        finally:
+            self._loading.release()
+        with self._lock:
             self._loaded[number] = live
             self._loaded.move_to_end(number)
             while len(self._loaded) > self.size:
                 self._loaded.popitem(last=False)
-            return live
+        return live
 
 
 def _stat(path: os.PathLike) -> Optional[Tuple[int, int, int]]:

@@ -1,23 +1,31 @@
-"""The HTTP edge every answer passes: JSON errors, security headers, the request count, body timeouts."""
+"""The HTTP edge every answer passes (an ASGI middleware, Starlette's public seam): JSON errors, security
+headers, a request id, the request count and access log, and a body that must keep arriving within bounds."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
+import time
+import uuid
 from http import HTTPStatus
 from typing import Any, Dict, List, Optional
 
-from prometheus_client import Counter
-
 RETRY_AFTER_S = 1
 BODY_TIMEOUTS = 6  # a whole body may take this many --read-timeout: 2 MB at 35 KB/s with the default
-ROUTES = ("/", "/predict", "/healthz", "/readyz", "/metrics", "/report", "/static")
+MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
+DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
+ROUTES = ("/", "/predict", "/healthz", "/readyz", "/metrics", "/models", "/report", "/static", "/docs",
+          "/openapi.json", "/v2")
 # The page and the report load everything from here. The report has an inline <style> (it is one
 # file that also opens from disk), and its infer images are data: URLs; nothing runs inline anywhere.
 CSP = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
        "frame-ancestors 'none'")
 REPORT_CSP = CSP + "; style-src 'self' 'unsafe-inline'"
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff")]
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")  # a client's X-Request-ID echoed; anything else replaced
+access = logging.getLogger("mnist_pipeline.serve.access")
 
 
 class ClientError(Exception):
@@ -34,30 +42,32 @@ def busy(what: str) -> ClientError:
 
 
 class Front:
-    """ASGI middleware in front of every route, for what every answer needs (cheaper than http middlewares).
+    """In front of every route. It puts Content-Security-Policy, X-Content-Type-Options and X-Request-ID on every
+    answer; answers a path with a NUL byte 404 itself; turns a plain-text error (a bad Range: 416) into JSON;
+    counts each request by route and status (499: no answer was begun) and logs it when asked; and ends a body
+    over MAX_BODY_BYTES (413), one that stops arriving (408), or one the process cannot hold now (503). granian
+    itself times out a stalled head but not a body."""
 
-    It counts each request by route and status (499: the client left before the answer, as nginx
-    counts it); puts Content-Security-Policy and X-Content-Type-Options on every answer; answers a
-    path with a NUL byte 404 itself; turns a plain-text error from Starlette's own responses (a bad
-    Range: 416) into JSON; and ends a body that stops arriving with a 408.
-    """
-
-    def __init__(self, app, counter: Counter, read_timeout: float):
+    def __init__(self, app, counter: Any, read_timeout: float, uploads: Any, access_log: bool):
         self.app, self.counter, self.read_timeout = app, counter, read_timeout
+        self.uploads, self.access_log = uploads, access_log
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = [500]
-        csp = (REPORT_CSP if scope["path"].startswith("/report/") else CSP).encode()
+        started, status = time.perf_counter(), [499]
+        rid = next((v for k, v in scope["headers"] if k == b"x-request-id" and REQUEST_ID.fullmatch(v)), None)
+        rid = rid or uuid.uuid4().hex.encode()
+        extra = SECURITY_HEADERS + [(b"x-request-id", rid), (b"content-security-policy",
+                                    (REPORT_CSP if scope["path"].startswith("/report/") else CSP).encode())]
         held: List[Any] = []  # an error answer's start and body, until it is complete
 
         async def send_safely(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"content-security-policy"]
-                message = {**message, "headers": headers + SECURITY_HEADERS + [(b"content-security-policy", csp)]}
+                message = {**message, "headers": headers + extra}
                 if status[0] >= 400 and not _is_json(headers) and scope["method"] != "HEAD":
                     held.append(message)
                     return
@@ -72,35 +82,55 @@ class Front:
             await send(message)
 
         try:
-            if "\x00" in scope["path"]:
-                await _send_json(send_safely, {"status": 404}, "no such path: a path never holds a NUL byte")
-                return
-            await self.app(scope, self._timed(receive, scope), send_safely)
+            with self.uploads.account() as take:
+                if "\x00" in scope["path"]:
+                    await _send_json(send_safely, {"status": 404}, "no such path: a path never holds a NUL byte")
+                    return
+                await self.app(scope, self._bounded(receive, scope, take), send_safely)
         finally:
             self.counter.labels(route_of(scope["path"]), str(status[0])).inc()
+            if self.access_log:
+                client = (scope.get("client") or ("-",))[0]
+                access.info("%s %s %s %d %.1fms %s", client, scope["method"], scope["path"], status[0],
+                            (time.perf_counter() - started) * 1000, rid.decode())
 
-    def _timed(self, receive, scope):
-        """receive(), but a body that stops arriving for read_timeout, or takes longer than BODY_TIMEOUTS
-        of them in all, ends the request with a 408 (uvicorn itself would wait for ever)."""
+    def _bounded(self, receive, scope, take):
+        """receive(), within bounds: a body that stops arriving for read_timeout, or takes longer than BODY_TIMEOUTS
+        of them in all, ends the request with a 408; one over MAX_BODY_BYTES with a 413, once read to its end (up
+        to DRAIN_BYTES) so that the client, still sending, reads the answer; each chunk counts against the
+        process's upload budget (503 beyond)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BODY_TIMEOUTS * self.read_timeout
         done = [scope["method"] in ("GET", "HEAD")]  # a GET body is never read: receive() then waits for a disconnect
+        size = [0]
 
-        async def receive_in_time():
-            if done[0]:
-                return await receive()
+        async def next_message():
             wait = min(self.read_timeout, deadline - loop.time())
             try:
-                message = await asyncio.wait_for(receive(), max(wait, 0))
+                return await asyncio.wait_for(receive(), max(wait, 0))
             except asyncio.TimeoutError:
                 raise ClientError(408, f"the request body stopped arriving (or took more than "
                                        f"{BODY_TIMEOUTS * self.read_timeout:g} s): send it whole, "
                                        f"without pauses of {self.read_timeout:g} s", {"Connection": "close"}) from None
+
+        async def receive_in_bounds():
+            if done[0]:
+                return await receive()
+            message = await next_message()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 done[0] = True
+            size[0] += len(message.get("body", b""))
+            if size[0] > MAX_BODY_BYTES:
+                while not done[0] and size[0] <= DRAIN_BYTES:
+                    message = await next_message()
+                    size[0] += len(message.get("body", b""))
+                    done[0] = message["type"] != "http.request" or not message.get("more_body", False)
+                raise ClientError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB: send fewer or smaller "
+                                       f"images", {"Connection": "close"})
+            take(len(message.get("body", b"")))
             return message
 
-        return receive_in_time
+        return receive_in_bounds
 
 
 def _is_json(headers) -> bool:

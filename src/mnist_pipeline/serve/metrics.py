@@ -1,41 +1,42 @@
-"""/metrics: what serve counts, summed over its worker processes when it runs several.
-
-prometheus-client's multiprocess mode: each worker keeps its values in files of its own under
-PROMETHEUS_MULTIPROC_DIR (a private folder the parent process creates and removes), and /metrics,
-whichever worker answers it, reads them all. Counters and histograms are summed over every worker
-that ever ran, the ones that died and were replaced included; the decode gauges are summed over
-the live workers; the served epoch and version are one series per live worker (label `pid`), so
-that a switch shows worker by worker. Without the variable (one worker) the values live in memory.
-"""
+"""/metrics: what serve counts, summed over its workers by prometheus-client's multiprocess mode, set up as its
+documentation says: serve's parent points PROMETHEUS_MULTIPROC_DIR at a fresh folder before the workers start
+(and before prometheus-client is imported), each worker keeps its values in files there, and /metrics,
+whichever worker answers it, collects them all. Counters and histograms are summed over every worker that
+ever ran; the decode gauges over the live ones; the served epoch and version are one series per live worker
+(label `pid`). A worker that died leaves files behind: the next worker to start marks it dead, which drops
+its live gauges (granian has no hook for a worker's end)."""
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+import re
+import shutil
+import tempfile
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+from mnist_pipeline.errors import PipelineError
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def share(directory: str) -> None:
-    """Values of the metrics this process creates from now on live in files under `directory`.
-
-    prometheus-client picks where values live when it is first imported; a process that imported it
-    before the variable was set (a parent that preloads it, the tests' fork server) picks again here.
-    """
+def shared_folder() -> str:
+    """A new folder for the workers' values, named in ENV for them (call before prometheus_client loads)."""
+    try:
+        directory = tempfile.mkdtemp(prefix="mnist-serve-metrics-")
+    except OSError as exc:
+        raise PipelineError(f"cannot create a folder for the workers' metrics in {tempfile.gettempdir()}: "
+                            f"{exc.strerror or exc}; make TMPDIR (or /tmp) writable") from None
     os.environ[ENV] = directory
-    values.ValueClass = values.get_value_class()
+    return directory
 
 
-def forget(pid: int, directory: str) -> None:
-    """A dead worker's gauges stop counting (its counts stay in the sums)."""
-    multiprocess.mark_process_dead(pid, directory)
+def remove_shared_folder(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.shared: Optional[str] = os.environ.get(ENV)
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
         self.requests = Counter("mnist_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -50,11 +51,30 @@ class Metrics:
                               multiprocess_mode="livesum")
         self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=self.registry,
                              multiprocess_mode="livesum")
+        self.shared = os.environ.get(ENV)
+        if self.shared:
+            _forget_the_dead(self.shared)
 
     def exposition(self) -> bytes:
-        """The text /metrics answers: this process's values, or every worker's."""
-        if self.shared is None:
+        """The text /metrics answers: every worker's values (this process's alone outside serve's workers)."""
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        if not self.shared:
             return generate_latest(self.registry)
         every = CollectorRegistry()
         multiprocess.MultiProcessCollector(every, path=self.shared)
         return generate_latest(every)
+
+
+def _forget_the_dead(directory: str) -> None:
+    """Mark dead each worker whose value files are there but whose process is gone."""
+    from prometheus_client import multiprocess
+
+    pids = {int(m.group(1)) for name in os.listdir(directory) if (m := re.search(r"_(\d+)\.db$", name))}
+    for pid in pids - {os.getpid()}:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)
+        except PermissionError:  # alive, someone else's
+            pass

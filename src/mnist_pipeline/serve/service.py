@@ -1,0 +1,139 @@
+"""What serve's routes share, one per worker process (app.state.service): the model that follows the volume,
+the versions kept on request, what requests may hold at once and the counts /metrics gives; and the two steps
+every prediction route takes: the model a request gets, and its images decoded and read by it."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from starlette.concurrency import run_in_threadpool
+
+from mnist_pipeline import faults, preprocess, runtime
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.records import versions
+from mnist_pipeline.serve.budget import UPLOADS_BYTES, Slots, Uploads
+from mnist_pipeline.serve.follow import Follower, Kept
+from mnist_pipeline.serve.http import ClientError
+from mnist_pipeline.serve.metrics import Metrics
+from mnist_pipeline.serve.runtimes import Live, Runtimes
+from mnist_pipeline.settings import ServeConfig
+from mnist_pipeline.volume import Volume
+
+DECODE_TURN_S = 0.005  # a request decodes images for this long (one image at least) before others' get a turn
+
+
+@dataclass(frozen=True)
+class Service:
+    """What the routes share, one per process (app.state.service): the model that follows the volume, the
+    versions kept on request, what requests may hold at once, and the counts /metrics gives."""
+
+    config: ServeConfig
+    volume: Volume
+    follower: Follower
+    kept: Kept
+    metrics: Metrics
+    slots: Slots
+    uploads: Uploads
+    private: List[str]  # the volume's path as messages may spell it: answers leave it out
+
+    @classmethod
+    def of(cls, config: ServeConfig) -> "Service":
+        volume = Volume(config.root)
+        runtimes = Runtimes(config.runtime, config.device, config.threads)
+        metrics = Metrics()
+
+        def swapped(live: Live) -> None:
+            metrics.epoch.set(live.epoch)
+            metrics.version.set(live.version or 0)
+
+        return cls(config=config, volume=volume, metrics=metrics,
+                   follower=Follower(volume, config.threshold, runtimes, on_swap=swapped, model=config.model),
+                   kept=Kept(volume, config.threshold, runtimes),
+                   slots=Slots(config.max_decodes or runtime.available_cpus(), config.max_waiting, metrics.decoding,
+                               metrics.waiting),
+                   uploads=Uploads(UPLOADS_BYTES), private=_private_paths(volume.root))
+
+    def public(self, message: str) -> str:
+        """`message` with the volume's path taken out: `--root /x` goes, /x/model/... becomes model/..."""
+        for path in self.private:
+            message = message.replace(f" --root {path}", "").replace(path + "/", "").replace(path, "the volume")
+        return message
+
+
+async def model_for(service: Service, number: Optional[int], refused: int = 409) -> Live:
+    """The model a request gets: version `number`, else the one serving now (kept for the whole request,
+    whatever swaps in later). ClientError: 404 for a version not kept, `refused` for one that cannot serve
+    (below the threshold, corrupt), 503 while none can or a load is under way."""
+    if number is not None:
+        if not 0 < number <= versions.MAX_VERSION:
+            raise ClientError(400, f"version {number} is not a version number: GET /models lists them")
+        try:
+            return await run_in_threadpool(service.kept.get, number)
+        except PipelineError as exc:
+            if isinstance(exc, Kept.Busy):
+                raise ClientError(503, str(exc), {"Retry-After": "1"}) from None
+            raise ClientError(404 if isinstance(exc, versions.NoSuchVersion) else refused,
+                              service.public(str(exc))) from None
+    live = service.follower.live or await run_in_threadpool(service.follower.current)
+    if live is None:
+        raise ClientError(503, f"no model to serve yet: {service.public(service.follower.problem)}")
+    return live
+
+
+async def decode_and_predict(service: Service, live: Live, images: List[bytes], what: Optional[str] = None) -> Any:
+    """`images` (encoded files) made MNIST-like and read by `live`: probabilities [N, 10]. Decodes take the
+    service's slots, a few images a turn, so a request of many holds one decoded image at a time. `what`: how
+    an error names the image ("{what} 3: ..."); by default "file N", and only among several."""
+    inputs: List[bytes] = []
+    answers = None
+    while answers is None:
+        async with service.slots.slot(newcomer=not inputs):
+            answers = await run_in_threadpool(_decode_turn, images, inputs, live, what)
+    return answers
+
+
+def version_header(live: Live) -> Dict[str, str]:
+    return {"X-Model-Version": str(live.version)} if live.version is not None else {}
+
+
+
+
+def _private_paths(root: Path) -> List[str]:
+    """The volume's path as messages may spell it, longest first: answers say model/..., not where the volume is."""
+    spellings = {str(root), str(root.absolute())}
+    with contextlib.suppress(OSError, RuntimeError):
+        spellings.add(str(root.resolve()))
+    return sorted((s for s in spellings if s not in (".", "")), key=len, reverse=True)
+
+
+
+
+def _decode_turn(images: List[bytes], inputs: List[bytes], live: Live, what: Optional[str]) -> Optional[Any]:
+    """The next of `images` decoded into `inputs` until DECODE_TURN_S has passed (one at least), each one's bytes
+    dropped once done with; once all are, their probabilities, in the same turn (None until then). A request
+    of many small images takes a few trips to the threadpool, not one per image (nor one more to predict);
+    one of large images still lets other requests' images in between its own."""
+    began = time.perf_counter()
+    while len(inputs) < len(images):
+        number = len(inputs)
+        named = what or ("file" if len(images) > 1 else "")
+        inputs.append(_decode(images[number], f"{named} {number + 1}: " if named else ""))
+        images[number] = b""
+        if len(inputs) < len(images) and time.perf_counter() - began > DECODE_TURN_S:
+            return None
+    return live.predict(inputs)
+
+
+
+
+def _decode(data: bytes, named: str) -> bytes:
+    """One image's bytes -> its 28x28 pixels (contract.py); `named`: its place in a request of several, said first."""
+    faults.hold_point("decode")
+    try:
+        return preprocess.from_bytes(data)
+    except preprocess.ImageError as exc:
+        raise ClientError(400, named + str(exc)) from None
