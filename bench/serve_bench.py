@@ -108,7 +108,11 @@ def digits(count: int) -> List[bytes]:
     from PIL import Image
 
     raw = Path(MIRROR) / "t10k-images-idx3-ubyte"
-    data = raw.read_bytes() if raw.exists() else gzip.decompress(raw.with_name(raw.name + ".gz").read_bytes())
+    try:
+        data = raw.read_bytes() if raw.exists() else gzip.decompress(raw.with_name(raw.name + ".gz").read_bytes())
+    except OSError as exc:
+        raise SystemExit(f"error: no MNIST test images in {MIRROR} ({exc.strerror}): set MNIST_TEST_MIRROR to a "
+                         f"folder holding t10k-images-idx3-ubyte[.gz]") from None
     pngs = []
     for n in range(count):
         buffer = io.BytesIO()
@@ -335,23 +339,27 @@ def setups(mode: str, root: Path, version: int, model: Path) -> List[Tuple[str, 
 def check(server: Server, single: bytes, batch: bytes) -> None:
     """One answer of each kind, 200 and with as many predictions as images, before anything is timed."""
     for request, images in ((single, 1), (batch, BATCH)):
-        connection = Connection(server.address, request)
-        connection.send()
-        deadline = time.monotonic() + 60
-        status = None
-        while status is None and time.monotonic() < deadline:
-            waiter = selectors.DefaultSelector()
-            waiter.register(connection.sock, selectors.EVENT_READ)
-            waiter.select(1.0)
-            waiter.close()
-            connection.flush()
-            status = connection.answer()
-        connection.sock.close()
-        body = bytes(connection.received).split(b"\r\n\r\n", 1)[1]
-        answered = len(json.loads(body).get("predictions", [])) if status == 200 else 0
+        answer = b""
+        try:
+            with socket.create_connection(server.address, timeout=60) as sock:
+                sock.sendall(request)
+                while True:
+                    head, found, body = answer.partition(b"\r\n\r\n")
+                    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                    if found and length and len(body) >= int(length.group(1)):
+                        break
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise OSError("closed before the whole answer")
+                    answer += chunk
+            status = int(head[9:12])
+            answered = len(json.loads(body).get("predictions", [])) if status == 200 else 0
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"error: {server.name} gave no whole answer to {images} image(s): {exc}: "
+                             f"{answer[:300]!r}") from None
         if answered != images:
             raise SystemExit(f"error: {server.name} answered {status} with {answered} predictions for {images} "
-                             f"images: {body[:300]!r}")
+                             f"image(s): {body[:300]!r}")
 
 
 def measure(server: Server, request: bytes, images: int, clients: int, args: argparse.Namespace) -> Dict:
