@@ -4,6 +4,7 @@ the schema on any route."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,15 +32,16 @@ def test_the_schema_types_every_route_and_every_error(served_trained):
 
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(served_trained, tmp_path):
     served, _ = served_trained
+    operations = sum(len(path) for path in served.json("GET", "/openapi.json")[1]["paths"].values())
     schemathesis = Path(sys.executable).parent / "schemathesis"
-    # bounded: a fixed seed, examples per route, and a time budget for the whole run
+    # bounded: a fixed seed, examples per operation, and a time budget for the whole run
     result = subprocess.run([str(schemathesis), "run", served.url + "/openapi.json", "--checks",
-                             "not_a_server_error,response_schema_conformance", "--max-examples", "15", "--seed", "7",
-                             "--max-time", "150", "--request-timeout", "30", "--workers", "1",
-                             "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=400)
+                             "not_a_server_error,response_schema_conformance", "--phases", "coverage,fuzzing",
+                             "--max-examples", "15", "--seed", "7", "--max-time", "120", "--request-timeout", "30",
+                             "--workers", "1", "--report-dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=400)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    for route in ROUTES:
-        assert route in result.stdout, f"{route} was not tested:\n{result.stdout[-3000:]}"
+    assert re.search(rf"Tested: {operations}\b", result.stdout), result.stdout[-3000:]  # every route, v2's too
 
 
 @pytest.mark.xdist_group("report")  # with the other browser tests (test_page): one Chromium

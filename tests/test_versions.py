@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -235,7 +236,7 @@ def test_serve_lists_versions_and_answers_with_a_kept_one(serve, versions_copy, 
         status, body = served.json("POST", f"/predict?{query}", digit, PNG)
         assert status == code and "error" in body, (query, body)
     status, headers, metrics = served.request("GET", "/metrics")
-    assert "mnist_model_version 3.0" in metrics.decode()
+    assert re.search(r'^mnist_model_version\{pid="\d+"\} 3\.0$', metrics.decode(), re.MULTILINE)
 
 
 def test_predict_uses_production_or_the_version_asked(versions_copy, tmp_path, digit):
