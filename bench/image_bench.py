@@ -14,8 +14,8 @@ measures
     volume <project>_mnist is kept between runs, so train resumes: one more epoch each time), then
     `compose run --rm export mnist export` (the new version's ONNX model);
   - serve's start: `docker run` to the first 200 of /readyz on that volume, and then the memory of
-    all the container's processes: one process (--workers 1) on onnx in the serve image and on
-    torch in the default image, then the serve image with its defaults (a worker per CPU).
+    all the container's processes: one worker (--workers 1) on onnx in the serve image, then the
+    serve image with its defaults (a worker per CPU, at most 4).
 With --variants, also the two choices the Dockerfile made, measured in a throwaway container:
 numpy added (its size, and `import torch` time with it) and the .pyc files removed (`import torch`
 time without them; the venv is read-only to the services' user, so they would never be rewritten).
@@ -142,10 +142,9 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
 print(json.dumps(total))
 """
 READY_POLL_S = 0.02
-# serve's starts measured: one process on each runtime, then the serve image as Compose runs it
-# (--workers: the container's CPUs)
+# serve's starts measured: one worker, then the serve image as Compose runs it (--workers: the
+# container's CPUs, at most 4). The default image has no HTTP stack: serve runs from the serve image.
 SERVE_STARTS = (("serve", ["--runtime", "onnx", "--workers", "1"]),
-                ("train", ["--runtime", "torch", "--workers", "1"]),
                 ("serve", []))
 
 
