@@ -131,3 +131,28 @@ def test_a_worker_that_keeps_dying_ends_serve_with_one_error_line(tmp_path):
                        env={"MNIST_FAULT": "serve-worker"}, timeout=120)
     assert_one_line_error(result, 1, "a serve worker kept dying right after its restart")
     assert "Unexpected exit from worker" in result.stderr
+
+
+def test_a_stop_lets_the_requests_in_flight_finish(serve, versions_copy, digit, tmp_path):
+    release = tmp_path / "release"
+    served = serve(versions_copy, "--threshold", "0", "--workers", "2", env={"MNIST_FAULT": f"hold:decode:{release}"})
+    wait_until(lambda: len(versions_served(served)) == 2, "two workers")
+    answer: Dict[str, tuple] = {}
+    in_flight = threading.Thread(target=lambda: answer.update(got=served.request("POST", "/predict", digit, PNG)))
+    in_flight.start()
+    wait_until(lambda: Path(f"{release}.held").exists(), "a request to be decoding")
+    served.process.terminate()  # SIGTERM while it is
+    release.touch()
+    in_flight.join(timeout=60)
+    assert answer["got"][0] == 200, answer  # answered before its worker ended
+    assert served.process.wait(timeout=60) == 143
+
+
+def test_serve_without_granian_names_the_serve_image(tmp_path):
+    # the train/evaluate/infer image leaves the HTTP stack out: a granian that does not import stands for that
+    fake = tmp_path / "site" / "granian"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named granian')\n")
+    result = run_mnist("serve", "--root", str(tmp_path), "--port", "0", fresh=True,
+                       env={"PYTHONPATH": str(tmp_path / "site")})
+    assert_one_line_error(result, 1, "granian", "serve image")
