@@ -24,9 +24,11 @@ Nothing here imports the model's runtime at module level: granian forks the work
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -44,6 +46,7 @@ MAX_DEFAULT_WORKERS = 4
 # granian's own lines (a worker's unexpected exit) through the root logger, on stderr like ours
 LOG_TO_STDERR = {"loggers": {"_granian": {"handlers": [], "propagate": True}}}
 DRAIN_S = 10  # after SIGTERM, in-flight requests get this long before a worker is killed
+OPEN_FILES = 65536  # the open-file limit serve asks for, as far as the hard limit allows
 
 
 def run(config: ServeConfig) -> None:
@@ -65,6 +68,7 @@ def run(config: ServeConfig) -> None:
         from mnist_pipeline.serve.runtimes import Runtimes
 
         Runtimes(config.runtime, config.device, config.threads)  # a setting that cannot work: its error, once
+    _allow_open_files()
     port, placeholder = _reserve(config.host, config.port)
     directory = metrics.shared_folder()
     server = Granian("mnist_pipeline.serve.app:create_app", address=config.host, port=port, interface="asgi",
@@ -87,6 +91,16 @@ def run(config: ServeConfig) -> None:
             signal.signal(signum, handler)
     if stopped_by:
         signal.raise_signal(stopped_by[0])  # recorded by signals.py: the exit code says which
+
+
+def _allow_open_files() -> None:
+    """Each connection is an open file: the soft limit raised as far as the hard one lets it (granian's workers
+    inherit it). Beyond it, new connections wait in the listen queue until stalled ones time out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _app(config: ServeConfig) -> Any:
