@@ -120,7 +120,7 @@ def _step_function(state: TrainingState, images: torch.Tensor, labels: torch.Ten
     one launch for some fifty kernels, whose launching on the host otherwise takes longer than the
     GPU's work on 128 images. The same kernels in the same order, so the same results; where the
     capture fails (or without `cuda_graph`: bench/gpu_bench.py compares), eager steps instead. In a
-    torchrun group, eager steps, whose all-reduce of the gradients a graph would not capture.
+    torchrun group, eager steps: DistributedDataParallel's all-reduce of the gradients is not captured.
     """
     world = world or distributed.world()
     model, optimizer, loss_fn = distributed.wrap(world, state.model), state.optimizer, nn.CrossEntropyLoss()
@@ -128,8 +128,7 @@ def _step_function(state: TrainingState, images: torch.Tensor, labels: torch.Ten
     def eager(batch: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(model(state.model.normalize(images[batch])), labels[batch])
         optimizer.zero_grad()
-        loss.backward()
-        distributed.average_gradients(world, state.model)
+        loss.backward()  # in a group, DistributedDataParallel averages the gradients here
         optimizer.step()
         return loss.detach()
 
