@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (gloo, 2 processes on this machine's CPUs).
+"""Data-parallel training under torchrun (DistributedDataParallel over gloo, 2 or 3 processes on this machine's CPUs).
 
 Each run is a real torchrun (or `mnist train --nproc-per-node`) with a timeout, so a hang fails the
 test instead of stalling it; interruptions come from fault points (MNIST_FAULT, limited to one rank by
@@ -182,6 +182,26 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_the_resumed_epoch_
     assert result.returncode == 0 and f"from step {STOP_AT}" in result.stderr, result.stderr[-3000:]
     assert result.stderr.count("resuming training of 2 process(es) with 1: the epoch will not be bit-identical") == 1
     assert load(other_world / "model" / "mnist_cnn.pt")["epoch"] == 1
+
+
+# Three ranks: a global batch that splits over 3, a short epoch, a stop half-way
+THREE_RANKS = ("--nproc-per-node", "3", "--batch-size", "120", "--max-steps", "24")
+
+
+def test_three_ranks_resume_an_interrupted_epoch_bit_identical(volume, tmp_path):
+    """With three ranks each gradient value's sum over the ranks is grouped by where the value lies in the
+    all-reduced buffer, and DistributedDataParallel lays its buckets out anew after a process's first step: the
+    epoch stopped half-way and resumed ends with the same bits as the epoch run through."""
+    whole = private_copy(volume, tmp_path / "whole")
+    result = run_mnist("train", "--root", str(whole), *THREE_RANKS, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stopped = run_mnist("train", "--root", str(volume), *THREE_RANKS, env=rank_fault("sigterm-at-step:12", rank=2),
+                        timeout=TIMEOUT)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.stderr.count("error: stopped by SIGTERM at epoch 1, step 12/24; progress saved") == 3
+    resumed = run_mnist("train", "--root", str(volume), *THREE_RANKS, timeout=TIMEOUT)
+    assert resumed.returncode == 0 and "from step 12" in resumed.stderr, resumed.stderr[-3000:]
+    assert_same_state(load(whole / "model" / "mnist_cnn.pt"), load(volume / "model" / "mnist_cnn.pt"))
 
 
 @pytest.fixture(scope="module")
