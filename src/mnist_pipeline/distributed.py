@@ -338,8 +338,11 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     agent = LocalElasticAgent(spec, logs_specs=DefaultLogsSpecs(), start_method="spawn")
     try:
         result = agent.run()
-    except SignalException as exc:  # the rendezvous stays open, as torchrun leaves it
+    except SignalException as exc:  # the rendezvous is left open, as torchrun leaves it
         return 128 + int(exc.sigval)
+    except BaseException:
+        spec.rdzv_handler.shutdown()
+        raise
     spec.rdzv_handler.shutdown()
     if not result.is_failed():
         return 0
