@@ -68,9 +68,9 @@ def worker(data_dir: Path, steps: int, batch_size: int = 128) -> None:
         order = epoch_order(0, 0, len(labels))
         torch.manual_seed(0)
         model = MnistCNN()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         ddp = distributed.wrap(world, model)  # the first DistributedDataParallel of the process
-        wrap_s = time.perf_counter() - started
+        wrap_s, wrap_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
         optimizer = NesterovSGD(model.parameters(), settings.Recipe())
         loss_fn = nn.CrossEntropyLoss()
 
@@ -118,9 +118,10 @@ def worker(data_dir: Path, steps: int, batch_size: int = 128) -> None:
         figures = {name: statistics.median(r[name] for r in rounds) for name in parts}
         figures.update(threads=torch.get_num_threads(), local_batch=batch_size // world.size,
                        parameters=gradients.numel())
-        wraps = [torch.zeros(1, dtype=torch.float64) for _ in range(world.size)]
-        torch.distributed.all_gather(wraps, torch.tensor([wrap_s], dtype=torch.float64))
-        figures["wrap_s_per_rank"] = [w.item() for w in wraps]
+        wraps = [torch.zeros(2, dtype=torch.float64) for _ in range(world.size)]
+        torch.distributed.all_gather(wraps, torch.tensor([wrap_s, wrap_cpu_s], dtype=torch.float64))
+        figures["wrap_s_per_rank"] = [w[0].item() for w in wraps]
+        figures["wrap_cpu_s_per_rank"] = [w[1].item() for w in wraps]
         if world.is_main:
             print(json.dumps(figures), flush=True)
 
@@ -133,22 +134,23 @@ from mnist_pipeline import settings
 from mnist_pipeline.model import MnistCNN
 from mnist_pipeline.train import NesterovSGD
 model, recipe = MnistCNN(), settings.Recipe()
-started = time.perf_counter()
+started, cpu_started = time.perf_counter(), time.process_time()
 if sys.argv[1] == "torch":
     torch.optim.SGD(model.parameters(), lr=recipe.peak_lr, momentum=recipe.momentum, nesterov=True,
                     weight_decay=recipe.weight_decay)
 else:
     NesterovSGD(model.parameters(), recipe)
-print(time.perf_counter() - started)
+print(time.perf_counter() - started, time.process_time() - cpu_started)
 """
 
 
 def optimizer_start(rounds: int) -> dict:
+    """{optimizer: [[wall s, CPU s] per new interpreter]}"""
     times: dict = {"torch.optim.SGD": [], "NesterovSGD": []}
     for _ in range(rounds):
         for name, arg in (("torch.optim.SGD", "torch"), ("NesterovSGD", "ours")):
             result = subprocess.run([sys.executable, "-c", OPTIMIZER, arg], capture_output=True, text=True, check=True)
-            times[name].append(float(result.stdout.strip()))
+            times[name].append([float(word) for word in result.stdout.split()])
     return times
 
 
@@ -195,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{b['compute_ms']:.1f} ms, whole DDP step {b['ddp_step_ms']:.1f} ms (gradient all-reduce of "
           f"{b['parameters']} values alone: {b['all_reduce_alone_ms']:.2f} ms); stop flag + loss average "
           f"{b['control_ms']:.2f} ms")
-    print("wrapping the network in DistributedDataParallel, each rank's first: "
-          + " / ".join(f"{seconds:.2f} s" for seconds in b["wrap_s_per_rank"]))
-    print(f"creating the first optimizer of a new interpreter, medians of {args.rounds}: "
-          + "; ".join(f"{name} {statistics.median(times):.3f} s ({' / '.join(f'{t:.3f}' for t in times)})"
-                      for name, times in optimizers.items()))
+    print("wrapping the network in DistributedDataParallel, each rank's first, wall (CPU): "
+          + " / ".join(f"{wall:.2f} s ({cpu:.2f} s)" for wall, cpu in zip(b["wrap_s_per_rank"],
+                                                                          b["wrap_cpu_s_per_rank"], strict=True)))
+    print(f"creating the first optimizer of a new interpreter, medians of {args.rounds}, wall (CPU): " + "; ".join(
+        f"{name} {statistics.median(t[0] for t in times):.3f} s ({statistics.median(t[1] for t in times):.3f} s)"
+        for name, times in optimizers.items()))
     Path(args.out).write_text(json.dumps({"cpu": cpu_model(), "cpus": available_cpus(), "seeds": args.seeds,
                                           "epochs": runs, "step_breakdown": breakdown,
                                           "optimizer_start_s": optimizers}, indent=2) + "\n")

@@ -174,8 +174,8 @@ def wrap(world: World, model: "torch.nn.Module") -> "torch.nn.Module":
     starts every rank from rank 0's parameters and buffers and averages the gradients during backward (mean_hook).
 
     Buffers (BatchNorm's running statistics) are not broadcast again before each forward: in train mode they do
-    not enter the gradients, only rank 0's are saved, and so every collective of a step is one of this module's,
-    whose failure lost_peers_reported recognises."""
+    not enter the gradients, and only rank 0's are saved. So a step's collectives are this module's, whose
+    failure lost_peers_reported recognises (but for the bucket layout DDP agrees on once, in the second step)."""
     if world.size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
