@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -339,6 +341,34 @@ def test_a_busy_volume_stops_every_rank_with_exit_4(volume, tmp_path):
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: another train is running"), stderr[-3000:]
     assert not (volume / "model" / "mnist_cnn.pt").exists()
+
+
+def test_sigterm_while_the_ranks_wrap_the_network_stops_every_rank_at_the_first_step(volume, tmp_path):
+    """`docker stop` (SIGTERM to `mnist train --nproc-per-node 2`, which the agent passes on to every rank) while
+    rank 1 has yet to wrap the network in DistributedDataParallel and rank 0 waits for it there: both stop at the
+    first step boundary, rank 0 saves the progress, and none is left to lose its group."""
+    release = tmp_path / "release"
+    group = conftest.start_mnist("train", "--root", str(volume), "--nproc-per-node", "2",
+                                 env={**ON_CPU, **rank_fault(f"hold:wrap:{release}")})
+    try:
+        held = Path(f"{release}.held")
+        for _ in range(TIMEOUT * 10):  # rank 1 says it is held
+            if held.exists() or group.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert held.exists(), group.communicate(timeout=TIMEOUT)[1][-3000:]
+        os.kill(group.pid, signal.SIGTERM)
+        seen = conftest.read_until(group, "closing signal SIGTERM")  # the agent has passed it on
+        release.touch()
+        out, rest = group.communicate(timeout=TIMEOUT)
+    finally:
+        release.touch()
+        group.kill()
+    stderr = seen + rest
+    assert group.returncode == 143, stderr[-3000:]
+    assert stderr.count("error: stopped by SIGTERM at epoch 1, step 0/") == 2, stderr[-3000:]
+    assert "lost its process group" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert load(volume / "model" / "train_progress.pt")["step"] == 0
 
 
 def test_only_train_runs_as_a_group(volume):

@@ -47,8 +47,11 @@ def train(volume: Volume, config: TrainConfig, state: TrainingState, train_set: 
     started = time.monotonic()
     recorder = history.Recorder(volume, state.epoch, state.step, device)  # the curves of the report
     state.model.train()
-    train_step = _step_function(state, images, labels, world)
     with signals.deferred():  # a signal is acted on at the next step boundary
+        # in the block: in a group, wrapping the network is a collective that takes each rank a while, and a
+        # rank that a signal stopped there would leave the others to lose their group
+        faults.hold_point("wrap")
+        train_step = _step_function(state, images, labels, world)
         while state.epoch < target_epoch:
             order = epoch_order(recipe.seed, state.epoch, len(labels)).to(device)
             log.info("epoch %d: training from step %d of %d (batch %d, %s, %d threads)", state.epoch + 1,
