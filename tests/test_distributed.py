@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (gloo, 2 processes on this machine's CPUs).
+"""Data-parallel training under torchrun (DistributedDataParallel over gloo, 2 or 3 processes on this machine's CPUs).
 
 Each run is a real torchrun (or `mnist train --nproc-per-node`) with a timeout, so a hang fails the
 test instead of stalling it; interruptions come from fault points (MNIST_FAULT, limited to one rank by
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -184,6 +186,26 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_the_resumed_epoch_
     assert load(other_world / "model" / "mnist_cnn.pt")["epoch"] == 1
 
 
+# Three ranks: a global batch that splits over 3, a short epoch, a stop half-way
+THREE_RANKS = ("--nproc-per-node", "3", "--batch-size", "120", "--max-steps", "24")
+
+
+def test_three_ranks_resume_an_interrupted_epoch_bit_identical(volume, tmp_path):
+    """With three ranks each gradient value's sum over the ranks is grouped by where the value lies in the
+    all-reduced buffer, and DistributedDataParallel lays its buckets out anew after a process's first step: the
+    epoch stopped half-way and resumed ends with the same bits as the epoch run through."""
+    whole = private_copy(volume, tmp_path / "whole")
+    result = run_mnist("train", "--root", str(whole), *THREE_RANKS, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stopped = run_mnist("train", "--root", str(volume), *THREE_RANKS, env=rank_fault("sigterm-at-step:12", rank=2),
+                        timeout=TIMEOUT)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.stderr.count("error: stopped by SIGTERM at epoch 1, step 12/24; progress saved") == 3
+    resumed = run_mnist("train", "--root", str(volume), *THREE_RANKS, timeout=TIMEOUT)
+    assert resumed.returncode == 0 and "from step 12" in resumed.stderr, resumed.stderr[-3000:]
+    assert_same_state(load(whole / "model" / "mnist_cnn.pt"), load(volume / "model" / "mnist_cnn.pt"))
+
+
 @pytest.fixture(scope="module")
 def killed_run(sigterm_runs, tmp_path_factory) -> SimpleNamespace:
     """Two ranks train the next epoch of sigterm_runs' checkpoint, saving progress after every step,
@@ -319,6 +341,34 @@ def test_a_busy_volume_stops_every_rank_with_exit_4(volume, tmp_path):
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: another train is running"), stderr[-3000:]
     assert not (volume / "model" / "mnist_cnn.pt").exists()
+
+
+def test_sigterm_while_the_ranks_wrap_the_network_stops_every_rank_at_the_first_step(volume, tmp_path):
+    """`docker stop` (SIGTERM to `mnist train --nproc-per-node 2`, which the agent passes on to every rank) while
+    rank 1 has yet to wrap the network in DistributedDataParallel and rank 0 waits for it there: both stop at the
+    first step boundary, rank 0 saves the progress, and none is left to lose its group."""
+    release = tmp_path / "release"
+    group = conftest.start_mnist("train", "--root", str(volume), "--nproc-per-node", "2",
+                                 env={**ON_CPU, **rank_fault(f"hold:wrap:{release}")})
+    try:
+        held = Path(f"{release}.held")
+        for _ in range(TIMEOUT * 10):  # rank 1 says it is held
+            if held.exists() or group.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert held.exists(), group.communicate(timeout=TIMEOUT)[1][-3000:]
+        os.kill(group.pid, signal.SIGTERM)
+        seen = conftest.read_until(group, "closing signal SIGTERM")  # the agent has passed it on
+        release.touch()
+        out, rest = group.communicate(timeout=TIMEOUT)
+    finally:
+        release.touch()
+        group.kill()
+    stderr = seen + rest
+    assert group.returncode == 143, stderr[-3000:]
+    assert stderr.count("error: stopped by SIGTERM at epoch 1, step 0/") == 2, stderr[-3000:]
+    assert "lost its process group" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert load(volume / "model" / "train_progress.pt")["step"] == 0
 
 
 def test_only_train_runs_as_a_group(volume):

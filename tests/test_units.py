@@ -4,6 +4,7 @@ order, PNG, progress lines, warm-up steps, and a training loop that does not wai
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import io
 import logging
 import os
@@ -15,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FORKS, private_copy, run_mnist
-from mnist_pipeline import cli, runtime, settings, signals, train
+from conftest import FORKS, private_copy
+from mnist_pipeline import distributed, runtime, settings, signals, train
 from mnist_pipeline.data import png as png_grayscale
 from mnist_pipeline.infer import _file_names
-from mnist_pipeline.train import cuda, loop
+from mnist_pipeline.train import cuda, loop, sgd
 from mnist_pipeline.model import MnistCNN
 
 
@@ -158,6 +159,11 @@ def test_warm_up_steps_run_the_network_and_leave_model_and_generator_untouched(m
 
 
 def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
+    """The contract of the adapter (train/sgd.py) that reaches torch's SGD arithmetic through its functional form:
+    bit for bit torch.optim.SGD, over real steps at changing learning rates, and the same state_dict."""
+    assert torch.__version__.split("+")[0].rsplit(".", 1)[0] == sgd.CHECKED_WITH_TORCH, (
+        f"torch {torch.__version__}: check train/sgd.py against this torch's torch.optim.SGD (this test), then "
+        f"set CHECKED_WITH_TORCH")
     torch.manual_seed(1)
     ours, theirs = MnistCNN(), MnistCNN()
     theirs.load_state_dict(ours.state_dict())
@@ -176,6 +182,7 @@ def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
                                                 strict=True))
     mine, torchs = optimizer.state_dict(), reference.state_dict()
     assert mine["param_groups"][0].keys() >= torchs["param_groups"][0].keys() - {"initial_lr"}
+    assert all(mine["param_groups"][0][k] == v for k, v in torchs["param_groups"][0].items())
     assert mine["state"].keys() == torchs["state"].keys()
     assert all(torch.equal(mine["state"][i]["momentum_buffer"], torchs["state"][i]["momentum_buffer"])
                for i in mine["state"])
@@ -187,24 +194,34 @@ def test_nesterov_sgd_steps_and_saves_exactly_as_torch_optim_sgd():
         train.NesterovSGD(MnistCNN(channels=(8, 8, 8)).parameters(), recipe).load_state_dict(torchs)
 
 
-def _train_and_tell_whether_dynamo_loaded() -> None:
-    """`mnist ARGV` (a train) in a process forked from the tests' forkserver, which has imported torch and
-    mnist_pipeline as a new interpreter would; writes to ROOT/answer whether torch._dynamo was loaded before
-    and after, and the exit code."""
-    before = "torch._dynamo" in sys.modules
-    runtime.deterministic_cuda()
-    code = cli.main(sys.argv[1:])
-    after = "torch._dynamo" in sys.modules
-    Path(sys.argv[sys.argv.index("--root") + 1], "answer").write_text(f"{before} {code} {after}")
+def test_a_trained_checkpoint_continues_under_torch_optim_sgd_as_under_train(short_trained_root):
+    """The optimizer state train saves is torch.optim.SGD's: loaded into it, the next steps give the same weights
+    as train's own optimizer would."""
+    saved = torch.load(short_trained_root / "model" / "mnist_cnn.pt", weights_only=True)
+    recipe = settings.Recipe(**saved["train_config"])
+    models = [MnistCNN(), MnistCNN()]
+    for model in models:
+        model.load_state_dict(saved["model"])
+    ours = train.NesterovSGD(models[0].parameters(), recipe)
+    theirs = torch.optim.SGD(models[1].parameters(), lr=recipe.peak_lr, momentum=recipe.momentum, nesterov=True,
+                             weight_decay=recipe.weight_decay)
+    for optimizer in (ours, theirs):  # each its own copy: both update the momentum in place
+        optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
+    torch.manual_seed(2)
+    images, labels = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    for model, optimizer in zip(models, (ours, theirs), strict=True):
+        for _ in range(2):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(),
+                                                strict=True))
 
 
-def test_train_never_imports_torch_dynamo(tmp_path):
-    """torch.optim.Optimizer's methods and torch.use_deterministic_algorithms import torch._dynamo: a large
-    import at every process's start. The CUDA settings are made here too, which needs no GPU."""
-    result = run_mnist("train", "--root", str(tmp_path), "--device", "cpu", "--max-steps", "2",
-                       main=_train_and_tell_whether_dynamo_loaded)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "answer").read_text() == "False 0 False"
+def test_one_process_trains_the_plain_network():
+    """Without torchrun nothing wraps the network (DistributedDataParallel joins only a group of processes)."""
+    model = MnistCNN()
+    assert distributed.wrap(distributed.World(), model) is model
 
 
 def test_gpu_bench_without_a_gpu_says_so_and_exits_0(monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""torchrun and data parallelism: who is rank 0, the averaged gradients and stop flag, sharding, the launcher.
+"""torchrun and data parallelism: who is rank 0, DistributedDataParallel, the stop flag, sharding, the launcher.
 
 Under torchrun (or `mnist train --nproc-per-node N`, which starts the same elastic agent from
 inside the command) each process is one rank, told by RANK, WORLD_SIZE, LOCAL_RANK and
@@ -6,8 +6,8 @@ LOCAL_WORLD_SIZE. Without them the world is one process and every function here 
 torch is imported inside the functions: cli.py asks who is rank 0 before torch loads.
 
 The recipe means the same at any world size: step s takes the same `batch_size` samples of
-`epoch_order` as in one process, rank r trains on the r-th slice of them, and an all-reduce averages
-the gradients, so the update is the whole batch's (BatchNorm, though, normalises each slice alone).
+`epoch_order` as in one process, rank r trains on the r-th slice of them, and DistributedDataParallel
+averages the gradients, so the update is the whole batch's (BatchNorm, though, normalises each slice alone).
 Rank 0 alone writes: it holds the train lock, fetches the data, saves checkpoints and progress;
 the model it saves is the plain network, the same file as one process saves.
 """
@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
@@ -138,17 +139,21 @@ def main_first(world: World) -> Iterator[None]:
             yield
         except BaseException as exc:
             status[0] = getattr(exc, "exit_code", 1)
-            dist.broadcast(status, src=0)
-            dist.barrier()  # the others have heard it: they end quietly, not by the agent's SIGTERM
+            with _collective():
+                dist.broadcast(status, src=0)
+                dist.barrier()  # the others have heard it: they end quietly, not by the agent's SIGTERM
             raise
-        dist.broadcast(status, src=0)
+        with _collective():
+            dist.broadcast(status, src=0)
         return
-    dist.broadcast(status, src=0)
+    with _collective():
+        dist.broadcast(status, src=0)
     if status.item():
         # ending already: the agent's SIGTERM, sent once rank 0 has exited (after the barrier), changes nothing
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
-        dist.barrier()
+        with _collective():
+            dist.barrier()
         hold_point("follows")
         raise Follows(int(status.item()))
     yield
@@ -165,31 +170,54 @@ class Follows(PipelineError):
 
 
 def wrap(world: World, model: "torch.nn.Module") -> "torch.nn.Module":
-    """`model` as a group trains it: the same on every rank from the start (rank 0's parameters and buffers),
-    its gradients averaged by average_gradients after each backward. Not DistributedDataParallel, whose
-    constructor imports torch._dynamo, a slow import at every rank's start, for what one all-reduce a step does."""
-    if world.size > 1:
-        import torch.distributed as dist
+    """`model` as a group trains it: in one process the model itself; in a group, DistributedDataParallel, which
+    starts every rank from rank 0's parameters and buffers and averages the gradients during backward (mean_hook).
 
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0, group=_group)
-    return model
-
-
-def average_gradients(world: World, model: "torch.nn.Module") -> None:
-    """Each gradient of `model` replaced by its mean over the ranks (one all-reduce of them all): the update is the
-    whole global batch's, as in one process."""
+    Buffers (BatchNorm's running statistics) are not broadcast again before each forward: in train mode they do
+    not enter the gradients, and only rank 0's are saved. So a step's collectives are this module's, whose
+    failure lost_peers_reported recognises (but for the bucket layout DDP agrees on once, in the second step)."""
     if world.size == 1:
-        return
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  process_group=_group, forward_sync_buffers=False)
+    order = {parameter: i for i, parameter in enumerate(model.parameters())}
+    ddp.register_comm_hook(_GradientMean(_group, world.size, order), mean_hook)
+    return ddp
+
+
+@dataclass(frozen=True)
+class _GradientMean:
+    group: object
+    size: int
+    order: dict  # parameter -> its index in model.parameters()
+
+
+def mean_hook(state: _GradientMean, bucket):  # (DDP refuses a return annotation that is a string)
+    """A DDP communication hook: a future of the mean over the ranks of a bucket's gradients, one all-reduce, as
+    DDP's own.
+
+    The all-reduce sums the gradients laid out in the model's parameter order, not the bucket's: DDP lays a
+    bucket out in the order of the first step's backward, which a resumed run's first step does not share, and
+    with three or more ranks each value's sum is grouped by where it lies in the buffer. So a resumed epoch
+    ends bit-identical to an uninterrupted one. A collective that fails is noted for lost_peers_reported."""
     import torch
     import torch.distributed as dist
 
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([grad.reshape(-1) for grad in grads])
-    dist.all_reduce(flat, group=_group)
-    flat /= world.size
-    for grad, mean in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
-        grad.copy_(mean.view_as(grad))
+    grads = sorted(zip(bucket.parameters(), bucket.gradients(), strict=True), key=lambda pg: state.order[pg[0]])
+    flat = torch.cat([grad.reshape(-1) for _, grad in grads]).div_(state.size)
+    future = dist.all_reduce(flat, group=state.group, async_op=True).get_future()
+
+    def unpack(done: "torch.futures.Future") -> torch.Tensor:
+        with _collective():
+            mean = done.value()[0]
+        for (_, grad), part in zip(grads, mean.split([grad.numel() for _, grad in grads]), strict=True):
+            grad.copy_(part.view_as(grad))  # the bucket's views: DDP copies them into .grad
+        return bucket.buffer()
+
+    return future.then(unpack)
 
 
 def shard(world: World, batch: "torch.Tensor") -> "torch.Tensor":
@@ -205,7 +233,8 @@ def average(world: World, value: "torch.Tensor") -> "torch.Tensor":
     import torch.distributed as dist
 
     value = value.detach().clone()
-    dist.all_reduce(value, group=_group)
+    with _collective():
+        dist.all_reduce(value, group=_group)
     return value / world.size
 
 
@@ -217,7 +246,8 @@ def stop_agreed(world: World, stop: bool) -> bool:
     import torch.distributed as dist
 
     flag = torch.tensor([int(stop)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_group)
+    with _collective():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_group)
     return bool(flag.item())
 
 
@@ -225,12 +255,32 @@ def barrier(world: World) -> None:
     if world.size > 1:
         import torch.distributed as dist
 
-        dist.barrier(group=_group)
+        with _collective():
+            dist.barrier(group=_group)
+
+
+class _Lost:
+    """Whether a collective of this process has failed (set from DDP's communication thread too)."""
+
+    failed = False
+
+
+@contextlib.contextmanager
+def _collective() -> Iterator[None]:
+    """Around each collective this module makes: a RuntimeError there means the group is lost."""
+    try:
+        yield
+    except RuntimeError:
+        _Lost.failed = True
+        raise
 
 
 @contextlib.contextmanager
 def lost_peers_reported(world: World) -> Iterator[None]:
-    """A collective that fails (a rank died or hung) becomes one clear error instead of gloo's or NCCL's."""
+    """A collective that fails (a rank died or hung) becomes one clear error instead of gloo's or NCCL's.
+
+    Known by where it failed (a collective of this module, or torch.distributed's own DistError), not by the
+    words of the message; a collective that fails inside backward (DDP's) surfaces there as a RuntimeError."""
     try:
         yield
     except RuntimeError as exc:
@@ -246,8 +296,7 @@ def lost_peers_reported(world: World) -> Iterator[None]:
 def _is_collective_error(exc: RuntimeError) -> bool:
     import torch.distributed as dist
 
-    text = str(exc)
-    return isinstance(exc, dist.DistError) or any(word in text for word in ("gloo", "NCCL", "Connection closed"))
+    return _Lost.failed or isinstance(exc, dist.DistError)
 
 
 def _first_failure(failures) -> int:
@@ -261,26 +310,41 @@ def _first_failure(failures) -> int:
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:
-    """`mnist train --nproc-per-node N`: torchrun's elastic agent on this machine, running `mnist` N times.
+    """`mnist train --nproc-per-node N`: torch's elastic agent on this machine, running `python -m mnist_pipeline
+    ARGV` N times, as `torchrun --standalone --nproc-per-node N -m mnist_pipeline ARGV` does.
 
-    The workers see WORLD_SIZE and so train instead of launching again. Returns the exit code:
-    that of the first rank that failed (143 after SIGTERM), or 128 + a signal that stopped the agent.
+    Built as torch's elastic docs show a custom launcher (a LocalElasticAgent given a WorkerSpec and a c10d
+    rendezvous), whose run result says which rank failed how; torchrun itself exits 1 for any failure. The
+    workers see WORLD_SIZE and so train instead of launching again. Returns the exit code: that of the first
+    rank that failed (143 after SIGTERM), or 128 + a signal that stopped the agent.
     """
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    import uuid
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads(World(local_size=nproc), None)))  # quiets torchrun
-    # torch 2.13's agent otherwise lends its store to the workers, and a restarted group can read the
-    # dead group's addresses from it (pytorch/pytorch#135712)
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    args = torchrun.parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "mnist_pipeline",
-                                *argv])
+    from torch.distributed.elastic.agent.server.api import WorkerSpec
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads(World(local_size=nproc), None)))
+    # --standalone: a rendezvous on this machine, on a free port
+    parameters = RendezvousParameters(backend="c10d", endpoint="localhost:0", run_id=str(uuid.uuid4()),
+                                      min_nodes=1, max_nodes=1)
+    backend, store = create_backend(parameters)
+    spec = WorkerSpec(role="default", local_world_size=nproc, entrypoint=sys.executable,
+                      args=("-m", "mnist_pipeline", *argv), rdzv_handler=create_handler(store, backend, parameters),
+                      max_restarts=0, monitor_interval=0.1)
+    agent = LocalElasticAgent(spec, logs_specs=DefaultLogsSpecs(), start_method="spawn")
     try:
-        torchrun.run(args)
-    except ChildFailedError as exc:
-        code = _first_failure(exc.failures.values())
-        return 128 - code if code < 0 else code  # -9: killed by SIGKILL, as a shell says 137
-    except SignalException as exc:
+        result = agent.run()
+    except SignalException as exc:  # the rendezvous is left open, as torchrun leaves it
         return 128 + int(exc.sigval)
-    return 0
+    except BaseException:
+        spec.rdzv_handler.shutdown()
+        raise
+    spec.rdzv_handler.shutdown()
+    if not result.is_failed():
+        return 0
+    code = _first_failure(result.failures.values())
+    return 128 - code if code < 0 else code  # -9: killed by SIGKILL, as a shell says 137

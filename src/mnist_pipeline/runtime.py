@@ -87,14 +87,10 @@ def deterministic_cuda() -> None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
     torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing, so a run's sums could differ
     torch.backends.cudnn.deterministic = True
-    # an op without a deterministic kernel raises instead of drifting. Not through
-    # torch.use_deterministic_algorithms: it also sets torch.compile's switch, whose import pulls in
-    # torch._dynamo, a large import at every process's start (docs/performance.md); nothing here compiles
-    set_mode = getattr(torch._C, "_set_deterministic_algorithms", None)
-    if set_mode is None:
-        torch.use_deterministic_algorithms(True)
-    else:
-        set_mode(True, warn_only=False)
+    # an op without a deterministic kernel raises instead of drifting. torch.set_deterministic_debug_mode is
+    # torch's documented alternative to torch.use_deterministic_algorithms, which also sets torch.compile's
+    # switch and so imports the compiler, a large import at every process's start; nothing here compiles
+    torch.set_deterministic_debug_mode("error")
     # that mode also fills every new tensor with NaN, a debugging aid costing a kernel launch per allocation;
     # nothing here reads memory before writing it
     torch.utils.deterministic.fill_uninitialized_memory = False

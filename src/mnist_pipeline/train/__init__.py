@@ -7,7 +7,8 @@ by SIGTERM and finished later equals an uninterrupted one. Assumed: the same dev
 count and torch build on each run (float sums are grouped per thread and per kernel;
 runtime.setup makes CUDA's kernels deterministic), and under torchrun the same world size.
 
-  optimizer.py  the schedule, the data order, the optimizer's arithmetic
+  optimizer.py  the schedule, the data order
+  sgd.py        the optimizer: torch's SGD arithmetic, an adapter
   resume.py     where training starts, the state a checkpoint holds
   cuda.py       warm-up and the CUDA graph
   loop.py       the steps and the saves
@@ -25,7 +26,8 @@ from mnist_pipeline.storage.atomic import remove_dead_temps
 from mnist_pipeline.storage.locks import exclusive_lock
 from mnist_pipeline.train import cuda, resume
 from mnist_pipeline.train.loop import TrainResult, train
-from mnist_pipeline.train.optimizer import NesterovSGD, epoch_order, learning_rate
+from mnist_pipeline.train.optimizer import epoch_order, learning_rate
+from mnist_pipeline.train.sgd import NesterovSGD
 from mnist_pipeline.volume import Volume
 
 __all__ = ["run", "TrainResult", "NesterovSGD", "epoch_order", "learning_rate"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from mnist_pipeline.model import IMAGE_SIZE
 from mnist_pipeline.settings import Recipe
-from mnist_pipeline.train.optimizer import NesterovSGD
+from mnist_pipeline.train.sgd import NesterovSGD
 
 log = logging.getLogger(__name__)
 

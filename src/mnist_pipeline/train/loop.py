@@ -47,8 +47,11 @@ def train(volume: Volume, config: TrainConfig, state: TrainingState, train_set: 
     started = time.monotonic()
     recorder = history.Recorder(volume, state.epoch, state.step, device)  # the curves of the report
     state.model.train()
-    train_step = _step_function(state, images, labels, world)
     with signals.deferred():  # a signal is acted on at the next step boundary
+        # in the block: in a group, wrapping the network is a collective that takes each rank a while, and a
+        # rank that a signal stopped there would leave the others to lose their group
+        faults.hold_point("wrap")
+        train_step = _step_function(state, images, labels, world)
         while state.epoch < target_epoch:
             order = epoch_order(recipe.seed, state.epoch, len(labels)).to(device)
             log.info("epoch %d: training from step %d of %d (batch %d, %s, %d threads)", state.epoch + 1,
@@ -120,7 +123,7 @@ def _step_function(state: TrainingState, images: torch.Tensor, labels: torch.Ten
     one launch for some fifty kernels, whose launching on the host otherwise takes longer than the
     GPU's work on 128 images. The same kernels in the same order, so the same results; where the
     capture fails (or without `cuda_graph`: bench/gpu_bench.py compares), eager steps instead. In a
-    torchrun group, eager steps, whose all-reduce of the gradients a graph would not capture.
+    torchrun group, eager steps: DistributedDataParallel's all-reduce of the gradients is not captured.
     """
     world = world or distributed.world()
     model, optimizer, loss_fn = distributed.wrap(world, state.model), state.optimizer, nn.CrossEntropyLoss()
@@ -128,8 +131,7 @@ def _step_function(state: TrainingState, images: torch.Tensor, labels: torch.Ten
     def eager(batch: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(model(state.model.normalize(images[batch])), labels[batch])
         optimizer.zero_grad()
-        loss.backward()
-        distributed.average_gradients(world, state.model)
+        loss.backward()  # in a group, DistributedDataParallel averages the gradients here
         optimizer.step()
         return loss.detach()
 

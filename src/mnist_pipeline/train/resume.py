@@ -18,7 +18,7 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import checkpoint
 from mnist_pipeline.settings import RECIPE_FIELDS, Recipe
 from mnist_pipeline.storage.files import describe
-from mnist_pipeline.train.optimizer import NesterovSGD
+from mnist_pipeline.train.sgd import NesterovSGD
 from mnist_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
