@@ -158,7 +158,7 @@ def report(name: str, request: Request) -> FileResponse:
 
 
 def _answer_errors_in_json(app: FastAPI) -> None:
-    """Every failure a JSON {"error": ...}: the client's (4xx), a bug (500)."""
+    """Every refusal a JSON {"error": ...} (a bug's 500 is http.Front's)."""
 
     @app.exception_handler(ClientError)
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
@@ -173,11 +173,6 @@ def _answer_errors_in_json(app: FastAPI) -> None:
         # granian ends a body this way both when the client leaves and when its chunking is malformed
         return JSONResponse({"error": "the request body broke off (malformed chunked encoding, or the client "
                                       "left): send it whole"}, status_code=400, headers={"Connection": "close"})
-
-    @app.exception_handler(Exception)
-    async def bug(_request: Request, exc: Exception) -> JSONResponse:
-        log.error("a request failed", exc_info=exc)  # a bug: its traceback in the log; the client gets JSON
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -197,12 +192,12 @@ def _report_file(volume: Volume, name: str) -> Path:
             raise ClientError(404, "model/report/ is not a folder inside the volume (a symlink?): "
                                    "run `mnist report` to write it again")
         path = (base / name).resolve(strict=True)
+        if path.is_dir():  # its index.html, resolved in turn (it may be a link too)
+            path = (path / "index.html").resolve(strict=True)
     except (OSError, RuntimeError, ValueError):  # (ValueError: a NUL byte)
         raise missing from None
     if not path.is_relative_to(base):
         raise ClientError(404, f"{name!r} is outside the report")
-    if path.is_dir():
-        path = path / "index.html"
     if not path.is_file():
         raise missing
     return path

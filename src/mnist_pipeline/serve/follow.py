@@ -122,13 +122,13 @@ class Follower:
 class Kept:
     """Versions asked for by number (POST /predict?version=N): at most `size` loaded, the least recently used
     dropped. One load at a time, and at most LOADS_PER_S of them a second after a burst of `size`: a request
-    for a version not loaded while that is spent gets Busy (503 with Retry-After), so a client cycling through
+    for a version not loaded while that is spent is Refused (503 with Retry-After), so a client cycling through
     versions cannot make every request wait for a load, nor keep a CPU loading models."""
 
     LOADS_PER_S = 2.0
 
-    class Busy(PipelineError):
-        pass
+    class Refused(PipelineError):
+        """Not now: a load is under way, or the loads' rate is spent (503 with Retry-After)."""
 
     def __init__(self, volume: Volume, threshold: float, runtimes: Runtimes, size: int = 3):
         self.volume, self.threshold, self.runtimes, self.size = volume, threshold, runtimes, size
@@ -139,30 +139,39 @@ class Kept:
 
     def get(self, number: int) -> Live:
         """Version `number`, gated; PipelineError (versions.NoSuchVersion for one not kept) when it cannot serve."""
+        live = self._cached(number)
+        if live is not None:
+            return live
+        if not self._loading.acquire(blocking=False):
+            raise Kept.Refused(f"another version is loading: retry version {number} in 1 s")
+        try:
+            live = self._cached(number)  # (loaded by the request that held the lock)
+            if live is not None:
+                return live
+            now = time.monotonic()
+            self._loads = min(float(self.size), self._loads + (now - self._counted) * self.LOADS_PER_S)
+            self._counted = now
+            if self._loads < 1:
+                raise Kept.Refused(f"versions are loading too often: retry version {number} in 1 s")
+            self._loads -= 1  # (a load that fails costs as much)
+            faults.hold_point("version-load")
+            live = self.runtimes.load(self.volume, number, self.threshold)
+            with self._lock:
+                self._loaded[number] = live
+                while len(self._loaded) > self.size:
+                    self._loaded.popitem(last=False)
+            return live
+        finally:
+            self._loading.release()
+
+    def _cached(self, number: int) -> Optional[Live]:
         with self._lock:
             live = self._loaded.get(number)
             if live is not None and self.volume.version_dir(number).is_dir():  # (not pruned since)
                 self._loaded.move_to_end(number)
                 return live
-        if not self._loading.acquire(blocking=False):
-            raise Kept.Busy(f"another version is loading: retry version {number} in 1 s")
-        try:
-            now = time.monotonic()
-            self._loads = min(float(self.size), self._loads + (now - self._counted) * self.LOADS_PER_S)
-            self._counted = now
-            if self._loads < 1:
-                raise Kept.Busy(f"versions are loading too often: retry version {number} in 1 s")
-            faults.hold_point("version-load")
-            live = self.runtimes.load(self.volume, number, self.threshold)
-            self._loads -= 1  # (a refusal, cheap, does not count)
-        finally:
-            self._loading.release()
-        with self._lock:
-            self._loaded[number] = live
-            self._loaded.move_to_end(number)
-            while len(self._loaded) > self.size:
-                self._loaded.popitem(last=False)
-        return live
+            self._loaded.pop(number, None)
+            return None
 
 
 def _stat(path: os.PathLike) -> Optional[Tuple[int, int, int]]:

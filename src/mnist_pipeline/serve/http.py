@@ -26,6 +26,7 @@ REPORT_CSP = CSP + "; style-src 'self' 'unsafe-inline'"
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff")]
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")  # a client's X-Request-ID echoed; anything else replaced
 access = logging.getLogger("mnist_pipeline.serve.access")
+log = logging.getLogger(__name__)
 
 
 class ClientError(Exception):
@@ -87,11 +88,16 @@ class Front:
                     await _send_json(send_safely, {"status": 404}, "no such path: a path never holds a NUL byte")
                     return
                 await self.app(scope, self._bounded(receive, scope, take), send_safely)
+        except Exception:  # noqa: BLE001 - a bug: its traceback in the log once; the client gets JSON all the same
+            log.exception("%s %s failed", scope["method"], scope["path"].encode("unicode_escape").decode())
+            if status[0] == 499:  # (no answer begun)
+                await _send_json(send_safely, {"status": 500}, "internal error; see the server log")
         finally:
             self.counter.labels(route_of(scope["path"]), str(status[0])).inc()
-            if self.access_log:
+            if self.access_log:  # (the path escaped: a %0a in it must not start a line of its own)
                 client = (scope.get("client") or ("-",))[0]
-                access.info("%s %s %s %d %.1fms %s", client, scope["method"], scope["path"], status[0],
+                access.info("%s %s %s %d %.1fms %s", client, scope["method"],
+                            scope["path"].encode("unicode_escape").decode(), status[0],
                             (time.perf_counter() - started) * 1000, rid.decode())
 
     def _bounded(self, receive, scope, take):

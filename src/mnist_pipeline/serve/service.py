@@ -17,7 +17,7 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import versions
 from mnist_pipeline.serve.budget import UPLOADS_BYTES, Slots, Uploads
 from mnist_pipeline.serve.follow import Follower, Kept
-from mnist_pipeline.serve.http import ClientError
+from mnist_pipeline.serve.http import ClientError, busy
 from mnist_pipeline.serve.metrics import Metrics
 from mnist_pipeline.serve.runtimes import Live, Runtimes
 from mnist_pipeline.settings import ServeConfig
@@ -74,8 +74,8 @@ async def model_for(service: Service, number: Optional[int], refused: int = 409)
         try:
             return await run_in_threadpool(service.kept.get, number)
         except PipelineError as exc:
-            if isinstance(exc, Kept.Busy):
-                raise ClientError(503, str(exc), {"Retry-After": "1"}) from None
+            if isinstance(exc, Kept.Refused):
+                raise busy(str(exc)) from None
             raise ClientError(404 if isinstance(exc, versions.NoSuchVersion) else refused,
                               service.public(str(exc))) from None
     live = service.follower.live or await run_in_threadpool(service.follower.current)
@@ -100,16 +100,12 @@ def version_header(live: Live) -> Dict[str, str]:
     return {"X-Model-Version": str(live.version)} if live.version is not None else {}
 
 
-
-
 def _private_paths(root: Path) -> List[str]:
     """The volume's path as messages may spell it, longest first: answers say model/..., not where the volume is."""
     spellings = {str(root), str(root.absolute())}
     with contextlib.suppress(OSError, RuntimeError):
         spellings.add(str(root.resolve()))
     return sorted((s for s in spellings if s not in (".", "")), key=len, reverse=True)
-
-
 
 
 def _decode_turn(images: List[bytes], inputs: List[bytes], live: Live, what: Optional[str]) -> Optional[Any]:
@@ -126,8 +122,6 @@ def _decode_turn(images: List[bytes], inputs: List[bytes], live: Live, what: Opt
         if len(inputs) < len(images) and time.perf_counter() - began > DECODE_TURN_S:
             return None
     return live.predict(inputs)
-
-
 
 
 def _decode(data: bytes, named: str) -> bytes:

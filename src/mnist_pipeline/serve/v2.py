@@ -31,12 +31,16 @@ from starlette.concurrency import run_in_threadpool
 
 from mnist_pipeline import __version__
 from mnist_pipeline.contract import IMAGE_BYTES, IMAGE_SIZE, NUM_CLASSES
+from mnist_pipeline.serve.bodies import MAX_FILES, MAX_IMAGE_BYTES
 from mnist_pipeline.serve.http import ClientError
 from mnist_pipeline.serve.service import decode_and_predict, model_for, version_header
 
 MODEL = "mnist"
-MAX_BATCH = 64  # images in one request, as /predict's files
-MAX_FILE_BYTES = 2 * 1024 * 1024  # one image_files element, as one /predict file
+MAX_BATCH = MAX_FILES  # images in one request, as /predict's files
+MAX_FILE_BYTES = MAX_IMAGE_BYTES  # one image_files element, as one /predict file
+# values a JSON request may hold (its commas, counted before it is parsed): a batch of pixels and then some.
+# A body of 16 MB of tiny values would take several times that in memory once parsed.
+MAX_JSON_VALUES = MAX_BATCH * IMAGE_BYTES + 1000
 HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torch": "pytorch"}
@@ -157,7 +161,7 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
                                             "description": f"binary extension: the JSON header ({HEADER} "
                                                            f"bytes), then the inputs' binary data"}}}}}
 INFER_ANSWERS: Dict[Union[int, str], Dict[str, Any]] = {
-    **ERRORS, 413: {"model": V2Error}, 503: {"model": V2Error},
+    **ERRORS, 408: {"model": V2Error}, 413: {"model": V2Error}, 415: {"model": V2Error}, 503: {"model": V2Error},
     200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
@@ -253,7 +257,8 @@ async def _infer(request: Request, name: str, version: Optional[str]) -> Respons
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise ClientError(415, f"Content-Encoding {encoding[:20]!r} is not accepted: send the body uncompressed")
-    asked = _parse(await request.body(), request.headers.get(HEADER))  # (its size bounded by http.Front)
+    # (its size bounded by http.Front; parsed off the event loop: up to 16 MB of JSON)
+    asked = await run_in_threadpool(_parse, await request.body(), request.headers.get(HEADER))
     live = await _model(request, name, version)
     started = time.perf_counter()
     if asked.files is not None:
@@ -281,10 +286,14 @@ def _parse(body: bytes, header_length: Optional[str]) -> Asked:
     if header_length is None:
         text, binary = body, b""
     else:
-        if not (header_length.isascii() and header_length.isdigit() and int(header_length) <= len(body)):
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 9
+                and int(header_length) <= len(body)):
             raise ClientError(400, f"{HEADER} {header_length[:20]!r} is not a length within the body's "
                                    f"{len(body)} bytes")
         text, binary = body[:int(header_length)], body[int(header_length):]
+    if text.count(b",") > MAX_JSON_VALUES:
+        raise ClientError(400, f"the JSON request holds more than {MAX_JSON_VALUES} values: send at most "
+                               f"{MAX_BATCH} images, or their pixels as binary data ({HEADER})")
     try:
         request = json.loads(text)
     except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
