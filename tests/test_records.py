@@ -119,7 +119,7 @@ def eval_json(volume: Volume) -> dict:
     (lambda e: e.update(accuracy="0.99"), "accuracy is '0.99', not a finite number"),
     (lambda e: e.update(accuracy=0.99), "accuracy 0.99 is not correct / total"),
     (lambda e: e["checkpoint"].update(epoch="<script>x</script>"), "checkpoint.epoch is '<script>"),
-    (lambda e: e["confusion_matrix"][0].append(1), "confusion_matrix[0] is not a list of 10"),
+    (lambda e: e["confusion_matrix"][0].append(1), "confusion_matrix[0] has 11 items, more than 10"),
     (lambda e: e["confusion_matrix"][0].__setitem__(0, -1), "confusion_matrix[0][0] is -1"),
     (lambda e: e["mistakes"].append({"test_index": 10_000, "label": 1, "predicted": 2, "confidence": 0.5}),
      "test_index is 10000"),
