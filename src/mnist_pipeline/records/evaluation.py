@@ -54,14 +54,14 @@ class File(TypedDict):
 
     __pydantic_config__ = j.STRICT
     format_version: Literal[FORMAT_VERSION]
-    accuracy: j.Fraction
-    test_loss: j.Number(0)
+    total: j.Whole(1, MAX_IMAGES)  # (checked in this order: the first field amiss is the one named)
     correct: j.Whole(0, MAX_IMAGES)
-    total: j.Whole(1, MAX_IMAGES)
-    per_class_accuracy: PerClass
+    accuracy: j.Fraction
     confusion_matrix: j.List(j.List(j.Whole(0, MAX_IMAGES), length=10), length=10)
+    per_class_accuracy: PerClass
     mistakes: j.List(ScoredImage, MAX_IMAGES)
     checkpoint: CheckpointScored
+    test_loss: j.Number(0)
     compute_seconds: j.Number(0)
     device: j.Text(40)
     evaluated_at: j.Text(40)
