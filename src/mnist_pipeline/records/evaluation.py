@@ -1,15 +1,5 @@
-"""model/eval_results.json: the test scores of one checkpoint, and the gate that uses them.
-
-  format_version      FORMAT_VERSION (absent in format 1)
-  accuracy            correct / total, in [0, 1]
-  test_loss           mean cross-entropy over the test images
-  correct, total      counts (total: the test images, 1 to 10,000)
-  per_class_accuracy  {"0": ..., "9": ...}, each in [0, 1]
-  confusion_matrix    10 x 10 counts, rows the true digit, summing to total
-  mistakes            the most confident mistakes: test_index, label, predicted, confidence (the first
-                      files of format 1 have none: read as an empty list)
-  checkpoint          {sha256, epoch} of the checkpoint scored (format 1 also had its path)
-  compute_seconds, device, evaluated_at   how and when
+"""model/eval_results.json: the test scores of one checkpoint (File says what the file holds), and the gate that
+uses them. Format 1 has no format_version and also had its checkpoint's path; its first files have no mistakes.
 """
 
 from __future__ import annotations
@@ -56,13 +46,13 @@ class File(TypedDict):
     format_version: Literal[FORMAT_VERSION]
     total: j.Whole(1, MAX_IMAGES)  # (checked in this order: the first field amiss is the one named)
     correct: j.Whole(0, MAX_IMAGES)
-    accuracy: j.Fraction
-    confusion_matrix: j.List(j.List(j.Whole(0, MAX_IMAGES), length=10), length=10)
-    per_class_accuracy: PerClass
-    mistakes: j.List(ScoredImage, MAX_IMAGES)
-    checkpoint: CheckpointScored
-    test_loss: j.Number(0)
-    compute_seconds: j.Number(0)
+    accuracy: j.Fraction  # correct / total
+    confusion_matrix: j.List(j.List(j.Whole(0, MAX_IMAGES), length=10), length=10)  # rows: the true digit
+    per_class_accuracy: PerClass  # {"0": ..., "9": ...}: each row's share that is right
+    mistakes: j.List(ScoredImage, MAX_IMAGES)  # the most confident mistakes, surest first
+    checkpoint: CheckpointScored  # the checkpoint scored
+    test_loss: j.Number(0)  # mean cross-entropy over the test images
+    compute_seconds: j.Number(0)  # with device and evaluated_at: how and when
     device: j.Text(40)
     evaluated_at: j.Text(40)
 

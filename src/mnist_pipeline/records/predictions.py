@@ -1,10 +1,5 @@
-"""results/predictions.json: what infer labelled, beside its PNGs (each named by its predicted digit).
-
-  format_version   FORMAT_VERSION (absent in format 1)
-  checkpoint       {sha256, epoch} of the checkpoint that predicted
-  accuracy         that checkpoint's evaluated accuracy; threshold: the gate it passed
-  compute_seconds  the forward pass
-  predictions      [{file, test_index, label, predicted, confidence}]
+"""results/predictions.json: what infer labelled, beside its PNGs (each named by its predicted digit). Format 1 has
+no format_version.
 """
 
 from __future__ import annotations
