@@ -71,7 +71,7 @@ Sha256 = Annotated[str, Pattern("^[0-9a-f]{64}$", "a sha256 (64 hex digits)")]
 Fraction = Number(0, 1)
 
 
-def load(path: Path, what: str) -> Dict[str, Any]:
+def load(path: Path, what: str) -> Any:
     """The JSON value in `path`. FileNotFoundError when missing; Invalid when it is not JSON."""
     data = read_regular(path, MAX_BYTES, what)
     try:
@@ -117,6 +117,14 @@ def check(shape: Any, value: Any) -> Any:
         raise Invalid(_problem(exc.errors()[0])) from None
 
 
+def check_format(shape: Any, record: Any, current: int) -> Any:
+    """`record` checked as `shape`, the declaration of format `current`, which a file that does not say its
+    format_version is taken to be (the formats that have never changed)."""
+    if isinstance(record, dict):
+        record = {"format_version": version(record, current), **record}
+    return check(shape, record)
+
+
 @functools.lru_cache(maxsize=None)
 def adapter(shape: Any) -> Any:
     """pydantic's validator and schema writer for `shape` (built once per process)."""
@@ -136,9 +144,9 @@ def _problem(error: Dict[str, Any]) -> str:
     if kind in ("greater_than_equal", "less_than_equal"):
         bound = ctx.get("ge", ctx.get("le"))
         return f"{at} is {value!r:.40}, {'below' if kind == 'greater_than_equal' else 'above'} {bound}"
-    if kind in ("too_short", "too_long"):
-        if kind == "too_short":
-            return f"{at} has {ctx['actual_length']} items, fewer than {ctx['min_length']}"
+    if kind == "too_short":
+        return f"{at} has {ctx['actual_length']} items, fewer than {ctx['min_length']}"
+    if kind == "too_long":
         return f"{at} has {ctx.get('actual_length') or 'too many'} items, more than {ctx['max_length']}"
     if kind == "string_too_long":
         return f"{at} is not a string of at most {ctx['max_length']} characters"

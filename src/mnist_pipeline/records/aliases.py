@@ -69,7 +69,7 @@ def read(volume: Volume, name: str) -> Optional[int]:
     """The version alias `name` points to; None when it is not set; PipelineError when its file is malformed."""
     path = volume.alias_path(limits.alias(name))
     try:
-        return versions.parse(File, j.load(path, "alias"))["version"]
+        return j.check_format(File, j.load(path, "alias"), FORMAT_VERSION)["version"]
     except FileNotFoundError:
         return None
     except j.Invalid as exc:

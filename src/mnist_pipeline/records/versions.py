@@ -167,7 +167,8 @@ def _next_number(volume: Volume) -> int:
     """The counter's next number, or one past the highest folder if that is higher (a counter lost or behind)."""
     highest = max(_numbers(volume), default=0)
     try:
-        counted = parse(Counter, j.load(volume.versions_dir / "counter.json", "version counter"))["next"]
+        record = j.load(volume.versions_dir / "counter.json", "version counter")
+        counted = j.check_format(Counter, record, FORMAT_VERSION)["next"]
     except (FileNotFoundError, j.Invalid, PipelineError) as exc:
         if not isinstance(exc, FileNotFoundError):
             log.warning("model/versions/counter.json does not read (%s): numbering goes on after version %d",
@@ -207,7 +208,7 @@ def read(volume: Volume, number: int) -> Version:
         raise PipelineError(f"version {number}: {describe(folder)} is not a folder")
     path = folder / METADATA
     try:
-        values = parse(File, j.load(path, "version metadata"))
+        values = j.check_format(File, j.load(path, "version metadata"), FORMAT_VERSION)
         version = Version(number=number, **{k: v for k, v in values.items() if k != "format_version"})
         path = folder / EVALUATION
         scores = evaluations.parse(j.load(path, "evaluation"))
@@ -258,14 +259,6 @@ def checked(volume: Volume, number: int) -> Tuple[Version, evaluations.Evaluatio
     if sha256 != version.sha256:
         raise _not_kept(number)
     return version, scores
-
-
-def parse(shape: Any, record: Any) -> Dict[str, Any]:
-    """A version.json or counter.json (format 1, today's, also when it does not say) as `shape` declares it; Invalid
-    if it does not fit."""
-    if isinstance(record, dict):
-        record = {"format_version": j.version(record, FORMAT_VERSION), **record}
-    return j.check(shape, record)
 
 
 def _not_kept(number: int) -> PipelineError:
