@@ -8,6 +8,7 @@ the first file is checked (every command that reads no JSON record starts withou
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import math
 import typing
@@ -128,9 +129,19 @@ def check_format(shape: Any, record: Any, current: int) -> Any:
 @functools.lru_cache(maxsize=None)
 def adapter(shape: Any) -> Any:
     """pydantic's validator and schema writer for `shape` (built once per process)."""
-    from pydantic import TypeAdapter
+    # importing pydantic and building a validator make enough objects to start full garbage collections,
+    # which in a process holding torch walk its whole heap: frozen meanwhile, the objects already there are
+    # left out of them (unless someone else froze them, for good)
+    frozen = gc.get_freeze_count() == 0
+    if frozen:
+        gc.freeze()
+    try:
+        from pydantic import TypeAdapter
 
-    return TypeAdapter(shape)
+        return TypeAdapter(shape)
+    finally:
+        if frozen:
+            gc.unfreeze()
 
 
 def _problem(error: Dict[str, Any]) -> str:
