@@ -3,9 +3,10 @@
     python bench/records_bench.py ROOT [--runs 15]
 
 ROOT: an evaluated volume (model/eval_results.json, model/versions/). Prints, in milliseconds, the import of
-the record modules, that import plus reading eval_results.json and every version (what `mnist models` and
-evaluate's registration read), and a whole `mnist models` process. Run it with PYTHONPATH pointing at another
-tree's src/ to compare two versions of the code on one machine.
+the record modules; reading eval_results.json and every version (what `mnist models` reads) after that
+import; the reads evaluate does (its evaluation, the versions, the aliases, the history, the counter) in a
+process that holds torch and a network, as evaluate does; and a whole `mnist models` process. Run it with
+PYTHONPATH pointing at another tree's src/ to compare two versions of the code on one machine.
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ import sys
 import time
 
 IMPORT = "import mnist_pipeline.records.evaluation, mnist_pipeline.records.versions, mnist_pipeline.records.aliases"
-READ = IMPORT + """
+VOLUME = """
 from pathlib import Path
 from mnist_pipeline.volume import Volume
-from mnist_pipeline.records import aliases, evaluation
+from mnist_pipeline.records import aliases, evaluation, versions
 volume = Volume(Path({root!r}))
-evaluation.read(volume)
-assert aliases.catalogue(volume)
 """
+READ = "evaluation.read(volume)\nassert aliases.catalogue(volume)"
+TORCH = "from mnist_pipeline.records import checkpoint, history\ncheckpoint.read(volume.checkpoint).build_model()"
+EVALUATES = "evaluation.read(volume); versions.listing(volume); aliases.every(volume); history.read(volume)\n" \
+            "versions._next_number(volume)"
 
 
-def timed(code: str) -> float:
-    """The CPU milliseconds `code` takes in a fresh interpreter (after its own start)."""
-    probe = f"import time\nstarted = time.process_time()\n{code}\nprint(1e3 * (time.process_time() - started))"
+def timed(code: str, setup: str = "") -> float:
+    """The CPU milliseconds `code` takes in a fresh interpreter, after its start and `setup`."""
+    probe = f"{setup}\nimport time\nstarted = time.process_time()\n{code}\nprint(1e3 * (time.process_time() - started))"
     return float(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout)
 
 
@@ -45,9 +48,11 @@ def main() -> None:
     parser.add_argument("root")
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
+    volume = VOLUME.format(root=args.root)
     figures = {
         "import the record modules (CPU ms)": lambda: timed(IMPORT),
-        "import + read eval_results.json and every version (CPU ms)": lambda: timed(READ.format(root=args.root)),
+        "read eval_results.json and every version, after that import (CPU ms)": lambda: timed(READ, volume),
+        "evaluate's reads, torch and a network loaded (CPU ms)": lambda: timed(EVALUATES, volume + TORCH),
         "`mnist models`, whole process (wall ms)": lambda: process("models", "--root", args.root),
     }
     for name, measure in figures.items():
