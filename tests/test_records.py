@@ -13,7 +13,7 @@ import torch
 from conftest import assert_one_line_error, private_copy, run_here
 from mnist_pipeline import model
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.records import checkpoint, evaluation, history, predictions
+from mnist_pipeline.records import aliases, checkpoint, evaluation, history, predictions, versions
 from mnist_pipeline.report import chart
 from mnist_pipeline.volume import Volume
 
@@ -119,7 +119,7 @@ def eval_json(volume: Volume) -> dict:
     (lambda e: e.update(accuracy="0.99"), "accuracy is '0.99', not a finite number"),
     (lambda e: e.update(accuracy=0.99), "accuracy 0.99 is not correct / total"),
     (lambda e: e["checkpoint"].update(epoch="<script>x</script>"), "checkpoint.epoch is '<script>"),
-    (lambda e: e["confusion_matrix"][0].append(1), "confusion_matrix[0] is not a list of 10"),
+    (lambda e: e["confusion_matrix"][0].append(1), "confusion_matrix[0] has 11 items, more than 10"),
     (lambda e: e["confusion_matrix"][0].__setitem__(0, -1), "confusion_matrix[0][0] is -1"),
     (lambda e: e["mistakes"].append({"test_index": 10_000, "label": 1, "predicted": 2, "confidence": 0.5}),
      "test_index is 10000"),
@@ -207,3 +207,56 @@ def test_a_malformed_predictions_file_is_left_out_of_the_report_not_fatal(change
     with pytest.raises(PipelineError, match="predictions.json is not valid") as refused:
         predictions.read(format1)
     assert fragment in str(refused.value)
+
+
+VERSION_JSON = {"format_version": 1, "sha256": "a" * 64, "bytes": 10, "epoch": 1, "accuracy": 0.5, "test_loss": 1.0,
+                "created": "2026-12-07T00:00:00+0000", "recipe": {}, "data_sha256": "b" * 64, "package": "0.1.0"}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda v: v.update(sha256="<b>" * 22), "sha256 '<b><b><b>"),
+    (lambda v: v.update(bytes=0), "bytes is 0, below 1"),
+    (lambda v: v.update(accuracy=float("nan")), "NaN is not a number JSON allows"),
+    (lambda v: v.update(created=["x"]), "created is ['x'], not a string"),
+    (lambda v: v.pop("package"), "it has no 'package'"),
+    (lambda v: v.update(format_version=2), "format_version 2 is newer than 1"),
+])
+def test_a_malformed_version_json_is_one_error_naming_it(change, fragment, tmp_path):
+    volume = Volume(tmp_path)
+    volume.version_dir(1).mkdir(parents=True)
+    record = dict(VERSION_JSON)
+    change(record)
+    (volume.version_dir(1) / "version.json").write_text(json.dumps(record))
+    with pytest.raises(PipelineError, match="version.json is not valid") as refused:
+        versions.read(volume, 1)
+    assert fragment in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"format_version": 1, "version": true}', "version is True, not a whole number"),
+    ('{"format_version": 1, "version": 0}', "version is 0, below 1"),
+    ('{"format_version": 1}', "it has no 'version'"),
+    ('[3]', "it is [3], not an object"),
+    ('{"version": 3}', ""),  # (format 1 that does not say so: read as 3)
+])
+def test_an_alias_file_reads_strictly(content, fragment, tmp_path):
+    volume = Volume(tmp_path)
+    volume.aliases_dir.mkdir(parents=True)
+    volume.alias_path("production").write_text(content)
+    if not fragment:
+        assert aliases.read(volume, "production") == 3
+        return
+    with pytest.raises(PipelineError, match="production.json is not valid") as refused:
+        aliases.read(volume, "production")
+    assert fragment in str(refused.value)
+
+
+def test_an_alias_log_line_that_does_not_read_is_skipped_with_a_warning(tmp_path, caplog):
+    volume = Volume(tmp_path)
+    volume.aliases_dir.mkdir(parents=True)
+    good = {"time": "t", "alias": "production", "from": None, "to": 1, "reason": "promote"}
+    lines = [good, {**good, "alias": "../x"}, {**good, "to": "2"}, {**good, "from": 1, "to": 2}]
+    volume.alias_log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [(m.before, m.to) for m in aliases.history(volume)] == [(None, 1), (1, 2)]
+    assert "line 2 is skipped: alias '../x' is not an alias name" in caplog.text
+    assert "line 3 is skipped: to is '2', not a whole number" in caplog.text

@@ -16,7 +16,9 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+from typing_extensions import TypedDict
 
 from mnist_pipeline import limits
 from mnist_pipeline.errors import BelowThreshold, NotEvaluated, PipelineError
@@ -32,6 +34,23 @@ FORMAT_VERSION = 1
 PRODUCTION = "production"
 REASONS = ("auto-promotion", "promote", "rollback")
 PROMOTE_MODES = ("auto", "never", "always")
+
+
+AliasName = j.Text(40, j.Pattern(f"^{limits.ALIAS.pattern}$", "an alias name (lowercase letters, digits, '-')"))
+
+
+class File(TypedDict):
+    """model/aliases/<name>.json: the version an alias points to."""
+
+    __pydantic_config__ = j.STRICT
+    format_version: Literal[FORMAT_VERSION]
+    version: versions.VersionNumber
+
+
+# model/aliases/log.jsonl, one line: a move of an alias ("from" is a Python keyword, hence this form)
+Line = TypedDict("Line", {"time": j.Text(40), "alias": AliasName, "from": Optional[versions.VersionNumber],
+                          "to": versions.VersionNumber, "reason": j.Text(40)})
+Line.__pydantic_config__ = j.STRICT
 
 
 @dataclass(frozen=True)
@@ -50,9 +69,7 @@ def read(volume: Volume, name: str) -> Optional[int]:
     """The version alias `name` points to; None when it is not set; PipelineError when its file is malformed."""
     path = volume.alias_path(limits.alias(name))
     try:
-        record = j.load(path, "alias")
-        j.version(record, FORMAT_VERSION)
-        return j.integer(j.field(record, "version"), "version", 1, versions.MAX_VERSION)
+        return j.check_format(File, j.load(path, "alias"), FORMAT_VERSION)["version"]
     except FileNotFoundError:
         return None
     except j.Invalid as exc:
@@ -142,13 +159,8 @@ def history(volume: Volume) -> List[Move]:
         if not line.strip():
             continue
         try:
-            record = j.obj(json.loads(line), "the line")
-            before = record.get("from")
-            moves.append(Move(
-                time=j.text(j.field(record, "time"), "time", 40), alias=limits.alias(j.field(record, "alias")),
-                before=None if before is None else j.integer(before, "from", 1, versions.MAX_VERSION),
-                to=j.integer(j.field(record, "to"), "to", 1, versions.MAX_VERSION),
-                reason=j.text(j.field(record, "reason"), "reason", 40)))
+            values = j.check(Line, json.loads(line, parse_constant=j.no_constant))
+            moves.append(Move(values["time"], values["alias"], values["from"], values["to"], values["reason"]))
         except (ValueError, j.Invalid) as exc:
             if number == len(lines):  # the last line, without its newline: an append cut short
                 break

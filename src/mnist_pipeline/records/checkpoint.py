@@ -30,10 +30,13 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, get_type_hints
+
+from typing_extensions import NotRequired, TypedDict
 
 from mnist_pipeline import limits
 from mnist_pipeline.errors import PipelineError, first_line
+from mnist_pipeline.records import _json as j
 from mnist_pipeline.settings import Recipe
 from mnist_pipeline.storage.atomic import atomic_write_bytes
 from mnist_pipeline.storage.files import NotReadable, describe, read_regular
@@ -55,6 +58,27 @@ REQUIRED = {
 
 if TYPE_CHECKING:
     from torch import nn
+
+# the training config as a checkpoint holds it: Recipe's fields, every one of them saved
+TrainConfig = TypedDict("TrainConfig", get_type_hints(Recipe))  # type: ignore[misc]
+
+
+class Metadata(TypedDict):
+    """The plain values of a checkpoint beside its tensors (model, optimizer, rng, cuda_rng): its JSON Schema
+    describes them for other tools. `read` checks them, with the ranges that need torch or the recipe."""
+
+    __pydantic_config__ = j.STRICT
+    format_version: Literal[FORMAT_VERSION]
+    architecture: j.Text(40)  # the network's name in model.ARCHITECTURES
+    epoch: j.Whole(0, MAX_EPOCH)  # completed epochs
+    step: j.Whole(0, limits.TRAIN_IMAGES - 1)  # batches done in the epoch after `epoch`
+    loss_sum: j.Number(0)  # summed batch losses of those steps
+    model_config: Dict[str, Any]  # the network's constructor arguments
+    train_config: TrainConfig
+    world_size: NotRequired[j.Whole(1)]  # the processes that trained it together
+
+
+TENSORS = ("model", "optimizer", "rng", "cuda_rng")  # the rest of a checkpoint: what Metadata leaves out
 
 
 @dataclass(frozen=True)

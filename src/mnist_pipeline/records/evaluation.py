@@ -1,22 +1,14 @@
-"""model/eval_results.json: the test scores of one checkpoint, and the gate that uses them.
-
-  format_version      FORMAT_VERSION (absent in format 1)
-  accuracy            correct / total, in [0, 1]
-  test_loss           mean cross-entropy over the test images
-  correct, total      counts (total: the test images, 1 to 10,000)
-  per_class_accuracy  {"0": ..., "9": ...}, each in [0, 1]
-  confusion_matrix    10 x 10 counts, rows the true digit, summing to total
-  mistakes            the most confident mistakes: test_index, label, predicted, confidence (the first
-                      files of format 1 have none: read as an empty list)
-  checkpoint          {sha256, epoch} of the checkpoint scored (format 1 also had its path)
-  compute_seconds, device, evaluated_at   how and when
+"""model/eval_results.json: the test scores of one checkpoint (File says what the file holds), and the gate that
+uses them. Format 1 has no format_version and also had its checkpoint's path; its first files have no mistakes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Literal, Tuple
+
+from typing_extensions import TypedDict
 
 from mnist_pipeline.errors import BelowThreshold, NotEvaluated, PipelineError
 from mnist_pipeline.records import _json as j
@@ -25,8 +17,44 @@ from mnist_pipeline.storage.files import describe
 from mnist_pipeline.volume import Volume
 
 FORMAT_VERSION = 2
-MAX_IMAGES = 10_000  # the test split
+MAX_IMAGES = j.MAX_IMAGES
 FIX = "run `mnist evaluate` to write it again"
+FORMAT_1_DEFAULTS = {"mistakes": [], "compute_seconds": 0.0, "device": "?", "evaluated_at": "?"}
+
+
+class ScoredImage(TypedDict):
+    """A test image's place and score, as evaluate's mistakes and infer's predictions give them."""
+
+    test_index: j.Whole(0, MAX_IMAGES - 1)
+    label: j.Whole(0, 9)
+    predicted: j.Whole(0, 9)
+    confidence: j.Fraction
+
+
+class CheckpointScored(TypedDict):
+    sha256: j.Sha256  # of the checkpoint file's bytes
+    epoch: j.Whole(0, checkpoints.MAX_EPOCH)
+
+
+PerClass = TypedDict("PerClass", {str(d): j.Fraction for d in range(10)})  # (digits are not names)
+
+
+class File(TypedDict):
+    """model/eval_results.json: the test scores of one checkpoint."""
+
+    __pydantic_config__ = j.STRICT
+    format_version: Literal[FORMAT_VERSION]
+    total: j.Whole(1, MAX_IMAGES)  # (checked in this order: the first field amiss is the one named)
+    correct: j.Whole(0, MAX_IMAGES)
+    accuracy: j.Fraction  # correct / total
+    confusion_matrix: j.List(j.List(j.Whole(0, MAX_IMAGES), length=10), length=10)  # rows: the true digit
+    per_class_accuracy: PerClass  # {"0": ..., "9": ...}: each row's share that is right
+    mistakes: j.List(ScoredImage, MAX_IMAGES)  # the most confident mistakes, surest first
+    checkpoint: CheckpointScored  # the checkpoint scored
+    test_loss: j.Number(0)  # mean cross-entropy over the test images
+    compute_seconds: j.Number(0)  # with device and evaluated_at: how and when
+    device: j.Text(40)
+    evaluated_at: j.Text(40)
 
 
 @dataclass(frozen=True)
@@ -85,49 +113,32 @@ def read(volume: Volume) -> Evaluation:
         raise j.problem(path, exc, FIX) from None
 
 
-def parse(record: Dict[str, Any]) -> Evaluation:
-    version = j.version(record, FORMAT_VERSION)  # format 1 also has its checkpoint's `path`, unread
-    total = j.integer(j.field(record, "total"), "total", 1, MAX_IMAGES)
-    correct = j.integer(j.field(record, "correct"), "correct", 0, total)
-    accuracy = j.number(j.field(record, "accuracy"), "accuracy", 0, 1)
-    if abs(accuracy - correct / total) > 1e-9:
-        raise j.Invalid(f"accuracy {accuracy} is not correct / total ({correct} / {total})")
-    matrix = tuple(
-        tuple(j.integer(cell, f"confusion_matrix[{r}][{c}]", 0, total)
-              for c, cell in enumerate(j.array(row, f"confusion_matrix[{r}]", 10)))
-        for r, row in enumerate(j.array(j.field(record, "confusion_matrix"), "confusion_matrix", 10))
-    )
+def parse(record: Any) -> Evaluation:
+    """The evaluation in a file's JSON value, any format; Invalid saying what is wrong."""
+    if j.version(record, FORMAT_VERSION) == 1:  # the same but for the checkpoint's `path` (unread); its first
+        record = {**FORMAT_1_DEFAULTS, **record, "format_version": FORMAT_VERSION}  # files have no mistakes
+    values = j.check(File, record)
+    total, correct, matrix = values["total"], values["correct"], tuple(map(tuple, values["confusion_matrix"]))
+    if abs(values["accuracy"] - correct / total) > 1e-9:
+        raise j.Invalid(f"accuracy {values['accuracy']} is not correct / total ({correct} / {total})")
     if sum(map(sum, matrix)) != total or sum(matrix[d][d] for d in range(10)) != correct:
         raise j.Invalid("confusion_matrix does not add up to total and its diagonal to correct")
-    per_class = j.obj(j.field(record, "per_class_accuracy"), "per_class_accuracy")
-    per_class_accuracy = tuple(j.number(j.field(per_class, str(d), "per_class_accuracy"), f"per_class_accuracy[{d}]",
-                                        0, 1) for d in range(10))
+    per_class_accuracy = tuple(values["per_class_accuracy"][str(d)] for d in range(10))
     for d, share in enumerate(per_class_accuracy):
         right = matrix[d][d] / max(1, sum(matrix[d]))
         if abs(share - right) > 1e-6:  # (written rounded to 6 digits)
             raise j.Invalid(f"per_class_accuracy[{d}] is {share}, not the share confusion_matrix gives ({right:.6f})")
-    mistakes = []
-    listed = record.get("mistakes", []) if version == 1 else j.field(record, "mistakes")
-    for k, entry in enumerate(j.array(listed, "mistakes", limit=MAX_IMAGES)):
-        at = f"mistakes[{k}]"
-        mistake = Mistake(**j.scored_image(j.obj(entry, at), at, total))
+    mistakes = tuple(Mistake(**entry) for entry in values["mistakes"])
+    for k, mistake in enumerate(mistakes):
         if mistake.label == mistake.predicted:
-            raise j.Invalid(f"{at} predicted its own label {mistake.label}: not a mistake")
-        mistakes.append(mistake)
-    checkpoint = j.obj(j.field(record, "checkpoint"), "checkpoint")
+            raise j.Invalid(f"mistakes[{k}] predicted its own label {mistake.label}: not a mistake")
+        if mistake.test_index >= total:
+            raise j.Invalid(f"mistakes[{k}].test_index is {mistake.test_index}, not one of the {total} images")
     return Evaluation(
-        accuracy=accuracy,
-        test_loss=j.number(j.field(record, "test_loss"), "test_loss", 0),
-        correct=correct,
-        total=total,
-        per_class_accuracy=per_class_accuracy,
-        confusion_matrix=matrix,
-        mistakes=tuple(mistakes),
-        sha256=j.sha256(j.field(checkpoint, "sha256", "checkpoint"), "checkpoint.sha256"),
-        epoch=j.integer(j.field(checkpoint, "epoch", "checkpoint"), "checkpoint.epoch", 0, checkpoints.MAX_EPOCH),
-        compute_seconds=j.number(record.get("compute_seconds", 0.0), "compute_seconds", 0),
-        device=j.text(record.get("device", "?"), "device", 40),
-        evaluated_at=j.text(record.get("evaluated_at", "?"), "evaluated_at", 40),
+        accuracy=values["accuracy"], test_loss=values["test_loss"], correct=correct, total=total,
+        per_class_accuracy=per_class_accuracy, confusion_matrix=matrix, mistakes=mistakes,
+        sha256=values["checkpoint"]["sha256"], epoch=values["checkpoint"]["epoch"],
+        compute_seconds=values["compute_seconds"], device=values["device"], evaluated_at=values["evaluated_at"],
     )
 
 

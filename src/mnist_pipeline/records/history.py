@@ -27,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import torch
 
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.records import _json as j
 from mnist_pipeline.records.checkpoint import MAX_EPOCH
 from mnist_pipeline.storage.atomic import atomic_write_bytes
 from mnist_pipeline.storage.files import describe, read_regular
@@ -49,49 +49,55 @@ MAX_STEP = 60_000  # batches in an epoch: the training images at batch size 1
 LOCK = "history"  # train and evaluate both rewrite the file
 
 
-def _whole(low: int, high: int) -> Any:
-    """A field holding a whole number in [low, high], checked as a line is read."""
-    return dataclasses.field(metadata={"check": (int, low, high)})
+Epoch = j.Whole(1, MAX_EPOCH)  # the epoch being trained, from 1
+Loss = j.Number(0)
 
 
-def _number(low: float, high: float = math.inf) -> Any:
-    """A field holding a finite number in [low, high]."""
-    return dataclasses.field(metadata={"check": (float, low, high)})
+def _kind_is_required(schema: Dict[str, Any]) -> None:
+    """Each line names its kind (the classes default it, so that code builds a record without saying it)."""
+    schema["required"].insert(0, "kind")
+
+
+LINE = {**j.STRICT, "json_schema_extra": _kind_is_required}  # each line class's pydantic config
 
 
 @dataclass(frozen=True)
 class Point:
-    kind: ClassVar[str] = "step"
-    epoch: int = _whole(1, MAX_EPOCH)
-    step: int = _whole(1, MAX_STEP)
-    loss: float = _number(0)
-    lr: float = _number(0)
+    __pydantic_config__ = LINE
+    epoch: Epoch
+    step: j.Whole(1, MAX_STEP)
+    loss: Loss
+    lr: Loss
+    kind: Literal["step"] = "step"
 
 
 @dataclass(frozen=True)
 class EpochEnd:
-    kind: ClassVar[str] = "epoch"
-    epoch: int = _whole(1, MAX_EPOCH)
-    steps: int = _whole(1, MAX_STEP)
-    train_loss: float = _number(0)
+    __pydantic_config__ = LINE
+    epoch: Epoch
+    steps: j.Whole(1, MAX_STEP)
+    train_loss: Loss
+    kind: Literal["epoch"] = "epoch"
 
 
 @dataclass(frozen=True)
 class Scores:
-    kind: ClassVar[str] = "eval"
-    epoch: int = _whole(1, MAX_EPOCH)
-    accuracy: float = _number(0, 1)
-    test_loss: float = _number(0)
-    sha256: str = dataclasses.field(metadata={"check": (str, 0, 64)})  # at most 64 characters
+    __pydantic_config__ = LINE
+    epoch: Epoch
+    accuracy: j.Fraction
+    test_loss: Loss
+    sha256: j.Text(64)
+    kind: Literal["eval"] = "eval"
 
 
 @dataclass(frozen=True)
 class Window:
-    kind: ClassVar[str] = "window"
-    epoch: int = _whole(1, MAX_EPOCH)
-    step: int = _whole(0, MAX_STEP)
-    loss_sum: float = _number(0)
-    count: int = _whole(0, EVERY)
+    __pydantic_config__ = LINE
+    epoch: Epoch
+    step: j.Whole(0, MAX_STEP)
+    loss_sum: Loss
+    count: j.Whole(0, EVERY)
+    kind: Literal["window"] = "window"
 
 
 Record = Union[Point, EpochEnd, Scores, Window]
@@ -100,7 +106,7 @@ TRAIN_KINDS = (Point, EpochEnd)  # what train writes (evaluate adds Scores)
 
 
 def to_json(record: Record) -> Dict[str, Any]:
-    return {"kind": record.kind, **dataclasses.asdict(record)}
+    return {"kind": record.kind, **dataclasses.asdict(record)}  # (kind first, as the file has always had it)
 
 
 def read(volume: Volume, quiet: bool = False) -> List[Record]:
@@ -132,24 +138,10 @@ def _parse(line: str) -> Optional[Record]:
     """The record on `line`, or None if it is not a valid one."""
     try:
         record = json.loads(line, parse_constant=lambda name: None)
-        cls = KINDS[record["kind"]]
-        version = record.get("format_version", 1)
-    except (ValueError, KeyError, TypeError, RecursionError):
+        j.version(record, FORMAT_VERSION)  # (a newer version's line is skipped too)
+        return j.check(KINDS[record["kind"]], line)
+    except (ValueError, KeyError, TypeError, RecursionError):  # (j.Invalid is a ValueError)
         return None
-    if isinstance(version, bool) or version not in range(1, FORMAT_VERSION + 1):
-        return None  # (a newer version's line)
-    values: Dict[str, Any] = {}
-    for field in dataclasses.fields(cls):  # each checked as its metadata says
-        kind_of, low, high = field.metadata["check"]
-        value = record.get(field.name)
-        if kind_of is str:
-            if not isinstance(value, str) or len(value) > high:
-                return None
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                kind_of is int and not isinstance(value, int) or not (low <= value <= high):
-            return None  # (NaN fails the range too)
-        values[field.name] = value
-    return cls(**values)
 
 
 def set_aside_unreadable(volume: Volume, set_aside) -> None:

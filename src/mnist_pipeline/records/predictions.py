@@ -1,10 +1,5 @@
-"""results/predictions.json: what infer labelled, beside its PNGs (each named by its predicted digit).
-
-  format_version   FORMAT_VERSION (absent in format 1)
-  checkpoint       {sha256, epoch} of the checkpoint that predicted
-  accuracy         that checkpoint's evaluated accuracy; threshold: the gate it passed
-  compute_seconds  the forward pass
-  predictions      [{file, test_index, label, predicted, confidence}]
+"""results/predictions.json: what infer labelled, beside its PNGs (each named by its predicted digit). Format 1 has
+no format_version.
 """
 
 from __future__ import annotations
@@ -14,16 +9,34 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Literal, Tuple
+
+from typing_extensions import TypedDict
 
 from mnist_pipeline.records import _json as j
-from mnist_pipeline.records.checkpoint import MAX_EPOCH
+from mnist_pipeline.records.evaluation import CheckpointScored, ScoredImage
 from mnist_pipeline.volume import Volume
 
 FORMAT_VERSION = 2
 NAME = "predictions.json"
-MAX_IMAGES = 10_000
+MAX_IMAGES = j.MAX_IMAGES
 FILE_NAME = re.compile(r"^[0-9](_[0-9]+)?\.png$")  # infer's names: 7.png, 7_1.png, ...
+
+
+class Entry(ScoredImage):
+    file: j.Text(40, j.Pattern(FILE_NAME.pattern, "a name infer gives (digit.png, digit_N.png)"))
+
+
+class File(TypedDict):
+    """results/predictions.json: what infer labelled, beside its PNGs."""
+
+    __pydantic_config__ = j.STRICT
+    format_version: Literal[FORMAT_VERSION]
+    checkpoint: CheckpointScored  # the checkpoint that predicted
+    accuracy: j.Fraction  # its evaluated accuracy
+    threshold: j.Fraction  # the gate it passed
+    compute_seconds: j.Number(0)
+    predictions: j.List(Entry, MAX_IMAGES)
 
 
 @dataclass(frozen=True)
@@ -69,24 +82,13 @@ def read(volume: Volume) -> Predictions:
         raise j.problem(path, exc, "run `mnist infer` to write it again") from None
 
 
-def parse(record: Dict[str, Any]) -> Predictions:
-    j.version(record, FORMAT_VERSION)  # format 1 is the same without the field
-    checkpoint = j.obj(j.field(record, "checkpoint"), "checkpoint")
-    entries = []
-    for k, entry in enumerate(j.array(j.field(record, "predictions"), "predictions", limit=MAX_IMAGES)):
-        at = f"predictions[{k}]"
-        p = j.obj(entry, at)
-        name = j.text(j.field(p, "file", at), f"{at}.file", 40)
-        if not FILE_NAME.match(name):
-            raise j.Invalid(f"{at}.file {name!r} is not a name infer gives (digit.png, digit_N.png)")
-        entries.append(Prediction(file=name, **j.scored_image(p, at, MAX_IMAGES)))
+def parse(record: Any) -> Predictions:
+    if j.version(record, FORMAT_VERSION) == 1:  # the same without the field
+        record = {"compute_seconds": 0.0, **record, "format_version": FORMAT_VERSION}
+    values = j.check(File, record)
+    entries = tuple(Prediction(**entry) for entry in values["predictions"])
     if len({e.file for e in entries}) < len(entries):
         raise j.Invalid("predictions name one file twice: each image infer saves has a name of its own")
-    return Predictions(
-        sha256=j.sha256(j.field(checkpoint, "sha256", "checkpoint"), "checkpoint.sha256"),
-        epoch=j.integer(j.field(checkpoint, "epoch", "checkpoint"), "checkpoint.epoch", 0, MAX_EPOCH),
-        accuracy=j.number(j.field(record, "accuracy"), "accuracy", 0, 1),
-        threshold=j.number(j.field(record, "threshold"), "threshold", 0, 1),
-        compute_seconds=j.number(record.get("compute_seconds", 0.0), "compute_seconds", 0),
-        predictions=tuple(entries),
-    )
+    return Predictions(sha256=values["checkpoint"]["sha256"], epoch=values["checkpoint"]["epoch"],
+                       accuracy=values["accuracy"], threshold=values["threshold"],
+                       compute_seconds=values["compute_seconds"], predictions=entries)

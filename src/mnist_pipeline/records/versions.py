@@ -26,7 +26,9 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Union
+
+from typing_extensions import TypedDict
 
 from mnist_pipeline import __version__
 from mnist_pipeline.errors import PipelineError
@@ -45,6 +47,31 @@ FORMAT_VERSION = 1
 LOCK = "versions"  # held while a number is taken, an alias moves or versions are pruned
 CHECKPOINT, EVALUATION, METADATA = "mnist_cnn.pt", "eval_results.json", "version.json"
 MAX_VERSION = 10**9
+VersionNumber = j.Whole(1, MAX_VERSION)
+
+
+class File(TypedDict):
+    """model/versions/<N>/version.json: what version N keeps (its checkpoint, by sha256 and size)."""
+
+    __pydantic_config__ = j.STRICT
+    format_version: Literal[FORMAT_VERSION]
+    sha256: j.Sha256  # of the checkpoint
+    bytes: j.Whole(1, checkpoints.MAX_BYTES)
+    epoch: j.Whole(0, checkpoints.MAX_EPOCH)
+    accuracy: j.Fraction
+    test_loss: j.Number(0)
+    created: j.Text(40)
+    recipe: Dict[str, Any]  # its train_config
+    data_sha256: j.Sha256  # of the MNIST files' checksums
+    package: j.Text(40)  # this program's version
+
+
+class Counter(TypedDict):
+    """model/versions/counter.json: the next version's number (numbers are never reused)."""
+
+    __pydantic_config__ = j.STRICT
+    format_version: Literal[FORMAT_VERSION]
+    next: VersionNumber
 
 
 class NoSuchVersion(PipelineError):
@@ -141,7 +168,7 @@ def _next_number(volume: Volume) -> int:
     highest = max(_numbers(volume), default=0)
     try:
         record = j.load(volume.versions_dir / "counter.json", "version counter")
-        counted = j.integer(j.field(record, "next"), "next", 1, MAX_VERSION)
+        counted = j.check_format(Counter, record, FORMAT_VERSION)["next"]
     except (FileNotFoundError, j.Invalid, PipelineError) as exc:
         if not isinstance(exc, FileNotFoundError):
             log.warning("model/versions/counter.json does not read (%s): numbering goes on after version %d",
@@ -181,20 +208,8 @@ def read(volume: Volume, number: int) -> Version:
         raise PipelineError(f"version {number}: {describe(folder)} is not a folder")
     path = folder / METADATA
     try:
-        record = j.load(path, "version metadata")
-        j.version(record, FORMAT_VERSION)
-        version = Version(
-            number=number,
-            sha256=j.sha256(j.field(record, "sha256"), "sha256"),
-            bytes=j.integer(j.field(record, "bytes"), "bytes", 1, checkpoints.MAX_BYTES),
-            epoch=j.integer(j.field(record, "epoch"), "epoch", 0, checkpoints.MAX_EPOCH),
-            accuracy=j.number(j.field(record, "accuracy"), "accuracy", 0, 1),
-            test_loss=j.number(j.field(record, "test_loss"), "test_loss", 0),
-            created=j.text(j.field(record, "created"), "created", 40),
-            recipe=j.obj(j.field(record, "recipe"), "recipe"),
-            data_sha256=j.sha256(j.field(record, "data_sha256"), "data_sha256"),
-            package=j.text(j.field(record, "package"), "package", 40),
-        )
+        values = j.check_format(File, j.load(path, "version metadata"), FORMAT_VERSION)
+        version = Version(number=number, **{k: v for k, v in values.items() if k != "format_version"})
         path = folder / EVALUATION
         scores = evaluations.parse(j.load(path, "evaluation"))
     except FileNotFoundError:
