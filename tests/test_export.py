@@ -15,11 +15,13 @@ from unittest import mock
 
 import onnx
 import onnxruntime
+import pytest
 import torch
 from torch import nn
 
 from conftest import assert_one_line_error, litter, read_until, run_here, run_mnist, start_mnist, wait_until
 from mnist_pipeline import data, export, model
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.volume import Volume
 
 BREAK = {"MNIST_FAULT": "break:export-weights"}  # the first weight written is off by 1
@@ -181,6 +183,23 @@ def test_the_default_network_and_another_one_export_and_pass_the_parity_check(tm
         assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [("images", "tensor(uint8)",
                                                                                ["batch", 28, 28])]
         assert session.get_modelmeta().custom_metadata_map == {"mnist.format_version": "1"}
+
+
+class Branching(model.MnistCNN):
+    """A network whose forward() takes a branch on the images' values, which torch.export cannot trace."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if bool(x.sum() > 0) else -logits
+
+
+def test_a_network_the_exporter_cannot_trace_is_one_error_naming_it_and_why(capfd):
+    with pytest.raises(PipelineError) as raised:
+        export.to_onnx(Branching().eval(), {})
+    message = str(raised.value)
+    assert message.startswith("torch's ONNX exporter cannot export Branching (") and "data-dependent" in message
+    assert "\n" not in message and "\x1b" not in message
+    assert capfd.readouterr() == ("", "")  # nor the exporter's warnings or partial graph on the terminal
 
 
 def test_without_torchs_exporter_packages_export_says_how_to_get_them(trained_copy):

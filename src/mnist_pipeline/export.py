@@ -15,9 +15,11 @@ every image and probabilities within TOLERANCE of model.predict's, or no file is
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +142,9 @@ def export_version(volume: Volume, number: int, mirror: Optional[str], threads: 
 # --- the graph ---------------------------------------------------------------------------------------
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class _Answering(nn.Module):
     """uint8 images [batch, 28, 28] -> probabilities [batch, 10]: what model.predict computes for a batch
     (the network's own normalisation, the network, a softmax), as the one module the exporter traces."""
@@ -174,8 +179,12 @@ def to_onnx(network: nn.Module, metadata: Dict[str, str]) -> bytes:
                                         dynamic_shapes={"images": {0: torch.export.Dim(BATCH)}})
             proto = program.model_proto
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types (torch.export's, onnxscript's, ...)
-        raise PipelineError(f"torch's ONNX exporter cannot export {type(network).__name__} ({first_line(exc)})") \
-            from None
+        cause = exc  # the exporter wraps what went wrong in a step's error, whose text is advice on filing bugs
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        text = _ANSI.sub("", first_line(cause))  # (its own messages are coloured for a terminal)
+        raise PipelineError(f"torch's ONNX exporter cannot export {type(network).__name__} "
+                            f"({type(cause).__name__}: {text})") from None
     # torch's notes on each node and value (stack traces with this installation's paths) are left out:
     # the same checkpoint gives the same bytes wherever it is exported
     for value in (*proto.graph.node, *proto.graph.input, *proto.graph.output, *proto.graph.value_info,
@@ -197,13 +206,14 @@ def _perturbed(network: nn.Module) -> nn.Module:
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """The exporter's own warnings and log lines (about torch internals, not the user's to act on) silenced."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    """The exporter's own warnings, log lines and prints (about torch internals, or the partial graph where
+    tracing fails) silenced: they are not the user's to act on, and a failure is one error line anyway."""
+    loggers = [logging.getLogger(name) for name in ("torch", "onnxscript", "onnx_ir")]
     levels = [logger.level for logger in loggers]
     try:
         for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
