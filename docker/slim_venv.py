@@ -174,8 +174,8 @@ print("slim_venv: onnxruntime", onnxruntime.__version__, "runs a session on nump
 EXPORT_SMOKE = """
 import logging, warnings
 warnings.simplefilter("ignore")
-logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # (that torchvision is not installed)
 import numpy as np, onnxruntime, torch
+logging.getLogger("torch").setLevel(logging.ERROR)  # (that torchvision is not installed; after import torch)
 model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
                             torch.nn.Linear(2 * 26 * 26, 10)).eval()
 program = torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), dynamo=True, verbose=False,
