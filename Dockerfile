@@ -1,7 +1,8 @@
 # One Dockerfile, three images that share their base layers:
 #   - the default (last) stage: train, evaluate and infer (torch; no HTTP stack: serve is the slim image's);
 #   - target `serve`: the slim serving image, with onnxruntime and numpy instead of torch;
-#   - target `export`: the default image plus onnxruntime and numpy, for `mnist export`.
+#   - target `export`: the default image plus torch's ONNX exporter (onnx, onnxscript) and onnxruntime,
+#     for `mnist export`.
 #
 # Online (the default): Docker Hub's python:3.11-slim, CPU torch from PyTorch's CPU wheel index and
 # the rest from PyPI. Offline: scripts/offline-prep.sh writes docker-compose.override.yml, which sets
@@ -61,13 +62,14 @@ RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_IN
  && cd /opt/venv/lib/python3*/site-packages \
  && rm -rf pip pip-* setuptools setuptools-* pkg_resources _distutils_hack distutils-precedence.pth
 
-# --- export-additions: onnxruntime and numpy beside the default venv, under a prefix of their own --
+# --- export-additions: torch's ONNX exporter and onnxruntime, under a prefix of their own -------
 FROM deps AS export-additions
 ARG PIP_INSTALL_OPTS
-COPY requirements-serve.txt requirements-docker.txt docker/slim_venv.py /tmp/build/
-# the versions of the serve image (-c); slim_venv.py checks torch and onnxruntime in one venv
+COPY requirements-export.txt requirements-serve.txt requirements-docker.txt docker/slim_venv.py /tmp/build/
+# onnx, onnxscript and what they and torch.export import (requirements-export.txt), onnxruntime and numpy
+# at the serve image's versions; slim_venv.py checks that torch exports a network that onnxruntime runs
 RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_INSTALL_OPTS \
-      -c /tmp/build/requirements-serve.txt --prefix /opt/export onnxruntime numpy \
+      --prefix /opt/export -r /tmp/build/requirements-export.txt \
  && /opt/venv/bin/python /tmp/build/slim_venv.py --site /opt/export/lib/python3*/site-packages \
  && rm -rf /tmp/build
 
@@ -104,7 +106,7 @@ USER mnist
 WORKDIR /opt/mount
 CMD ["mnist", "--help"]
 
-# --- export: the default image plus onnxruntime and numpy, for `mnist export` ----------------------
+# --- export: the default image plus torch's ONNX exporter and onnxruntime, for `mnist export` -------
 FROM runtime AS export
 COPY --from=export-additions /opt/export/ /opt/venv/
 CMD ["mnist", "export", "--follow"]

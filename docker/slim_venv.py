@@ -7,7 +7,9 @@ additions live under a prefix of their own. Each rule applies where its package 
   - torch: torch/test, torch/include, torch/bin but torch_shm_manager (which `import torch` needs),
     then binutils' `strip --strip-unneeded` on its shared libraries (binutils lives in the build
     stages only);
-  - sympy and mpmath: their test suites;
+  - sympy, mpmath and networkx: their test suites;
+  - onnx: onnx/backend/test (the backend test suite's models and data; the export image only);
+  - ml_dtypes: strip on its extension module (the export image only);
   - Pillow: its AVIF codec;
   - onnxruntime: libonnxruntime.so (the C API's library; the Python module carries its own copy of
     the runtime), and tools, transformers, quantization and backend (model tooling that needs the
@@ -17,7 +19,8 @@ additions live under a prefix of their own. Each rule applies where its package 
     loader refuses them), and numpy's own would give 1 MB.
 Prints what each saved (bench/image_bench.py measures the images). Then it checks that what is left
 works, so a broken image fails its build: torch trains a step, onnxruntime runs a session on numpy
-arrays, Pillow decodes PNG, JPEG, WebP, BMP and GIF; with --no-torch, that `import torch` fails.
+arrays, Pillow decodes PNG, JPEG, WebP, BMP and GIF, torch's ONNX exporter (where onnxscript is installed)
+exports a small network that onnxruntime runs; with --no-torch, that `import torch` fails.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 
 KEEP_IN_BIN = {"torch_shm_manager"}
 # packages whose `tests` folders nothing imports at run time
-TEST_SUITES = ("sympy", "mpmath")
+TEST_SUITES = ("sympy", "mpmath", "networkx")
 ONNXRUNTIME_TOOLING = ("tools", "transformers", "quantization", "backend")
 # numpy's folders that `import numpy` and array code never load: the Fortran wrapper generator, the
 # deprecated build helpers, C headers and the static math library for building extensions
@@ -115,6 +118,18 @@ def slim_onnxruntime(site: Path) -> None:
            f"removed the C API library {library / 1e6:.0f} MB, model tooling {tooling / 1e6:.0f} MB")
 
 
+def slim_exporter(site: Path) -> None:
+    """What torch's ONNX exporter brings: onnx's backend test suite (models and data nothing here runs) and
+    ml_dtypes' symbol tables (its extension module is all symbols but a tenth)."""
+    before = tree_size(site / "onnx") + tree_size(site / "ml_dtypes")
+    tests = remove([site / "onnx" / "backend" / "test"])
+    unstripped = tree_size(site / "ml_dtypes")
+    strip(libraries(site / "ml_dtypes"))
+    stripped = unstripped - tree_size(site / "ml_dtypes")
+    report("onnx and ml_dtypes", before, tree_size(site / "onnx") + tree_size(site / "ml_dtypes"),
+           f"removed onnx's backend tests {tests / 1e6:.0f} MB, stripped ml_dtypes {stripped / 1e6:.0f} MB")
+
+
 def slim_numpy(site: Path) -> None:
     package, libs = site / "numpy", site / "numpy.libs"
     before = tree_size(package) + tree_size(libs)
@@ -156,6 +171,21 @@ x = np.arange(6, dtype=np.float32).reshape(3, 2)
 assert np.array_equal(y, x * (x + 1)), y
 print("slim_venv: onnxruntime", onnxruntime.__version__, "runs a session on numpy", np.__version__)
 """
+EXPORT_SMOKE = """
+import logging, warnings
+warnings.simplefilter("ignore")
+import numpy as np, onnxruntime, torch
+logging.getLogger("torch").setLevel(logging.ERROR)  # (that torchvision is not installed; after import torch)
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(2 * 26 * 26, 10)).eval()
+program = torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), dynamo=True, verbose=False,
+                            dynamic_shapes=({0: torch.export.Dim("batch")},))
+session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+x = torch.rand(3, 1, 28, 28)
+(y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+assert np.allclose(y, model(x).detach().numpy(), atol=1e-5), y
+print("slim_venv: torch's ONNX exporter writes a model that onnxruntime runs as torch does")
+"""
 PILLOW_SMOKE = """
 import io
 from PIL import Image
@@ -171,6 +201,7 @@ def smoke(site: Path, no_torch: bool) -> int:
     """Each check in a fresh interpreter, as a service imports them; `site` on the path."""
     checks = [NO_TORCH_SMOKE if no_torch else TORCH_SMOKE]
     checks += [ONNX_SMOKE] if (site / "onnxruntime").is_dir() else []
+    checks += [EXPORT_SMOKE] if (site / "onnxscript").is_dir() else []
     checks += [PILLOW_SMOKE] if (site / "PIL").is_dir() else []
     env = dict(os.environ, PYTHONPATH=str(site))
     for check in checks:
@@ -195,6 +226,8 @@ def main() -> int:
         slim_onnxruntime(site)
     if (site / "numpy").is_dir():
         slim_numpy(site)
+    if (site / "onnx").is_dir():
+        slim_exporter(site)
     bin_dir = site.parents[2] / "bin"  # <prefix>/lib/pythonX.Y/site-packages
     remove(bin_dir / name for name in DROPPED_SCRIPTS)
     return smoke(site, args.no_torch)

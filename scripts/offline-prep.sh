@@ -2,8 +2,8 @@
 # Prepare this machine so the unmodified `docker-compose build` / `docker-compose run SERVICE`
 # (and `docker compose ...`) work with no container registry and no internet:
 #   1. a base image built from Debian packages (debootstrap), tagged $BASE_IMAGE;
-#   2. wheelhouse/: the wheels of requirements-docker.txt (the default image) and
-#      requirements-serve.txt (the serve and export images), fetched with this machine's pip setup,
+#   2. wheelhouse/: the wheels of requirements-docker.txt (the default image), -serve.txt (the serve
+#      image) and -export.txt (the export image's additions), fetched with this machine's pip setup,
 #      and in wheelhouse/debs/ the Debian packages of binutils (the build stages' `strip`);
 #   3. docker-compose.override.yml: points the build at 1 and 2 and mounts the MNIST mirror
 #      folder read-only into the services (MNIST_MIRROR).
@@ -29,7 +29,7 @@ BASE_IMAGE=mnist-compose-base:bookworm
 BASE_RECIPE=1
 SUITE=bookworm
 WHEELHOUSE=$repo/wheelhouse
-REQUIREMENTS=("$repo/requirements-docker.txt" "$repo/requirements-serve.txt")
+REQUIREMENTS=("$repo/requirements-docker.txt" "$repo/requirements-serve.txt" "$repo/requirements-export.txt")
 OVERRIDE=$repo/docker-compose.override.yml
 # wheels for the image's interpreter (Debian bookworm and python:3.11-slim: CPython 3.11, x86_64),
 # whatever Python this machine runs; each manylinux tag named, since pip does not take an older one
@@ -88,7 +88,7 @@ fi
 # the stamp records what the wheelhouse was made from; a change to any of it remakes it
 stamp="$(cat "${REQUIREMENTS[@]}" | sha256sum | cut -d' ' -f1) ${PIP_PLATFORM[*]}"
 wheel_count() { find "$1" -maxdepth 1 -name '*.whl' | wc -l; }
-# one wheel a distinct name (the serve list names packages of the default list again)
+# one wheel a distinct name (the serve and export lists name packages of the others again)
 wanted=$(grep -hoE '^[A-Za-z0-9][A-Za-z0-9._-]*' "${REQUIREMENTS[@]}" | tr 'A-Z_.' 'a-z--' | sort -u | wc -l)
 if [ -f "$WHEELHOUSE/.stamp" ] && [ "$(cat "$WHEELHOUSE/.stamp")" = "$stamp" ] \
    && [ "$(wheel_count "$WHEELHOUSE")" -eq "$wanted" ]; then

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sys
 from pathlib import Path
 from unittest import mock
 
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -49,8 +51,9 @@ def test_evaluate_exports_a_model_that_onnxruntime_answers_as_torch_does(trained
     assert session.get_modelmeta().custom_metadata_map == {
         "mnist.format_version": "1", "mnist.checkpoint_sha256": kept["sha256"], "mnist.epoch": str(kept["epoch"]),
         "mnist.architecture": "mnist_cnn", "mnist.version": "1"}
-    header = path.read_bytes()
-    assert header[:2] == b"\x08\x08" and b"\x42\x02\x10\x11" in header  # ir_version 8; opset_import {version 17}
+    written = onnx.load_from_string(path.read_bytes())
+    assert (written.ir_version, [(o.domain, o.version) for o in written.opset_import]) == (10, [("", export.OPSET)])
+    assert os.fsencode(Path(model.__file__).parent) not in path.read_bytes()  # no stack traces naming our files
 
     test_images = data.load_split(trained_root / "data", "test", str(mirror)).images[:2000]
     state = torch.load(version_dir(trained_root, 1) / "mnist_cnn.pt", weights_only=True)
@@ -115,7 +118,7 @@ def test_without_onnxruntime_export_says_how_to_get_it_and_evaluate_goes_on(trai
     assert not Volume(root).exported(1).exists()
     with without_onnxruntime():
         result = run_here("export", "--root", str(root))
-        assert_one_line_error(result, 1, "onnxruntime", "pip install onnxruntime", "docker compose")
+        assert_one_line_error(result, 1, "onnxruntime", "pip install onnx onnxscript onnxruntime", "docker compose")
         evaluated = run_here("evaluate", "--root", str(root), "--export", "auto")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "version 1 is not exported to ONNX: onnxruntime does not import here" in evaluated.stderr
@@ -143,16 +146,69 @@ def test_follow_exports_a_version_evaluated_after_it_started_and_survives_a_brok
     assert "stopped by SIGTERM" in err and "error:" not in err
 
 
-def test_each_module_is_written_or_named_as_the_one_it_cannot_write():
-    """A configuration other than the default exports with parity; a module the writer lacks is named."""
-    network = model.MnistCNN(channels=(4, 8), strides=(1, 2), pools=(True, False), mean=0.2, std=0.4).eval()
-    for norm in (m for m in network.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics that matter
+class Another(nn.Module):
+    """A network unlike MnistCNN: other layers (5x5 and grouped convolutions, GELU, average pooling, Dropout,
+    a residual sum, a two-layer head), registered in another order than forward() runs them."""
+
+    def __init__(self, mean: float = 0.2, std: float = 0.4):
+        super().__init__()
+        self.mean, self.std = mean, std
+        self.head = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, model.NUM_CLASSES))
+        self.mix = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 5, padding=2), nn.GELU(), nn.AvgPool2d(2), nn.Dropout2d(0.2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + torch.relu(self.mix(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return model.normalize(images, self.mean, self.std)
+
+
+def test_the_default_network_and_another_one_export_and_pass_the_parity_check(tmp_path, mirror):
+    """What export_version runs for a version, for MnistCNN with running statistics that matter (its
+    BatchNorm, which the exporter folds into the convolutions) and for a network of other layers."""
+    torch.manual_seed(0)
+    default = model.MnistCNN().eval()
+    for norm in (m for m in default.modules() if isinstance(m, nn.BatchNorm2d)):
         norm.running_mean.uniform_(-1, 1)
         norm.running_var.uniform_(0.5, 2)
-    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
-    parity = export.check(export.to_onnx(network, {}), network, images, threads=1)
-    assert parity.passed and parity.images == 300, parity
+    images = data.load_split(tmp_path / "data", "test", str(mirror)).images
+    for network in (default, Another().eval()):
+        encoded = export.to_onnx(network, {"mnist.format_version": "1"})
+        parity = export.check(encoded, network, images, threads=1)
+        assert parity.passed and parity.images == 10000, (type(network).__name__, parity)
+        session = onnxruntime.InferenceSession(encoded, providers=["CPUExecutionProvider"])
+        assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [("images", "tensor(uint8)",
+                                                                               ["batch", 28, 28])]
+        assert session.get_modelmeta().custom_metadata_map == {"mnist.format_version": "1"}
 
-    network.features.append(nn.Tanh())
-    with pytest.raises(PipelineError, match=r"cannot write Tanh \(features\.\d+ of MnistCNN\)"):
-        export.to_onnx(network, {})
+
+class Branching(model.MnistCNN):
+    """A network whose forward() takes a branch on the images' values, which torch.export cannot trace."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if bool(x.sum() > 0) else -logits
+
+
+def test_a_network_the_exporter_cannot_trace_is_one_error_naming_it_and_why(capfd):
+    with pytest.raises(PipelineError) as raised:
+        export.to_onnx(Branching().eval(), {})
+    message = str(raised.value)
+    assert message.startswith("torch's ONNX exporter cannot export Branching (") and "data-dependent" in message
+    assert "\n" not in message and "\x1b" not in message
+    assert capfd.readouterr() == ("", "")  # nor the exporter's warnings or partial graph on the terminal
+
+
+def test_without_torchs_exporter_packages_export_says_how_to_get_them(trained_copy):
+    root = trained_copy
+    Volume(root).exported(1).unlink()
+    with mock.patch.dict(sys.modules, {"onnxscript": None}):
+        assert_one_line_error(run_here("export", "--root", str(root)), 1, "onnxscript",
+                              "pip install onnx onnxscript onnxruntime")
+        evaluated = run_here("evaluate", "--root", str(root), "--export", "auto")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "version 1 is not exported to ONNX: onnx and onnxscript" in evaluated.stderr
+    assert not Volume(root).exported(1).exists()

@@ -8,17 +8,21 @@ of runtime and why a version is not served.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Dict, Optional
 
+import onnx
 import pytest
+import torch
 
 from conftest import Served, assert_one_line_error, private_copy, run_mnist, wait_until
 from test_serve import digits, multipart  # noqa: F401 (a fixture)
-from mnist_pipeline import export, preprocess
+from mnist_pipeline import data, export, preprocess
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import predict, stack
+from mnist_pipeline.model import MnistCNN, predict, stack
 from mnist_pipeline.records import checkpoint
 from mnist_pipeline.serve import follow
 from mnist_pipeline.serve.runtimes import OnnxLive, Runtimes, TorchLive
@@ -50,8 +54,6 @@ def without(module: str, tmp_path: Path) -> dict:
 def torch_answers(root: Path, pngs: list) -> list:
     """What torch answers for `pngs` with version 1's checkpoint: probabilities [10] per image."""
     model = checkpoint.read(root / "model" / "versions" / "1" / "mnist_cnn.pt").build_model()
-    import torch
-
     return predict(model, stack([preprocess.from_bytes(png) for png in pngs]), torch.device("cpu")).tolist()
 
 
@@ -124,36 +126,68 @@ def test_auto_picks_onnx_where_the_version_is_exported_else_torch(exported_copy,
         Runtimes("onnx", "cpu", 1).load(volume, "production", 0.5)
 
 
-def test_the_gate_and_a_stale_or_broken_export_keep_onnx_from_serving(exported_copy, tmp_path, monkeypatch):
-    volume, onnx = exported_copy, Runtimes("onnx", "cpu", 1)
+def rewritten(data: bytes, metadata: Optional[Dict[str, str]] = None, fixed_batch: bool = False) -> bytes:
+    """An ONNX model's bytes with metadata entries replaced, or its inputs' batch axis fixed at 1: the files
+    serve must refuse (or take), made without an export."""
+    written = onnx.load_from_string(data)
+    if metadata:
+        onnx.helper.set_model_props(written, {**{p.key: p.value for p in written.metadata_props}, **metadata})
+    for value in written.graph.input if fixed_batch else ():
+        value.type.tensor_type.shape.dim[0].dim_value = 1  # (replaces the named axis: one of the two is set)
+    return written.SerializeToString()
+
+
+def test_the_gate_and_a_stale_or_broken_export_keep_onnx_from_serving(exported_copy, tmp_path):
+    volume, runtime = exported_copy, Runtimes("onnx", "cpu", 1)
     with pytest.raises(PipelineError, match="not above the threshold"):
-        onnx.load(volume, "production", 0.9999)
+        runtime.load(volume, "production", 0.9999)
     with pytest.raises(PipelineError, match="alias 'staging' is not set"):
-        onnx.load(volume, "staging", 0.5)
-    saved = checkpoint.read(volume.version_dir(1) / "mnist_cnn.pt")
-    stale = export.to_onnx(saved.build_model().eval(), {"mnist.format_version": "1",
-                                                        "mnist.checkpoint_sha256": "0" * 64})
-    volume.exported(1).write_bytes(stale)
+        runtime.load(volume, "staging", 0.5)
+    good = volume.exported(1).read_bytes()
+    volume.exported(1).write_bytes(rewritten(good, {"mnist.checkpoint_sha256": "0" * 64}))
     with pytest.raises(PipelineError, match=r"export of another checkpoint.*`mnist export --version 1`"):
-        onnx.load(volume, 1, 0.5)
-    with monkeypatch.context() as patched:  # the version's own, but for one image at a time: answers would go missing
-        patched.setattr(export, "BATCH", 1)
-        volume.exported(1).write_bytes(export.to_onnx(saved.build_model().eval(), {
-            "mnist.format_version": "1", "mnist.checkpoint_sha256": saved.sha256}))
+        runtime.load(volume, 1, 0.5)
+    volume.exported(1).write_bytes(rewritten(good, {"mnist.format_version": "2"}))  # a later contract
+    with pytest.raises(PipelineError, match=r"not an export this version reads \(mnist.format_version '2', not '1'"):
+        runtime.load(volume, 1, 0.5)
+    volume.exported(1).write_bytes(rewritten(good, fixed_batch=True))  # one image at a time: answers would go missing
     with pytest.raises(PipelineError, match=r"does not take `images` uint8 \[N, 28, 28\]"):
-        onnx.load(volume, 1, 0.5)
+        runtime.load(volume, 1, 0.5)
     volume.exported(1).write_bytes(b"not an ONNX model")
     with pytest.raises(PipelineError, match="mnist_cnn.onnx does not load"):
-        onnx.load(volume, 1, 0.5)
+        runtime.load(volume, 1, 0.5)
     volume.exported(1).unlink()
     os.mkfifo(volume.exported(1))
     with pytest.raises(PipelineError, match="FIFO"):
-        onnx.load(volume, 1, 0.5)
+        runtime.load(volume, 1, 0.5)
     # a volume from before versions: only torch reads model/mnist_cnn.pt
     shutil.rmtree(volume.aliases_dir)
     with pytest.raises(PipelineError, match="production is not set, and --runtime onnx serves versions only: `mnist"):
-        onnx.load(volume, "production", 0.5)
+        runtime.load(volume, "production", 0.5)
     assert Runtimes("auto", "cpu", 1).load(volume, "production", 0.5).version is None
+
+
+def test_a_file_the_previous_exporter_wrote_is_served_as_the_torch_network_in_it_answers(exported_copy, mirror):
+    """Volumes hold files that `mnist export` wrote before it used torch's exporter (ONNX IR version 8, opset
+    17; tests/fixtures/export_v1/README.md): serve takes them, and answers as the network they hold."""
+    volume = exported_copy
+    old = (Path(__file__).parent / "fixtures" / "export_v1" / "ir8_opset17.onnx").read_bytes()
+    written = onnx.load_from_string(old)
+    assert (written.ir_version, written.opset_import[0].version) == (8, 17)
+    network = MnistCNN(channels=(4, 8), strides=(2, 1), pools=(False, True)).eval()
+    weights = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in written.graph.initializer}
+    missing, _ = network.load_state_dict({k: v for k, v in weights.items() if k in network.state_dict()},
+                                         strict=False)
+    assert all(name.endswith("num_batches_tracked") for name in missing), missing
+    sha256 = json.loads((volume.version_dir(1) / "version.json").read_text())["sha256"]
+    volume.exported(1).write_bytes(rewritten(old, {"mnist.checkpoint_sha256": sha256}))
+
+    live = Runtimes("onnx", "cpu", 1).load(volume, 1, 0.5)
+    assert isinstance(live, OnnxLive) and live.version == 1
+    images = data.load_split(volume.data_dir, "test", str(mirror)).images[:500]
+    answers = torch.from_numpy(live.predict([image.numpy().tobytes() for image in images]))
+    expected = predict(network, images, torch.device("cpu"))
+    assert (answers - expected).abs().max() <= export.TOLERANCE
 
 
 def test_an_export_that_lands_moves_the_follower_from_torch_to_onnx(exported_copy, tmp_path):

@@ -1,31 +1,34 @@
 """A version as an ONNX model, checked against torch before it is written: model/versions/<N>/mnist_cnn.onnx.
 
-The file is one ONNX model (opset 17, IR version 8, the weights inside) that takes what every service
-takes, uint8 images, and answers what predict answers, probabilities:
+The file is one ONNX model (the weights inside; opset OPSET, ONNX IR version 10) that takes what every
+service takes, uint8 images, and answers what predict answers, probabilities:
 
-  images uint8 [batch, 28, 28] -> Cast float -> Div 255 -> Sub mean -> Div std -> Unsqueeze [batch, 1, 28, 28]
-  -> each stage: Conv -> BatchNormalization -> Relu [-> MaxPool] -> Flatten -> Gemm -> Softmax
+  images uint8 [batch, 28, 28] -> the network's normalize() -> the network -> softmax
   -> probabilities float32 [batch, 10]
 
-with the model's own mean and std, so a client needs no constants. metadata_props name the version and
-the sha256 of its checkpoint (a reader serves the file only for that checkpoint). The graph is written
-from the network's modules in order (onnx_proto.py encodes it: no onnx package, no torch.onnx), and the
-parity check runs it with onnxruntime over the 10,000 test images: the same digit for every image and
-probabilities within TOLERANCE of model.predict's, or no file is written.
+with the model's own mean and std, so a client needs no constants. torch's own exporter writes it
+(torch.onnx.export, dynamo=True, which needs the onnx and onnxscript packages: docs/export.md);
+metadata_props name the version and the sha256 of its checkpoint (a reader serves the file only for that
+checkpoint). The parity check runs it with onnxruntime over the 10,000 test images: the same digit for
+every image and probabilities within TOLERANCE of model.predict's, or no file is written.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import re
+import warnings
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from mnist_pipeline import __version__, data, faults, model
-from mnist_pipeline import onnx_proto as proto
+from mnist_pipeline import data, faults, model
 from mnist_pipeline.contract import ONNX_FORMAT_VERSION, ONNX_INPUT, ONNX_OUTPUT, onnx_session
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.records import versions
@@ -34,7 +37,8 @@ from mnist_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
 
-OPSET, IR_VERSION = 17, 8
+# torch 2.13's default, named so that a torch upgrade does not change what the file needs of its reader
+OPSET = 20
 BATCH = "batch"  # the name of the dynamic batch axis
 TOLERANCE = 1e-4  # the most any probability may differ from torch's
 PARITY_BATCH = 250  # the images onnxruntime scores at a time: larger batches run slower on the CPU
@@ -81,12 +85,22 @@ class Exported:
 
 
 def unavailable() -> Optional[str]:
-    """None when onnxruntime, which the parity check runs, imports here; else why not."""
+    """None when onnxruntime (the parity check) and onnx and onnxscript (torch's exporter) import here; else
+    why not."""
     try:
         import numpy  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         return f"onnxruntime does not import here ({first_line(exc)})"
+    return _exporter_missing()
+
+
+def _exporter_missing() -> Optional[str]:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        return f"onnx and onnxscript, which torch's ONNX exporter needs, do not import here ({first_line(exc)})"
     return None
 
 
@@ -128,121 +142,83 @@ def export_version(volume: Volume, number: int, mirror: Optional[str], threads: 
 # --- the graph ---------------------------------------------------------------------------------------
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _Answering(nn.Module):
+    """uint8 images [batch, 28, 28] -> probabilities [batch, 10]: what model.predict computes for a batch
+    (the network's own normalisation, the network, a softmax), as the one module the exporter traces."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.network(self.network.normalize(images)).float(), dim=1)
+
+
 def to_onnx(network: nn.Module, metadata: Dict[str, str]) -> bytes:
-    """`network` (eval mode) with its input normalisation and a softmax, as an ONNX model's bytes.
+    """`network` (eval mode) with its input normalisation and a softmax, as an ONNX model's bytes, written by
+    torch's exporter (torch.onnx.export with dynamo=True: torch.export traces forward(), whatever its layers
+    and their order). PipelineError where the exporter or its packages fail."""
+    if not callable(getattr(network, "normalize", None)):
+        raise PipelineError(f"{type(network).__name__} has no normalize(images), which the export needs")
+    why = _exporter_missing()
+    if why:
+        raise PipelineError(why)
+    import onnx
+    import torch.export
+    import torch.onnx
 
-    Its leaf modules are written in the order they were registered, which is the order forward()
-    runs them in for the networks of model.py; a Linear after 4-D values flattens them first, as
-    forward() does. The parity check catches a network for which that does not hold.
-    """
-    mean, std = getattr(network, "mean", None), getattr(network, "std", None)
-    if not isinstance(mean, float) or not isinstance(std, float):
-        raise PipelineError(f"{type(network).__name__} has no float mean and std, which the export needs")
-    graph = _Graph(perturb=faults.broken("export-weights"))
-    graph.add("Cast", to=proto.FLOAT)
-    graph.add("Div", graph.constant("scale", torch.tensor(255.0)))
-    graph.add("Sub", graph.constant("mean", torch.tensor(mean)))
-    graph.add("Div", graph.constant("std", torch.tensor(std)))
-    axes = "unsqueeze_axes"
-    graph.initializers.append(proto.int64s(axes, [1], [1]))
-    graph.add("Unsqueeze", axes)
-    rank = 4
-    for name, module in network.named_modules():
-        if next(module.children(), None) is not None:
-            continue
-        writer = _WRITERS.get(type(module))
-        if writer is None:
-            raise PipelineError(f"the ONNX export cannot write {type(module).__name__} ({name} of "
-                                f"{type(network).__name__}): it writes {', '.join(t.__name__ for t in _WRITERS)}")
-        if isinstance(module, nn.Linear) and rank > 2:
-            graph.add("Flatten", axis=1)
-            rank = 2
-        writer(graph, name, module)
-        rank = 2 if isinstance(module, nn.Flatten) else rank
-    graph.add("Softmax", axis=1, output=ONNX_OUTPUT)
-    body = proto.graph(type(network).__name__, graph.nodes, graph.initializers,
-                       [proto.value_info(ONNX_INPUT, proto.UINT8, [BATCH, model.IMAGE_SIZE, model.IMAGE_SIZE])],
-                       [proto.value_info(ONNX_OUTPUT, proto.FLOAT, [BATCH, model.NUM_CLASSES])])
-    return proto.model(body, IR_VERSION, OPSET, "mnist-pipeline", __version__, metadata)
-
-
-class _Graph:
-    """The nodes written so far, each taking the one before's output, and the weights they use."""
-
-    def __init__(self, perturb: bool = False):
-        self.nodes: List[bytes] = []
-        self.initializers: List[bytes] = []
-        self.value = ONNX_INPUT
-        self.perturb = perturb  # the fault point export-weights: the first weight written is off by 1
-
-    def add(self, op_type: str, *weights: str, output: Optional[str] = None, **attributes) -> None:
-        name = f"{op_type}_{len(self.nodes)}"
-        self.nodes.append(proto.node(op_type, [self.value, *weights], [output or name], name, attributes))
-        self.value = output or name
-
-    def constant(self, name: str, tensor: torch.Tensor) -> str:
-        values = tensor.detach().to("cpu", torch.float32).contiguous()  # (channels-last weights: row-major here)
-        if self.perturb and values.dim() > 1:
-            values, self.perturb = values.clone(), False
-            values.view(-1)[0] += 1.0
-        self.initializers.append(proto.floats(name, list(values.shape), values.flatten().tolist()))
-        return name
+    traced = _Answering(_perturbed(network) if faults.broken("export-weights") else network).eval()
+    example = torch.zeros(2, model.IMAGE_SIZE, model.IMAGE_SIZE, dtype=torch.uint8)  # (batch 1 would be fixed)
+    try:
+        with _quiet():
+            program = torch.onnx.export(traced, (example,), dynamo=True, opset_version=OPSET, verbose=False,
+                                        input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], external_data=False,
+                                        dynamic_shapes={"images": {0: torch.export.Dim(BATCH)}})
+            proto = program.model_proto
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types (torch.export's, onnxscript's, ...)
+        cause = exc  # the exporter wraps what went wrong in a step's error, whose text is advice on filing bugs
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        text = _ANSI.sub("", first_line(cause))  # (its own messages are coloured for a terminal)
+        raise PipelineError(f"torch's ONNX exporter cannot export {type(network).__name__} "
+                            f"({type(cause).__name__}: {text})") from None
+    # torch's notes on each node and value (stack traces with this installation's paths) are left out:
+    # the same checkpoint gives the same bytes wherever it is exported
+    for value in (*proto.graph.node, *proto.graph.input, *proto.graph.output, *proto.graph.value_info,
+                  *proto.graph.initializer):
+        del value.metadata_props[:]
+    del proto.graph.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    return proto.SerializeToString()
 
 
-def _pair(value) -> List[int]:
-    return list(value) if isinstance(value, (tuple, list)) else [value, value]
+def _perturbed(network: nn.Module) -> nn.Module:
+    """The fault point export-weights: a copy of `network` whose first weight matrix is off by 1 in one place."""
+    copy = deepcopy(network)
+    with torch.no_grad():
+        weight = next(p for p in copy.parameters() if p.dim() > 1)
+        weight[(0,) * weight.dim()] += 1.0
+    return copy
 
 
-def _conv(graph: _Graph, name: str, conv: nn.Conv2d) -> None:
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise PipelineError(f"the ONNX export cannot write {name}: padding {conv.padding!r} ({conv.padding_mode})")
-    weights = [graph.constant(f"{name}.weight", conv.weight)]
-    if conv.bias is not None:
-        weights.append(graph.constant(f"{name}.bias", conv.bias))
-    pad_h, pad_w = _pair(conv.padding)
-    graph.add("Conv", *weights, kernel_shape=_pair(conv.kernel_size), strides=_pair(conv.stride),
-              pads=[pad_h, pad_w, pad_h, pad_w], dilations=_pair(conv.dilation), group=conv.groups)
-
-
-def _batch_norm(graph: _Graph, name: str, norm: nn.BatchNorm2d) -> None:
-    if norm.running_mean is None or norm.running_var is None:
-        raise PipelineError(f"the ONNX export cannot write {name}: it keeps no running statistics")
-    ones = torch.ones_like(norm.running_mean)
-    scale = norm.weight if norm.weight is not None else ones
-    bias = norm.bias if norm.bias is not None else torch.zeros_like(ones)
-    graph.add("BatchNormalization", graph.constant(f"{name}.weight", scale), graph.constant(f"{name}.bias", bias),
-              graph.constant(f"{name}.running_mean", norm.running_mean),
-              graph.constant(f"{name}.running_var", norm.running_var), epsilon=float(norm.eps))
-
-
-def _relu(graph: _Graph, name: str, relu: nn.ReLU) -> None:
-    graph.add("Relu")
-
-
-def _max_pool(graph: _Graph, name: str, pool: nn.MaxPool2d) -> None:
-    if pool.return_indices:
-        raise PipelineError(f"the ONNX export cannot write {name}: it returns indices")
-    pad_h, pad_w = _pair(pool.padding)
-    graph.add("MaxPool", kernel_shape=_pair(pool.kernel_size), strides=_pair(pool.stride or pool.kernel_size),
-              pads=[pad_h, pad_w, pad_h, pad_w], dilations=_pair(pool.dilation), ceil_mode=int(pool.ceil_mode))
-
-
-def _flatten(graph: _Graph, name: str, flatten: nn.Flatten) -> None:
-    if flatten.start_dim != 1 or flatten.end_dim != -1:
-        raise PipelineError(f"the ONNX export cannot write {name}: it flattens dims {flatten.start_dim} to "
-                            f"{flatten.end_dim}, not 1 to -1")
-    graph.add("Flatten", axis=1)
-
-
-def _linear(graph: _Graph, name: str, linear: nn.Linear) -> None:
-    weights = [graph.constant(f"{name}.weight", linear.weight)]
-    if linear.bias is not None:
-        weights.append(graph.constant(f"{name}.bias", linear.bias))
-    graph.add("Gemm", *weights, transB=1)
-
-
-_WRITERS = {nn.Conv2d: _conv, nn.BatchNorm2d: _batch_norm, nn.ReLU: _relu, nn.MaxPool2d: _max_pool,
-            nn.Flatten: _flatten, nn.Linear: _linear}
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter's own warnings, log lines and prints (about torch internals, or the partial graph where
+    tracing fails) silenced: they are not the user's to act on, and a failure is one error line anyway."""
+    loggers = [logging.getLogger(name) for name in ("torch", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 # --- the parity check --------------------------------------------------------------------------------

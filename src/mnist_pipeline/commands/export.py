@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 Values = Dict[str, Any]
 POLL_S = 1.0  # --follow: how often the versions are looked at
 RETRY_S, MAX_RETRY_S = 30.0, 600.0  # a version that failed is tried again after this, doubling up to the most
-INSTALL = ("`pip install onnxruntime numpy`, or let the Compose export service do it "
+INSTALL = ("`pip install onnx onnxscript onnxruntime numpy`, or let the Compose export service do it "
            "(`docker compose --profile serve up export`)")
 
 
@@ -42,7 +42,8 @@ def export(args: argparse.Namespace, v: Values) -> int:
                          "pass one of them, and unset MNIST_FOLLOW for --version")
     why = stage.unavailable()
     if why:
-        raise PipelineError(f"mnist export needs onnxruntime for its parity check: {why}; {INSTALL}")
+        raise PipelineError(f"mnist export needs torch's ONNX exporter (onnx, onnxscript) and onnxruntime for its "
+                            f"parity check: {why}; {INSTALL}")
     threads = v["threads"] or runtime.available_cpus()
     runtime.setup("cpu", threads)
     exports = Exports(Volume(v["root"]), v["mirror"], threads)

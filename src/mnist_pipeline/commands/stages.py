@@ -163,7 +163,7 @@ def _export_after(volume: Volume, scored: Scored, v: Values, written: str) -> No
     why = export.unavailable()
     if why:
         log.info("version %d is not exported to ONNX: %s; `mnist export` (the Compose export service) does it "
-                 "where onnxruntime is installed", number, why)
+                 "where its packages are installed", number, why)
         return
     try:
         exported = export.export_version(volume, number, v["mirror"], v["threads"] or runtime.available_cpus(),
