@@ -97,7 +97,7 @@ WORKDIR /opt/mount
 EXPOSE 8000
 CMD ["mnist", "serve"]
 
-# --- runtime: train, evaluate, infer (and predict, serve on torch) -------------------------------
+# --- runtime: train, evaluate, infer (and predict) ------------------------------------------------
 FROM base AS runtime
 COPY --from=venv /opt/venv /opt/venv
 # the package last: a source edit rebuilds only this small layer, never the venv above
