@@ -458,11 +458,13 @@ def main() -> None:
         parser.error(f"--stagger {args.stagger:g} opens the last connection after the --warmup {args.warmup:g}: "
                      f"raise --warmup or lower --stagger")
     mode = "servers" if args.servers else "peers"
-    missing = [name for name in (("gunicorn", "uvicorn_worker", "granian") if args.servers else ())
+    # the peers run under uvicorn, which serve itself no longer needs
+    missing = [name for name in ("uvicorn",) + (("gunicorn", "uvicorn_worker", "granian") if args.servers else ())
                if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(f"error: --servers needs {', '.join(missing)} in this Python: pip install granian==2.8.9 "
-                         f"gunicorn==27.0.1 uvicorn-worker==0.4.0 (into a virtual environment, not the images)")
+        raise SystemExit(f"error: the peers{' and --servers' if args.servers else ''} need {', '.join(missing)} in "
+                         f"this Python: pip install uvicorn==0.55.0" + (" granian==2.8.9 gunicorn==27.0.1 "
+                         "uvicorn-worker==0.4.0" if args.servers else "") + " (into a virtual environment)")
     single, batch = multipart(drawings(1)), multipart(digits(BATCH))
     began = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     at_start = machine()

@@ -75,7 +75,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     follower.stop()
 
 
-routes = APIRouter(responses={400: api.ERROR, 503: api.ERROR})
+routes = APIRouter(tags=["serve's own API"], responses={400: api.ERROR, 503: api.ERROR})
 
 
 def _service(request: Request) -> Service:
