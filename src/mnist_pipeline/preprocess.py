@@ -39,6 +39,7 @@ FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 INK = 0.25  # of full contrast: what counts as ink for the bounding box (JPEG noise stays below)
 MIN_CONTRAST = 32  # grey levels between background and ink; less is an empty page
 INK_LEVEL = int(INK * 255)  # grey levels above it are ink
+SMALL_PIXELS = 512 * 512  # an image this small is copied whole to read its edges
 # a JPEG marker that ends entropy-coded data: 0xFF followed by anything but a stuffed 0 or a restart
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
@@ -189,9 +190,7 @@ def to_mnist(image: Image.Image) -> bytes:
     Python only computes the centre of mass of the small 20 px patch and places it.
     """
     width, height = image.size
-    edges = ((0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height))
-    border = b"".join(image.crop(box).tobytes() for box in edges)
-    background = sorted(border)[len(border) // 2]  # the median: the paper, whatever ink touches the edge
+    background = sorted(_border(image))[2 * (width + height) // 2]  # the median: the paper, whatever ink touches
     if background > 127:  # dark ink on light paper: MNIST's ink is the bright part
         image, background = ImageChops.invert(image), 255 - background
     contrast = image.getextrema()[1] - background
@@ -219,6 +218,17 @@ def to_mnist(image: Image.Image) -> bytes:
     for row_number, row in enumerate(rows, y):
         frame[row_number * IMAGE_SIZE + x:row_number * IMAGE_SIZE + x + width] = row
     return bytes(frame)
+
+
+def _border(image: Image.Image) -> bytes:
+    """The pixels of the image's four edges (its corners twice): from its bytes when it is small (one copy costs
+    less than four crops), else from four crops."""
+    width, height = image.size
+    if width * height <= SMALL_PIXELS:
+        pixels = image.tobytes()
+        return pixels[:width] + pixels[-width:] + pixels[::width] + pixels[width - 1::width]
+    edges = ((0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height))
+    return b"".join(image.crop(box).tobytes() for box in edges)
 
 
 @functools.lru_cache(maxsize=64)
