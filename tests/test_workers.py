@@ -36,6 +36,13 @@ def versions_served(served) -> Dict[int, int]:
             for labels, value in metric(served, "mnist_model_version").items()}
 
 
+def listeners(served) -> int:
+    """Sockets listening on serve's port (each worker has its own: SO_REUSEPORT), from /proc/net/tcp."""
+    port = f"{int(served.url.rsplit(':', 1)[1]):04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[1].endswith(":" + port) and line.split()[3] == "0A")
+
+
 def predicted(served) -> float:
     return metric(served, "mnist_requests_total").get('route="/predict",status="200"', 0.0)
 
@@ -95,6 +102,8 @@ def test_killed_workers_are_replaced_under_load_and_a_stop_ends_every_worker(ser
             os.kill(killed, signal.SIGKILL)
             alive = wait_until(lambda k=killed: (lambda v: len(v) == 2 and k not in v and set(v.values()) == {3} and v)(
                 versions_served(served)), "the killed worker replaced, serving version 3")
+            # (a worker binds the port once its app is built: the next is killed once both listen)
+            wait_until(lambda: listeners(served) == 2, "the new worker to listen")
             answered = len(answers)
             wait_until(lambda a=answered: len(answers) >= a + 10, "answers after the replacement")
             assert set(answers[answered:]) == {200}
