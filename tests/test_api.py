@@ -39,7 +39,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(ser
                              "not_a_server_error,response_schema_conformance", "--phases", "coverage,fuzzing",
                              "--max-examples", "15", "--seed", "7", "--max-time", "120", "--request-timeout", "30",
                              "--workers", "1", "--report-dir", str(tmp_path)], capture_output=True, text=True,
-                            timeout=400)
+                            timeout=400, cwd=tmp_path)  # (its cache, .schemathesis/, is written there)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert re.search(rf"Tested: {operations}\b", result.stdout), result.stdout[-3000:]  # every route, v2's too
 
