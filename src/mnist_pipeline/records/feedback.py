@@ -121,7 +121,7 @@ def add(volume: Volume, image: bytes, label: int, predicted: int, version: Optio
     record = volume.feedback_record(sid)
     if record.exists():
         raise Duplicate(f"sample {sid[:12]} is kept already")
-    atomic_write_bytes(volume.feedback_image(sid), png_of(image), fault_point="feedback-before-rename")
+    atomic_write_bytes(volume.feedback_image(sid), png_of(image), fault_point="feedback-image-before-rename")
     data = _text(sample.to_json()).encode()
     try:
         _create(folder, record, data)
