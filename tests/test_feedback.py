@@ -136,7 +136,7 @@ def test_a_proxy_is_trusted_only_when_named(serve, trained_copy, digits):
         assert served.json("POST", f"/feedback?label={number}", digits[number], forwarded)[0] == 202
     status, headers, body = served.request("POST", "/feedback?label=5", digits[2],
                                            {**PNG, "X-Forwarded-For": "10.0.0.1"})
-    assert status == 429 and int(headers["Retry-After"]) >= 1 and "a minute" in json.loads(body)["error"]
+    assert status == 429 and int(headers["retry-after"]) >= 1 and "a minute" in json.loads(body)["error"]
 
 
 @pytest.mark.parametrize("peer, forwarded, trusted, client", [
