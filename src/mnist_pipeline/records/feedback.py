@@ -17,6 +17,7 @@ the held-out one, whoever reviews it and in whichever order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -143,7 +144,16 @@ def _create(folder: Path, path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         crash_point("feedback-before-rename")
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # a file system without hard links (some SMB and FUSE ones): a rename, after a look, so two
+            # writers of one sample at the same moment may both land it, as one file (the later one's time)
+            if os.path.lexists(path):
+                raise FileExistsError(path) from None
+            os.replace(tmp, path)
         fsync_dir(folder)
     finally:
         with contextlib.suppress(OSError):
@@ -208,7 +218,7 @@ def ids(volume: Volume) -> List[str]:
 
 
 def every(volume: Volume) -> Iterator[Sample]:
-    """Every kept sample, strictly read (the first malformed one is an error naming it), oldest id order."""
+    """Every kept sample, strictly read (the first malformed one is an error naming it), in id order."""
     for sid in ids(volume):
         with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
             yield read(volume, sid)
