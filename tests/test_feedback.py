@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -153,6 +154,20 @@ def test_the_client_address(peer, forwarded, trusted, client):
 
     request = Request({"type": "http", "client": (peer, 1234), "headers": [(b"x-forwarded-for", forwarded.encode())]})
     assert client_address(request, trusted) == client
+
+
+def test_schemathesis_finds_every_feedback_answer_in_the_schema(serve, trained_copy, tmp_path):
+    """test_api runs Schemathesis with feedback off (404); here it is on: 202, 409, 429 and 400s, each typed."""
+    served = serve(trained_copy, "--feedback", "on", "--feedback-rate", "20", "--feedback-max-pending", "30")
+    wait_until(lambda: served.json("GET", "/readyz")[0] == 200, "the model")
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    result = subprocess.run([str(schemathesis), "run", served.url + "/openapi.json", "--include-path", "/feedback",
+                             "--checks", "not_a_server_error,response_schema_conformance", "--phases",
+                             "coverage,fuzzing", "--max-examples", "15", "--seed", "7", "--max-time", "60",
+                             "--request-timeout", "30", "--workers", "1", "--report-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert re.search(r"Tested: 1\b", result.stdout), result.stdout[-3000:]
 
 
 # --- writers -------------------------------------------------------------------------------------------
