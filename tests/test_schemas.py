@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_here
-from mnist_pipeline.records import checkpoint, schemas
+from mnist_pipeline.records import checkpoint, feedback, schemas
+from mnist_pipeline.volume import Volume
 
 SCHEMAS = REPO / "docs" / "schemas"
 # where each format lives on the volume (the paths FORMATS names), as patterns of a path inside it
@@ -25,6 +26,7 @@ PLACES = {
     "counter.schema.json": r"model/versions/counter\.json",
     "alias.schema.json": r"model/aliases/(?!log\.)[^/]+\.json",
     "alias-log.schema.json": r"model/aliases/log\.jsonl",
+    "feedback.schema.json": r"feedback/[0-9a-f]{64}\.json",
 }
 
 
@@ -59,6 +61,7 @@ def test_every_file_a_real_run_writes_meets_its_schema(trained_copy):
                     ("promote", "1", "--alias", "canary")):
         result = run_here(*command, "--root", str(root))
         assert result.returncode == 0, result.stderr[-3000:]
+    feedback.add(Volume(root), bytes(range(256)) * 3 + bytes(16), 7, 1, 1)  # (what serve --feedback on keeps)
     met = set()
     for path in sorted(root.rglob("*")):
         inside = path.relative_to(root).as_posix()
@@ -132,6 +135,7 @@ def schema_fields(name: str) -> set:
     ("counter.schema.json", "model/versions/ and model/aliases/"),
     ("alias.schema.json", "model/versions/ and model/aliases/"),
     ("alias-log.schema.json", "model/versions/ and model/aliases/"),
+    ("feedback.schema.json", "feedback/"),
 ])
 def test_docs_volume_md_names_every_field_of_each_schema(name, section):
     missing = schema_fields(name) - volume_md_fields(section)

@@ -16,7 +16,8 @@ only in the group's first start, so a group that torchrun --max-restarts starts 
                         must catch it (the process lives on)
 
 Points: <file>-before-rename (the new copy written, not yet in place: checkpoint, progress, data,
-eval, ...: see the callers of crash_point and atomic_write_bytes), results-between-renames, exit,
+eval, feedback-image (a sample's PNG), feedback (its JSON, created or reviewed), ...: see the callers of
+crash_point and atomic_write_bytes), results-between-renames, exit,
 serve-worker (each of serve's workers as it builds its app);
 hold points: decode (serve, each image, in its decode slot), version-load (serve, loading a version asked
 for by number), follows (a torchrun rank that stops because

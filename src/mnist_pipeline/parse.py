@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import urllib.parse
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Tuple, Union
 
 from mnist_pipeline import limits
 
@@ -70,6 +70,28 @@ def boolean(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
+def on_off(text: str) -> bool:
+    """A switch given a value (--feedback on): the words boolean takes."""
+    return boolean(text) if text.strip() else _refuse_empty()
+
+
+def _refuse_empty() -> bool:
+    raise ValueError("must be on or off")
+
+
+def addresses(text: str) -> Tuple[str, ...]:
+    """Comma-separated IP addresses (empty: none)."""
+    import ipaddress
+
+    found = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            found.append(str(ipaddress.ip_address(part)))
+        except ValueError:
+            raise ValueError(f"{part[:60]!r} is not an IP address (e.g. 10.0.0.2, comma-separated)") from None
+    return tuple(found)
 
 
 def host(text: str) -> str:

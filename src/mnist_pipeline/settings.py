@@ -124,6 +124,14 @@ class ServeConfig:
     read_timeout: float = 10.0
     workers: Optional[int] = None  # processes answering on the one port (None: one per CPU, at most 4)
     access_log: bool = False  # one line per request on stderr: client, method, path, status, time, request id
+    # POST /feedback (docs/feedback.md): off unless asked; each client's samples a minute (a token bucket in
+    # each worker); the pending samples kept at most, in count and bytes; the proxies whose X-Forwarded-For
+    # names the client
+    feedback: bool = False
+    feedback_rate: int = 6
+    feedback_max_pending: int = 5000
+    feedback_max_bytes: int = 64 * 1024 * 1024
+    trusted_proxy: Optional[Tuple[str, ...]] = None  # None: no proxy is trusted
 
 
 def default_of(config: type, name: str) -> Any:
@@ -222,6 +230,18 @@ _ALL = [
             "(a stalled body: 408)", "SECONDS"),
     Setting("--access-log", parse.boolean, default_of(ServeConfig, "access_log"),
             "log one line per request: client, method, path, status, milliseconds, request id (X-Request-ID)"),
+    Setting("--feedback", parse.on_off, default_of(ServeConfig, "feedback"),
+            "accept POST /feedback: labelled drawings kept in feedback/ for review (the volume must be writable)",
+            "on|off"),
+    Setting("--feedback-rate", parse.positive_int, default_of(ServeConfig, "feedback_rate"),
+            "feedback samples a client address may send a minute (each worker counts its own); more get 429", "N"),
+    Setting("--feedback-max-pending", parse.positive_int, default_of(ServeConfig, "feedback_max_pending"),
+            "samples waiting for review at most; beyond, POST /feedback answers 507", "N"),
+    Setting("--feedback-max-bytes", parse.positive_int, default_of(ServeConfig, "feedback_max_bytes"),
+            "bytes of the samples waiting for review at most; beyond, POST /feedback answers 507", "BYTES"),
+    Setting("--trusted-proxy", parse.addresses, default_of(ServeConfig, "trusted_proxy"),
+            "the reverse proxies' IP addresses, comma-separated, whose X-Forwarded-For names the client for "
+            "--feedback-rate (unset: the peer's address, X-Forwarded-For ignored)", "ADDR,..."),
     Setting("--follow", parse.boolean, FOLLOW,
             "keep exporting each new version until SIGTERM or SIGINT (the Compose export service)"),
     Setting("--json", parse.boolean, JSON,
@@ -248,7 +268,9 @@ COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     # export runs on the CPU: onnxruntime's answers are checked against torch's there
     "export": ("root", "mirror", "threads", "follow"),
     "serve": _PREDICT + ("runtime", "host", "port", "workers", "max_requests", "max_decodes", "max_waiting",
-                         "read_timeout", "access_log"),
+                         "read_timeout", "access_log", "feedback", "feedback_rate", "feedback_max_pending",
+                         "feedback_max_bytes", "trusted_proxy"),
+    "feedback": ("root",),
 }
 
 

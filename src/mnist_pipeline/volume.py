@@ -76,5 +76,16 @@ class Volume:
     def alias_log(self) -> Path:
         return self.aliases_dir / "log.jsonl"
 
+    @property
+    def feedback_dir(self) -> Path:
+        """Samples people sent serve with their label, for review (records/feedback.py)."""
+        return self.root / "feedback"
+
+    def feedback_image(self, sample: str) -> Path:
+        return self.feedback_dir / f"{sample}.png"
+
+    def feedback_record(self, sample: str) -> Path:
+        return self.feedback_dir / f"{sample}.json"
+
     def lock_path(self, role: str) -> Path:
         return self.model_dir / f".{role}.lock"

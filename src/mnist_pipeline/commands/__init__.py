@@ -4,6 +4,7 @@
   use.py       predict, serve
   registry.py  models, promote, rollback
   export.py    export
+  feedback.py  feedback
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from mnist_pipeline.commands import export, registry, stages, use
+from mnist_pipeline.commands import export, feedback, registry, stages, use
 
 Values = Dict[str, Any]
 
@@ -64,4 +65,8 @@ COMMANDS: Dict[str, Command] = {
                      "version (production: follows the alias as it moves) if it passes --threshold.", use.serve,
                      ("mnist_pipeline.serve",),
                      interruptible=False),
+    "feedback": Command("Review what people sent serve's POST /feedback (feedback/): list the pending samples and "
+                        "draw them on a contact sheet (model/feedback_sheet.png); accept or reject ID... or --all; "
+                        "delete ID... or --older-than DAYS; stats: counts by status and split.", feedback.feedback,
+                        ("mnist_pipeline.records.feedback",), arguments=feedback.arguments, needs_volume=True),
 }

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from mnist_pipeline.records import _json as j
-from mnist_pipeline.records import aliases, checkpoint, evaluation, history, predictions, versions
+from mnist_pipeline.records import aliases, checkpoint, evaluation, feedback, history, predictions, versions
 
 # docs/schemas/<name>: (the files it describes, inside the volume, and their declaration)
 FORMATS: Dict[str, Tuple[str, Any]] = {
@@ -28,6 +28,7 @@ FORMATS: Dict[str, Tuple[str, Any]] = {
     "counter.schema.json": ("model/versions/counter.json", versions.Counter),
     "alias.schema.json": ("model/aliases/<name>.json", aliases.File),
     "alias-log.schema.json": ("model/aliases/log.jsonl: each line", aliases.Line),
+    "feedback.schema.json": ("feedback/<id>.json", feedback.File),
 }
 
 

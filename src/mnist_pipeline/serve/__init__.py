@@ -68,6 +68,14 @@ def run(config: ServeConfig) -> None:
         from mnist_pipeline.serve.runtimes import Runtimes
 
         Runtimes(config.runtime, config.device, config.threads)  # a setting that cannot work: its error, once
+    if config.feedback:  # POST /feedback writes feedback/: a read-only volume is said at the start, not per sample
+        from mnist_pipeline.storage.atomic import ensure_dir
+        from mnist_pipeline.volume import Volume
+
+        ensure_dir(Volume(config.root).feedback_dir)
+        if not os.access(Volume(config.root).feedback_dir, os.W_OK):
+            raise PipelineError(f"--feedback on: {Volume(config.root).feedback_dir} is not writable; mount the "
+                                f"volume read-write for serve (docs/feedback.md), or turn feedback off")
     _allow_open_files()
     port, placeholder = _reserve(config.host, config.port)
     directory = metrics.shared_folder()

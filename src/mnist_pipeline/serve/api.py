@@ -49,6 +49,7 @@ class Ready(BaseModel):
     runtime: str = Field(description="onnx or torch")
     model: Union[int, str] = Field(description="--model: the alias followed, or the version pinned")
     pending: Optional[str] = Field(None, description="why a newer model does not serve yet")
+    feedback: bool = Field(False, description="whether POST /feedback keeps samples (serve --feedback on)")
 
 
 class Version(BaseModel):
@@ -74,6 +75,24 @@ class Models(BaseModel):
 PREDICT_BODY: Dict[str, Any] = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "array", "maxItems": MAX_FILES, "items": {"type": "string", "format": "binary"}}}}},
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+}}}
+
+
+class FeedbackAccepted(BaseModel):
+    id: str = Field(pattern="^[0-9a-f]{64}$", description="the sample's name in feedback/ (`mnist feedback` lists it)")
+    label: int = Field(ge=0, le=NUM_CLASSES - 1)
+    predicted: int = Field(ge=0, le=NUM_CLASSES - 1, description="what the server's model read")
+    version: Optional[int] = Field(None, ge=1, description="the version that read it (null: none kept yet)")
+    split: str = Field(description="train or heldout: the share it falls in once accepted, by its id")
+
+
+# /feedback reads its body itself too: one image, with its label
+FEEDBACK_BODY: Dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file", "label"], "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "label": {"type": "string", "pattern": "^[0-9]$"}}}},
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
 }}}

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from mnist_pipeline.contract import describe
 from mnist_pipeline.records import aliases
-from mnist_pipeline.serve import api, bodies, v2
+from mnist_pipeline.serve import api, bodies, feedback, v2
 from mnist_pipeline.serve.http import ClientError, Front
 from mnist_pipeline.serve.service import Service, decode_and_predict, model_for, version_header
 from mnist_pipeline.settings import ServeConfig
@@ -50,6 +50,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                        uploads=service.uploads, access_log=config.access_log)
     _answer_errors_in_json(app)
     app.include_router(routes)
+    app.include_router(feedback.routes)
     app.openapi = lambda: app.openapi_schema or _without_422(FastAPI.openapi(app))
     app.include_router(v2.routes)
     return app
@@ -107,7 +108,8 @@ def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"error": problem or "no model to serve yet"}, status_code=503)
     return JSONResponse({"checkpoint": live.describe(), "accuracy": live.accuracy,
                          "threshold": service.config.threshold, "runtime": live.runtime,
-                         "model": service.config.model, **({"pending": problem} if problem else {})},
+                         "model": service.config.model, "feedback": service.config.feedback,
+                         **({"pending": problem} if problem else {})},
                         headers=version_header(live))
 
 

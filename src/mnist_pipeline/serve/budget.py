@@ -1,15 +1,19 @@
-"""What requests may hold at once: decode slots with a bounded queue, and the bytes of uploads. Beyond them a
-request gets 503 with Retry-After, never more memory."""
+"""What requests may hold at once: decode slots with a bounded queue, the bytes of uploads, and each client's
+feedback samples a minute. Beyond them a request gets 503 (feedback: 429) with Retry-After, never more memory."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Callable, Iterator
+import math
+import time
+from collections import OrderedDict
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Tuple
 
 from mnist_pipeline.serve.http import busy
 
 UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
+MAX_CLIENTS = 10_000  # POST /feedback's buckets kept per worker; beyond, the least recently seen go first
 
 
 class Slots:
@@ -65,3 +69,24 @@ class Uploads:
             yield take
         finally:
             self.held -= taken[0]
+
+
+class Limiter:
+    """A token bucket per client address: `rate` samples a minute, as many at once."""
+
+    def __init__(self, rate: int):
+        self.capacity, self.per_s = float(rate), rate / 60.0
+        self.buckets: "OrderedDict[str, Tuple[float, float]]" = OrderedDict()  # address -> (tokens, when)
+
+    def take(self, client: str, now: Optional[float] = None) -> Optional[int]:
+        """None when `client` may send one more now (a token taken), else the seconds until it may."""
+        now = time.monotonic() if now is None else now
+        tokens, when = self.buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - when) * self.per_s)
+        if tokens < 1:
+            self.buckets[client] = (tokens, now)
+            return max(1, math.ceil((1 - tokens) / self.per_s))
+        self.buckets[client] = (tokens - 1, now)
+        while len(self.buckets) > MAX_CLIENTS:  # the least recently seen first
+            self.buckets.popitem(last=False)
+        return None

@@ -16,7 +16,7 @@ RETRY_AFTER_S = 1
 BODY_TIMEOUTS = 6  # a whole body may take this many --read-timeout: 2 MB at 35 KB/s with the default
 MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
 DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
-ROUTES = ("/", "/predict", "/healthz", "/readyz", "/metrics", "/models", "/report", "/static", "/docs",
+ROUTES = ("/", "/predict", "/feedback", "/healthz", "/readyz", "/metrics", "/models", "/report", "/static", "/docs",
           "/openapi.json", "/v2")
 # The page and the report load everything from here. The report has an inline <style> (it is one
 # file that also opens from disk), and its infer images are data: URLs; nothing runs inline anywhere.

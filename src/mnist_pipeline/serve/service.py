@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from mnist_pipeline import faults, preprocess, runtime
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.records import versions
-from mnist_pipeline.serve.budget import UPLOADS_BYTES, Slots, Uploads
+from mnist_pipeline.records import feedback, versions
+from mnist_pipeline.serve.budget import UPLOADS_BYTES, Limiter, Slots, Uploads
 from mnist_pipeline.serve.follow import Follower, Kept
 from mnist_pipeline.serve.http import ClientError, busy
 from mnist_pipeline.serve.metrics import Metrics
@@ -39,6 +39,8 @@ class Service:
     slots: Slots
     uploads: Uploads
     private: List[str]  # the volume's path as messages may spell it: answers leave it out
+    feedback_limiter: Any  # POST /feedback's token buckets (serve/feedback.py), and its view of feedback/'s size
+    feedback_pending: Any
 
     @classmethod
     def of(cls, config: ServeConfig) -> "Service":
@@ -55,7 +57,8 @@ class Service:
                    kept=Kept(volume, config.threshold, runtimes),
                    slots=Slots(config.max_decodes or runtime.available_cpus(), config.max_waiting, metrics.decoding,
                                metrics.waiting),
-                   uploads=Uploads(UPLOADS_BYTES), private=_private_paths(volume.root))
+                   uploads=Uploads(UPLOADS_BYTES), private=_private_paths(volume.root),
+                   feedback_limiter=Limiter(config.feedback_rate), feedback_pending=feedback.Pending(volume))
 
     def public(self, message: str) -> str:
         """`message` with the volume's path taken out: `--root /x` goes, /x/model/... becomes model/..."""
@@ -84,15 +87,19 @@ async def model_for(service: Service, number: Optional[int], refused: int = 409)
     return live
 
 
-async def decode_and_predict(service: Service, live: Live, images: List[bytes], what: Optional[str] = None) -> Any:
+async def decode_and_predict(service: Service, live: Live, images: List[bytes], what: Optional[str] = None,
+                             keep: Optional[Dict[int, bytes]] = None) -> Any:
     """`images` (encoded files) made MNIST-like and read by `live`: probabilities [N, 10]. Decodes take the
     service's slots, a few images a turn, so a request of many holds one decoded image at a time. `what`: how
-    an error names the image ("{what} 3: ..."); by default "file N", and only among several."""
+    an error names the image ("{what} 3: ..."); by default "file N", and only among several. `keep`: given, it
+    receives each image's 28x28 pixels by its place (what the model read)."""
     inputs: List[bytes] = []
     answers = None
     while answers is None:
         async with service.slots.slot(newcomer=not inputs):
             answers = await run_in_threadpool(_decode_turn, images, inputs, live, what)
+    if keep is not None:
+        keep.update(enumerate(inputs))
     return answers
 
 

@@ -1,5 +1,6 @@
 // The draw-a-digit page: pointer events (mouse, touch and pen alike) draw on #pad; the drawing is
-// posted to /predict as a PNG while you draw, one request at a time, the latest drawing winning.
+// posted to /predict as a PNG while you draw, one request at a time, the latest drawing winning. Where the
+// server keeps feedback (/readyz says so), "Right" or "Wrong? It was: N" sends the image last read to /feedback.
 "use strict";
 
 const pad = document.getElementById("pad");
@@ -9,6 +10,11 @@ const confidence = document.getElementById("confidence");
 const top3 = document.getElementById("top3");
 const error = document.getElementById("error");
 const model = document.getElementById("model");
+const feedback = document.getElementById("feedback");
+const thanks = document.getElementById("thanks");
+
+let feedbackOn = false;  // the server keeps feedback (serve --feedback on)
+let lastRead = null;     // {image, digit, version}: the image the shown answer is of
 
 let drawing = false;   // a stroke is in progress
 let dirty = false;     // the pad changed since the last request was sent
@@ -24,6 +30,8 @@ function clearPad() {
   confidence.textContent = "Draw on the pad, or upload a photo of a digit.";
   top3.replaceChildren();
   error.textContent = "";
+  lastRead = null;
+  feedback.hidden = true;
 }
 
 function point(event) {
@@ -75,19 +83,22 @@ function send() {
   if (!dirty || empty) return;
   dirty = false;
   inFlight = true;
-  pad.toBlob((blob) => post(blob, "image/png").finally(() => {
+  pad.toBlob((blob) => post(blob, "image/png", blob).finally(() => {
     inFlight = false;
     if (dirty) send();
   }), "image/png");
 }
 
-async function post(body, type) {
+async function post(body, type, image) {
   try {
     // a FormData body sets its own multipart Content-Type
     const response = await fetch("/predict", { method: "POST", headers: type ? { "Content-Type": type } : {}, body });
     const answer = await response.json();
     if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
     show(answer);
+    lastRead = { image, digit: answer.predictions[0].digit, version: answer.checkpoint.version };
+    thanks.textContent = "";
+    feedback.hidden = !feedbackOn;
   } catch (exc) {
     error.textContent = exc.message;
   }
@@ -116,7 +127,7 @@ document.getElementById("upload").addEventListener("change", (event) => {
   const form = new FormData();
   form.append("file", file);
   clearPad();
-  post(form, null);
+  post(form, null, file);
   event.target.value = "";
   // show it on the pad, fitted (the prediction is of the original file, sent as it is)
   createImageBitmap(file).then((bitmap) => {
@@ -132,6 +143,8 @@ async function loadModel() {
     const response = await fetch("/readyz");
     const info = await response.json();
     if (response.ok) {
+      feedbackOn = info.feedback === true;
+      if (!feedbackOn) feedback.hidden = true;
       const version = info.checkpoint.version ? `version ${info.checkpoint.version}, ` : "";
       model.textContent = `Model: ${version}epoch ${info.checkpoint.epoch}, test accuracy ` +
                           `${(info.accuracy * 100).toFixed(2)}% (checkpoint ${info.checkpoint.sha256.slice(0, 12)})`;
@@ -142,6 +155,33 @@ async function loadModel() {
     model.textContent = `The server does not answer (${exc.message}).`;
   }
 }
+
+async function tell(label) {
+  if (!lastRead) return;
+  const form = new FormData();
+  form.append("file", lastRead.image, "drawing.png");
+  form.append("label", String(label));
+  const query = lastRead.version ? `?version=${lastRead.version}` : "";
+  try {
+    const response = await fetch(`/feedback${query}`, { method: "POST", body: form });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
+    thanks.textContent = `Thank you: kept as ${label} for review (${answer.id.slice(0, 12)}).`;
+  } catch (exc) {
+    thanks.textContent = `Not kept: ${exc.message}`;
+  }
+}
+
+const digits = document.getElementById("digits");
+for (let d = 0; d < 10; d++) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = String(d);
+  button.dataset.digit = String(d);
+  button.addEventListener("click", () => tell(d));
+  digits.append(button);
+}
+document.getElementById("right").addEventListener("click", () => { if (lastRead) tell(lastRead.digit); });
 
 document.getElementById("curl").textContent = `curl -F file=@digit.png ${location.origin}/predict`;
 clearPad();

@@ -31,7 +31,7 @@ _TEMP_NAME = re.compile(r"^\.mnist-tmp\.[0-9]+\.")
 
 
 # folders inside the root that we write into: a symlink there would carry our writes out of the volume
-_WRITTEN_INTO = ("data", "model")
+_WRITTEN_INTO = ("data", "model", "feedback")
 
 
 def ensure_dir(path: Path) -> Path:
