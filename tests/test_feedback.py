@@ -165,7 +165,7 @@ def test_schemathesis_finds_every_feedback_answer_in_the_schema(serve, trained_c
                              "--checks", "not_a_server_error,response_schema_conformance", "--phases",
                              "coverage,fuzzing", "--max-examples", "15", "--seed", "7", "--max-time", "60",
                              "--request-timeout", "30", "--workers", "1", "--report-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)  # (its cache goes there)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert re.search(r"Tested: 1\b", result.stdout), result.stdout[-3000:]
 
