@@ -115,7 +115,9 @@ def test_killed_workers_are_replaced_under_load_and_a_stop_ends_every_worker(ser
     assert "".join(served.stderr).count("Unexpected exit from worker") == 2
     assert answers.count(200) >= len(answers) - 2 * len(clients), "more failures than requests in flight"
     wait_until(lambda: predicted(served) >= answers.count(200), "the counts")
-    assert predicted(served) == answers.count(200)  # whichever worker answered, the killed ones included
+    # whichever worker answered, the killed ones included (one killed mid-answer may have counted an answer
+    # its client never read)
+    assert answers.count(200) <= predicted(served) <= answers.count(200) + answers.count("reset")
 
     served.close()  # SIGTERM
     assert served.process.returncode == 143
