@@ -99,11 +99,12 @@ def test_killed_workers_are_replaced_under_load_and_a_stop_ends_every_worker(ser
     try:
         alive = set(pids)
         for killed in sorted(pids):  # each worker in turn, under load: the port keeps answering
+            # (a worker shows in /metrics once its app is built, and binds the port a moment later: one is
+            # killed only while both listen, or none might)
+            wait_until(lambda: listeners(served) == 2, "both workers to listen")
             os.kill(killed, signal.SIGKILL)
             alive = wait_until(lambda k=killed: (lambda v: len(v) == 2 and k not in v and set(v.values()) == {3} and v)(
                 versions_served(served)), "the killed worker replaced, serving version 3")
-            # (a worker binds the port once its app is built: the next is killed once both listen)
-            wait_until(lambda: listeners(served) == 2, "the new worker to listen")
             answered = len(answers)
             wait_until(lambda a=answered: len(answers) >= a + 10, "answers after the replacement")
             assert set(answers[answered:]) == {200}
