@@ -12,6 +12,8 @@ from mnist_pipeline.contract import NUM_CLASSES
 from mnist_pipeline.serve.bodies import MAX_FILES
 
 API_VERSION = "1"
+# ?version=: ASCII digits (str.isdigit() takes '²' and Arabic-Indic digits), bounded before int() reads them
+VERSION = r"^[0-9]{1,9}$"
 
 
 class Error(BaseModel):

@@ -31,7 +31,6 @@ from mnist_pipeline.volume import Volume
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent.parent / "static"
-VERSION = r"^[0-9]{1,9}$"  # ?version= and /versions/{v}: ASCII digits (str.isdigit() takes '²' and Arabic-Indic)
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -137,7 +136,7 @@ def prometheus(request: Request) -> Response:
 @routes.post("/predict", response_model=api.Predictions, openapi_extra=api.PREDICT_BODY,
              responses={404: api.ERROR, 409: api.ERROR, 413: api.ERROR, 415: api.ERROR})
 async def predict(request: Request, version: Optional[str] = Query(
-        None, pattern=VERSION, description="a kept version's number (GET /models); default: the one serving")
+        None, pattern=api.VERSION, description="a kept version's number (GET /models); default: the one serving")
         ) -> JSONResponse:
     """The digit in each uploaded image (at most 64), in upload order, and the checkpoint that answered."""
     service = _service(request)

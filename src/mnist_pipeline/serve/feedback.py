@@ -24,8 +24,6 @@ from mnist_pipeline.serve import api, bodies
 from mnist_pipeline.serve.http import ClientError
 from mnist_pipeline.serve.service import Service, decode_and_predict, model_for, version_header
 
-VERSION = r"^[0-9]{1,9}$"
-
 routes = APIRouter(tags=["feedback"], responses={400: api.ERROR, 503: api.ERROR})
 
 
@@ -78,7 +76,7 @@ def _digit(text: str) -> int:
 async def feedback(request: Request, label: Optional[str] = Query(
         None, max_length=1, description="the digit drawn (0-9), with a raw image body; multipart sends the form "
                                         "field `label`"), version: Optional[str] = Query(
-        None, pattern=VERSION, description="the version that answered (GET /models); default: the one serving. "
+        None, pattern=api.VERSION, description="the version that answered (GET /models); default: the one serving. "
                                            "The server predicts with it again and keeps its own answer")
         ) -> JSONResponse:
     """Keep a drawing with the digit it really is, for review (`mnist feedback`): 202 with the sample's id. Off
@@ -94,7 +92,7 @@ async def feedback(request: Request, label: Optional[str] = Query(
     data, text = await _image_and_label(request, label)
     digit = _digit(text)
     live = await model_for(service, None if version is None else int(version))
-    pixels: Dict[str, bytes] = {}
+    pixels: Dict[int, bytes] = {}
     probabilities = await decode_and_predict(service, live, [data], keep=pixels)
     predicted = describe(probabilities[0])["digit"]  # as /predict answers it
     sample = await run_in_threadpool(_store, service, pixels[0], digit, predicted, live.version)

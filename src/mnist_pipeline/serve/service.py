@@ -39,8 +39,8 @@ class Service:
     slots: Slots
     uploads: Uploads
     private: List[str]  # the volume's path as messages may spell it: answers leave it out
-    feedback_limiter: Any  # POST /feedback's token buckets (serve/feedback.py), and its view of feedback/'s size
-    feedback_pending: Any
+    feedback_limiter: Limiter  # POST /feedback's token buckets (serve/feedback.py), and its view of feedback/'s size
+    feedback_pending: feedback.Pending
 
     @classmethod
     def of(cls, config: ServeConfig) -> "Service":
