@@ -224,6 +224,34 @@ def every(volume: Volume) -> Iterator[Sample]:
             yield read(volume, sid)
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """The accepted samples of one split, in id order: what training mixes in (train) or evaluate scores
+    (heldout)."""
+
+    ids: Tuple[str, ...]
+    pixels: bytes  # len(ids) images of contract.IMAGE_BYTES each, one after another
+    labels: Tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def digest(self) -> str:
+        """One sha256 for the set (its ids name the pixels and labels): equal digests, equal sets."""
+        return hashlib.sha256("".join(self.ids).encode()).hexdigest()
+
+
+def accepted(volume: Volume, split: str) -> Accepted:
+    """Every accepted sample of `split`, strictly read (a malformed or changed one is an error naming its file)."""
+    if split not in SPLITS:
+        raise ValueError(split)
+    chosen = [sample for sample in every(volume) if sample.status == "accepted" and sample.split == split]
+    return Accepted(ids=tuple(sample.id for sample in chosen),
+                    pixels=b"".join(image(volume, sample) for sample in chosen),
+                    labels=tuple(sample.label for sample in chosen))
+
+
 def resolve(volume: Volume, given: str) -> str:
     """The id `given` names: itself, or the one id it is a prefix of (at least MIN_PREFIX hex digits)."""
     text = given.strip().lower()
