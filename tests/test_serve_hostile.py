@@ -119,13 +119,14 @@ def test_decodes_beyond_the_slots_wait_in_a_bounded_queue_then_get_503(serve, tr
         thread.start()
         return thread
 
-    # 64 files: their decodes take the only slot one at a time, never 64 decoded images at once
+    # 64 files: their decodes take the only slot one at a time, never 64 decoded images at once (a request
+    # as small as one drawing is decoded on the event loop, without a slot: these are larger)
     first = send("first", *multipart([("7.png", seven())] * 64))
     wait_until(lambda: Path(f"{release}.held").exists(), "the first request to hold the decode slot")
     assert metric(served, "mnist_decodes_running") == 1
-    second = send("second", seven(), PNG)
+    second = send("second", seven(400), PNG)
     wait_until(lambda: metric(served, "mnist_decodes_waiting") == 1, "the second request to wait")
-    status, headers, data = served.request("POST", "/predict", seven(), PNG)  # the queue is full
+    status, headers, data = served.request("POST", "/predict", seven(400), PNG)  # the queue is full
     assert status == 503 and headers["retry-after"] == "1" and "busy" in json.loads(data)["error"], data
     release.touch()
     first.join()

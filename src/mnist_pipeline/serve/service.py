@@ -5,10 +5,11 @@ every prediction route takes: the model a request gets, and its images decoded a
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +25,10 @@ from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
 
 DECODE_TURN_S = 0.005  # a request decodes images for this long (one image at least) before others' get a turn
+# a request whose images hold this many pixels or fewer in all (the page's 280x280 drawing, 64 MNIST-sized
+# digits) is decoded on the event loop, in about a millisecond: a trip to the threadpool and back costs
+# more CPU than that blocks the loop; anything larger waits for a decode slot
+LOOP_PIXELS = 320 * 320
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,24 @@ async def model_for(service: Service, number: Optional[int], refused: int = 409)
 
 async def decode_and_predict(service: Service, live: Live, images: List[bytes], what: Optional[str] = None,
                              keep: Optional[Dict[int, bytes]] = None) -> Any:
-    """`images` (encoded files) made MNIST-like and read by `live`: probabilities [N, 10]. Decodes take the
-    service's slots, a few images a turn, so a request of many holds one decoded image at a time. `what`: how
-    an error names the image ("{what} 3: ..."); by default "file N", and only among several. `keep`: given, it
-    receives each image's 28x28 pixels by its place (what the model read)."""
+    """`images` (encoded files) made MNIST-like and read by `live`: probabilities [N, 10]. A request whose
+    images hold LOOP_PIXELS or fewer in all is done right here, on the event loop; larger ones take the
+    service's slots, a few images a turn in the threadpool, so a request of many holds one decoded image at a
+    time. `what`: how an error names the image ("{what} 3: ..."); by default "file N", and only among several.
+    `keep`: given, it receives each image's 28x28 pixels by its place (what the model read)."""
+    named = what or ("file" if len(images) > 1 else "")
+    # the headers (cheap: nothing decoded) say how much decoding there is
+    pending: List[Any] = [_image(preprocess.opened, data, named, number) for number, data in enumerate(images)]
     inputs: List[bytes] = []
-    answers = None
-    while answers is None:
-        async with service.slots.slot(newcomer=not inputs):
-            answers = await run_in_threadpool(_decode_turn, images, inputs, live, what)
+    if sum(image.width * image.height for image in pending) <= LOOP_PIXELS:
+        answers = _decode_turn(pending, inputs, live, named, deadline=math.inf)
+    else:
+        images.clear()  # the opened images hold the bytes now
+        answers = None
+        while answers is None:
+            async with service.slots.slot(newcomer=not inputs):
+                answers = await run_in_threadpool(_decode_turn, pending, inputs, live, named,
+                                                  time.perf_counter() + DECODE_TURN_S)
     if keep is not None:
         keep.update(enumerate(inputs))
     return answers
@@ -115,26 +129,24 @@ def _private_paths(root: Path) -> List[str]:
     return sorted((s for s in spellings if s not in (".", "")), key=len, reverse=True)
 
 
-def _decode_turn(images: List[bytes], inputs: List[bytes], live: Live, what: Optional[str]) -> Optional[Any]:
-    """The next of `images` decoded into `inputs` until DECODE_TURN_S has passed (one at least), each one's bytes
-    dropped once done with; once all are, their probabilities, in the same turn (None until then). A request
-    of many small images takes a few trips to the threadpool, not one per image (nor one more to predict);
-    one of large images still lets other requests' images in between its own."""
-    began = time.perf_counter()
-    while len(inputs) < len(images):
+def _decode_turn(pending: List[Any], inputs: List[bytes], live: Live, named: str, deadline: float) -> Optional[Any]:
+    """The next of `pending` (opened images) decoded into `inputs` until `deadline` (one at least), each dropped
+    once done with; once all are, their probabilities, in the same turn (None until then). A request of many
+    small images takes a few trips to the threadpool, not one per image (nor one more to predict); one of
+    large images still lets other requests' images in between its own."""
+    while len(inputs) < len(pending):
         number = len(inputs)
-        named = what or ("file" if len(images) > 1 else "")
-        inputs.append(_decode(images[number], f"{named} {number + 1}: " if named else ""))
-        images[number] = b""
-        if len(inputs) < len(images) and time.perf_counter() - began > DECODE_TURN_S:
+        faults.hold_point("decode")
+        inputs.append(_image(preprocess.from_bytes, pending[number], named, number))
+        pending[number] = None
+        if len(inputs) < len(pending) and time.perf_counter() > deadline:
             return None
     return live.predict(inputs)
 
 
-def _decode(data: bytes, named: str) -> bytes:
-    """One image's bytes -> its 28x28 pixels (contract.py); `named`: its place in a request of several, said first."""
-    faults.hold_point("decode")
+def _image(step: Callable[[Any], Any], data: Any, named: str, number: int) -> Any:
+    """`step` (a preprocess function) of image `number`; its ImageError as a 400 naming the image among several."""
     try:
-        return preprocess.from_bytes(data)
+        return step(data)
     except preprocess.ImageError as exc:
-        raise ClientError(400, named + str(exc)) from None
+        raise ClientError(400, f"{named} {number + 1}: {exc}" if named else str(exc)) from None
