@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import built_once, private_copy, run_here
+from conftest import assert_one_line_error, built_once, private_copy, run_here
 from mnist_pipeline import data
 from mnist_pipeline.model import predict
 from mnist_pipeline.records import checkpoint, evaluation
@@ -102,7 +102,7 @@ def test_without_accepted_held_out_feedback_evaluate_writes_what_it_wrote_before
     assert json.loads((plain / "model/versions/1/version.json").read_text())["format_version"] == 1
     assert models(other)[1]["feedback"] is None
     assert not (other / "model" / "report" / "feedback_mistakes.png").exists()
-    assert "Held-out feedback" not in (other / "model" / "report" / "index.html").read_text()
+    assert "held-out feedback" not in (other / "model" / "report" / "index.html").read_text().lower()
 
 
 # --- scored, kept, listed and drawn -------------------------------------------------------------------------
@@ -150,6 +150,17 @@ def test_evaluate_scores_the_accepted_held_out_feedback_as_the_model_reads_it(sc
         assert not list(validator(schema).iter_errors(json.loads(path.read_text()))), path
 
 
+def test_a_changed_held_out_sample_is_one_error_naming_it_until_it_is_deleted(scored, tmp_path):
+    root = private_copy(scored[0], tmp_path / "volume")
+    changed = scored[1][5]
+    (root / "feedback" / f"{changed}.png").write_bytes(samples.png_of(bytes(784)))
+    result = run_here("evaluate", "--root", str(root), "--threshold", "0")
+    assert_one_line_error(result, 1, f"feedback/{changed}.png", "mnist feedback delete")
+    ok("feedback", "delete", changed[:12], "--root", str(root))
+    result = ok("evaluate", "--root", str(root), "--threshold", "0")
+    assert "; held-out feedback " in result.stdout and eval_json(root)["feedback"]["total"] == 23
+
+
 def test_mnist_models_shows_both_accuracies(scored):
     root, _ = scored
     rows = {int(line.split()[0]): line for line in ok("models", "--root", str(root)).stdout.splitlines()[1:]}
@@ -163,7 +174,8 @@ def test_the_report_shows_the_held_out_feedback_and_draws_its_mistakes(scored, t
     folder = root / "model" / "report"
     block = eval_json(root)["feedback"]
     page = (folder / "index.html").read_text()
-    assert "<h2>Held-out feedback</h2>" in page
+    assert '<h2 id="held-out-feedback">Held-out feedback</h2>' in page
+    assert f'held-out feedback accuracy<b>{block["accuracy"]:.2%}</b>' in page  # beside MNIST's headline figures
     assert f"{block['accuracy']:.2%}" in page and f"{block['correct']:,} / 24" in page
     assert '<img src="feedback_mistakes.png"' in page and '<img src="feedback_confusion.png"' in page
     assert f"{block['accuracy']:.2%} of 24</td>" in page  # the versions table, version 2

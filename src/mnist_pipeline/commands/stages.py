@@ -77,8 +77,10 @@ def _evaluate(v: Values) -> Scored:
 
     scored = stage.run(evaluate_config(v))
     result = scored.evaluation
+    figures = result.feedback.figures if result.feedback else None
     print(f"evaluate: accuracy {result.accuracy:.4f} ({result.correct}/{result.total}), "
-          f"test loss {result.test_loss:.4f}, epoch {result.epoch}")
+          f"test loss {result.test_loss:.4f}, epoch {result.epoch}" +
+          (f"; held-out feedback {figures.accuracy:.4f} ({figures.correct}/{figures.total})" if figures else ""))
     return scored
 
 
