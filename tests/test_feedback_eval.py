@@ -258,6 +258,20 @@ def test_promotion_goes_ahead_when_the_new_version_is_better_on_both(weak_then_s
     assert production(root) == 2 and models(root)[2]["feedback"]["accuracy"] == 1.0
 
 
+def test_a_production_checkpoint_that_does_not_load_leaves_the_rule_to_mnist_alone(weak_then_strong, tmp_path,
+                                                                                   pool):
+    root = private_copy(weak_then_strong, tmp_path / "volume")
+    images, weak, strong = disagreeing(root / "model/versions/1/mnist_cnn.pt", root / "model/mnist_cnn.pt", pool)
+    add(root, heldout_samples(images, weak.tolist(), 12))  # (would hold the new one back)
+    kept = root / "model/versions/1/mnist_cnn.pt"
+    damaged = bytearray(kept.read_bytes())
+    damaged[-100] ^= 0xFF  # the same size: version 1 still lists, its checkpoint no longer hashes as kept
+    kept.write_bytes(bytes(damaged))
+    result = ok("evaluate", "--root", str(root), "--threshold", "0")
+    assert "production's version 1 is not scored on the held-out feedback" in result.stderr, result.stderr
+    assert production(root) == 2  # better on MNIST: today's rule
+
+
 @pytest.fixture(scope="module")
 def strong_then_weak(weak_then_strong, tmp_path_factory) -> Path:
     """weak_then_strong with the 60-step version evaluated (2, production, better on MNIST), then a fresh
