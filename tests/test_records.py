@@ -81,7 +81,7 @@ def test_the_first_format_1_files_read_too_and_the_first_network_is_refused_by_n
     del record["mistakes"]
     format1.eval_results.write_text(json.dumps(record))
     assert evaluation.read(format1).mistakes == ()
-    record["format_version"] = evaluation.FORMAT_VERSION  # format 2 always lists them
+    record["format_version"] = evaluation.WITHOUT_FEEDBACK  # format 2 always lists them
     format1.eval_results.write_text(json.dumps(record))
     with pytest.raises(PipelineError, match="has no 'mistakes'"):
         evaluation.read(format1)
@@ -219,7 +219,10 @@ VERSION_JSON = {"format_version": 1, "sha256": "a" * 64, "bytes": 10, "epoch": 1
     (lambda v: v.update(accuracy=float("nan")), "NaN is not a number JSON allows"),
     (lambda v: v.update(created=["x"]), "created is ['x'], not a string"),
     (lambda v: v.pop("package"), "it has no 'package'"),
-    (lambda v: v.update(format_version=2), "format_version 2 is newer than 1"),
+    (lambda v: v.update(format_version=3), "format_version 3 is newer than 2"),
+    (lambda v: v.update(format_version=2), "it has no 'feedback' (format 2 has it"),
+    (lambda v: v.update(feedback={"digest": "c" * 64, "total": 2, "correct": 1, "accuracy": 0.5}),
+     "it has feedback figures, which format 1 does not have"),
 ])
 def test_a_malformed_version_json_is_one_error_naming_it(change, fragment, tmp_path):
     volume = Volume(tmp_path)

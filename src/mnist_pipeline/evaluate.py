@@ -1,4 +1,5 @@
-"""evaluate: wait for a finished checkpoint, score it on all 10,000 test images, keep it as a version."""
+"""evaluate: wait for a finished checkpoint, score it on all 10,000 test images and on the accepted held-out
+feedback (records/feedback.py) when there is some, keep it as a version."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
 from mnist_pipeline import data, runtime
-from mnist_pipeline.records import aliases, checkpoint, evaluation, history, versions
-from mnist_pipeline.records.evaluation import Evaluation, Mistake
+from mnist_pipeline.records import aliases, checkpoint, evaluation, feedback, history, versions
+from mnist_pipeline.records.evaluation import Evaluation, FeedbackFigures, FeedbackMistake, FeedbackScores, Mistake
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import predict
+from mnist_pipeline.model import predict, stack
 from mnist_pipeline.settings import EvaluateConfig
 from mnist_pipeline.storage.files import describe
 from mnist_pipeline.storage.locks import is_running, shared_lock
@@ -51,22 +52,32 @@ def run(config: EvaluateConfig) -> Scored:
         test_set = data.load_split(volume.data_dir, "test", config.mirror)
         started = time.monotonic()
         probabilities = predict(model, test_set.images, device)
-        result = dataclasses.replace(_scores(probabilities, test_set, device, saved),
-                                     compute_seconds=round(time.monotonic() - started, 3))
+        result = _scores(probabilities, test_set, device, saved)
+        heldout = feedback.accepted(volume, "heldout")
+        if len(heldout):
+            result = dataclasses.replace(result, feedback=score_feedback(model, heldout, device))
+            log.info("held-out feedback: %d of %d samples right", result.feedback.figures.correct, len(heldout))
+        result = dataclasses.replace(result, compute_seconds=round(time.monotonic() - started, 3))
         evaluation.write(volume, result)
     history.add_evaluation(volume, saved.epoch, saved.sha256, result.accuracy, result.test_loss)
-    keep(volume, saved, result, config)
+    judge = production_judge(volume, heldout, device) if len(heldout) else None
+    keep(volume, saved, result, config, judge)
     return Scored(result, probabilities if device.type == "cpu" else None)
 
 
-def keep(volume: Volume, saved: checkpoint.Checkpoint, result: Evaluation, config: EvaluateConfig) -> None:
-    """Register the scored checkpoint as a version, move production by the rule, drop the oldest unaliased."""
+def keep(volume: Volume, saved: checkpoint.Checkpoint, result: Evaluation, config: EvaluateConfig,
+         judge: Optional[Callable[[versions.Version], Optional[FeedbackFigures]]] = None) -> None:
+    """Register the scored checkpoint as a version, move production by the rule (`judge` scores production's
+    version on the held-out feedback `result` was scored on), drop the oldest unaliased."""
     version = versions.register(volume, saved, result, DATA_SHA256)
     if version is None:
         log.info("epoch %d (sha256 %s) is a version already", saved.epoch, saved.sha256[:12])
         return
     log.info("registered version %d (epoch %d, accuracy %.4f)", version.number, version.epoch, version.accuracy)
-    if aliases.auto_promote(volume, version, config.threshold, config.promote) is None:
+    move, held_back = aliases.auto_promote(volume, version, config.threshold, config.promote, config.margin, judge)
+    if held_back:
+        log.info("%s", held_back)
+    elif move is None:
         log.info("production stays at version %s (--promote %s, --threshold %s)",
                  aliases.read(volume, aliases.PRODUCTION) or "none", config.promote, config.threshold)
     gone = aliases.prune(volume, config.keep)
@@ -99,6 +110,39 @@ def wait_for_checkpoint(volume: Volume, wait_s: float, grace_s: float = 0.0,
     )
 
 
+def score_feedback(model: nn.Module, heldout: feedback.Accepted, device: torch.device) -> FeedbackScores:
+    """How `model` reads the accepted held-out feedback: its images are preprocess's output, MNIST-like, so they
+    go through the model's own normalisation as the test images do."""
+    probabilities = predict(model, stack((heldout.pixels,)), device)
+    labels = torch.tensor(heldout.labels, dtype=torch.int64)
+    confusion, predicted, confidence, wrong = _judged(probabilities, labels)
+    return FeedbackScores(
+        figures=FeedbackFigures(digest=heldout.digest, total=len(heldout), correct=int(confusion.diagonal().sum())),
+        confusion_matrix=tuple(tuple(row) for row in confusion.tolist()),
+        mistakes=tuple(FeedbackMistake(id=heldout.ids[i], label=int(labels[i]), predicted=int(predicted[i]),
+                                       confidence=round(float(confidence[i]), 6)) for i in wrong),
+    )
+
+
+def production_judge(volume: Volume, heldout: feedback.Accepted, device: torch.device
+                     ) -> Callable[[versions.Version], Optional[FeedbackFigures]]:
+    """What promotion asks of production's version: how it reads `heldout` (the figures it keeps when they are of
+    this very set, else its checkpoint scored now); None when its checkpoint does not load."""
+
+    def judge(current: versions.Version) -> Optional[FeedbackFigures]:
+        if current.feedback is not None and current.feedback.digest == heldout.digest:
+            return current.feedback
+        try:
+            _, saved, _ = versions.load(volume, current.number)  # (weights_only, hashed against version.json)
+        except PipelineError as exc:
+            log.warning("production's version %d is not scored on the held-out feedback (%s): promotion compares "
+                        "MNIST's accuracy alone", current.number, exc)
+            return None
+        return score_feedback(saved.build_model().to(device), heldout, device).figures
+
+    return judge
+
+
 def score(model: nn.Module, test_set: data.Split, device: torch.device, saved: checkpoint.Checkpoint) -> Evaluation:
     """Accuracy, mean cross-entropy, per-class accuracy, the confusion matrix (rows: true digit) and
     the most confident mistakes of `saved`'s `model`."""
@@ -108,15 +152,11 @@ def score(model: nn.Module, test_set: data.Split, device: torch.device, saved: c
 def _scores(probabilities: torch.Tensor, test_set: data.Split, device: torch.device,
             saved: checkpoint.Checkpoint) -> Evaluation:
     labels = test_set.labels
-    predicted = probabilities.argmax(dim=1)
     picked = probabilities[torch.arange(len(labels)), labels]
     test_loss = -torch.log(picked.clamp_min(1e-12)).mean().item()
-    confusion = torch.bincount(labels * 10 + predicted, minlength=100).reshape(10, 10)
+    confusion, predicted, confidence, wrong = _judged(probabilities, labels)
     per_class = confusion.diagonal() / confusion.sum(dim=1).clamp_min(1)
     correct = int(confusion.diagonal().sum())
-    confidence = probabilities.max(dim=1).values
-    wrong = (predicted != labels).nonzero().flatten()
-    wrong = wrong[confidence[wrong].argsort(descending=True, stable=True)][:MISTAKES_KEPT]
     return Evaluation(
         accuracy=correct / len(labels),
         test_loss=test_loss,
@@ -132,3 +172,15 @@ def _scores(probabilities: torch.Tensor, test_set: data.Split, device: torch.dev
         device=str(device),
         evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
+
+
+def _judged(probabilities: torch.Tensor, labels: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The confusion matrix (rows: true digit), the predictions, their confidence and the MISTAKES_KEPT most
+    confident mistakes' places, surest first."""
+    predicted = probabilities.argmax(dim=1)
+    confusion = torch.bincount(labels * 10 + predicted, minlength=100).reshape(10, 10)
+    confidence = probabilities.max(dim=1).values
+    wrong = (predicted != labels).nonzero().flatten()
+    wrong = wrong[confidence[wrong].argsort(descending=True, stable=True)][:MISTAKES_KEPT]
+    return confusion, predicted, confidence, wrong

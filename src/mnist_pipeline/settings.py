@@ -77,6 +77,8 @@ class EvaluateConfig:
     started: float = dataclasses.field(default_factory=time.monotonic)  # --grace counts from the command's start
     threshold: float = THRESHOLD  # what a new version must pass to become production by itself
     promote: str = "auto"  # auto: when it passes and is at least as accurate as production; never; always
+    # with held-out feedback, auto lets MNIST's accuracy fall this many percentage points below production's
+    margin: float = 0.1
     keep: int = 20  # versions no alias points to kept after registering one (the newest)
 
 
@@ -200,6 +202,10 @@ _ALL = [
     Setting("--promote", parse.promote, default_of(EvaluateConfig, "promote"),
             "move the production alias to the new version: auto (when it passes --threshold and is at least as "
             "accurate as production), never or always", "auto|never|always"),
+    Setting("--promote-margin", parse.non_negative_float, default_of(EvaluateConfig, "margin"),
+            "with accepted held-out feedback: percentage points of MNIST test accuracy a new version may lose against "
+            "production and still replace it under --promote auto, if it reads the held-out feedback at least as "
+            "well", "POINTS"),
     Setting("--export", parse.export, EXPORT,
             "after evaluating: export the version to ONNX where onnxruntime imports (auto), or leave that to "
             "`mnist export` (never)", "auto|never"),
@@ -253,13 +259,13 @@ _COMMON = ("root", "mirror", "device", "threads")
 _TRAIN = ("epochs", "batch_size", "lr", "fresh", "max_steps", "save_every")
 _INFER = ("wait", "grace", "threshold", "count")
 _PREDICT = ("root", "device", "threads", "threshold", "model")
-_EVALUATE = ("wait", "grace", "threshold", "promote", "keep", "export")
+_EVALUATE = ("wait", "grace", "threshold", "promote", "promote_margin", "keep", "export")
 # which settings each command takes, in --help's order
 COMMAND_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "train": _COMMON + ("seed",) + _TRAIN + ("nproc_per_node",),  # (pipeline: no torchrun)
     "evaluate": _COMMON + _EVALUATE,  # no --seed: scoring draws nothing at random
     "infer": _COMMON + ("seed",) + _INFER,
-    "pipeline": _COMMON + ("seed",) + _TRAIN + _INFER + ("promote", "keep", "export"),
+    "pipeline": _COMMON + ("seed",) + _TRAIN + _INFER + ("promote", "promote_margin", "keep", "export"),
     "report": ("root", "mirror"),
     "predict": _PREDICT + ("json",),
     "models": ("root", "keep", "json"),

@@ -62,14 +62,20 @@ def models(args: argparse.Namespace, v: Values) -> int:
     if not rows:
         print("no versions yet: `mnist evaluate` keeps each checkpoint it scores as one")
         return 0
-    print(f"{'version':>7}  {'epoch':>5}  {'accuracy':>8}  {'created':<24}  aliases")
+    # feedback: how it read the accepted held-out feedback when evaluate scored it (that set, of that many)
+    print(f"{'version':>7}  {'epoch':>5}  {'accuracy':>8}  {'feedback':>14}  {'created':<24}  aliases")
     for row in rows:
         if "corrupt" in row:
             print(f"{row['version']:>7}  corrupt: {row['corrupt']}")
         else:
-            print(f"{row['version']:>7}  {row['epoch']:>5}  {row['accuracy']:>8.4f}  {row['created']:<24}  "
-                  f"{', '.join(row['aliases'])}")
+            print(f"{row['version']:>7}  {row['epoch']:>5}  {row['accuracy']:>8.4f}  "
+                  f"{feedback_cell(row['feedback']):>14}  {row['created']:<24}  {', '.join(row['aliases'])}")
     return 0
+
+
+def feedback_cell(figures: Any) -> str:
+    """A version's held-out feedback accuracy and the samples it is of, e.g. `0.9310 of 312`; `-`: none."""
+    return f"{figures['accuracy']:.4f} of {figures['total']}" if figures else "-"
 
 
 def promote(args: argparse.Namespace, v: Values) -> int:

@@ -77,8 +77,10 @@ def _evaluate(v: Values) -> Scored:
 
     scored = stage.run(evaluate_config(v))
     result = scored.evaluation
+    figures = result.feedback.figures if result.feedback else None
     print(f"evaluate: accuracy {result.accuracy:.4f} ({result.correct}/{result.total}), "
-          f"test loss {result.test_loss:.4f}, epoch {result.epoch}")
+          f"test loss {result.test_loss:.4f}, epoch {result.epoch}" +
+          (f"; held-out feedback {figures.accuracy:.4f} ({figures.correct}/{figures.total})" if figures else ""))
     return scored
 
 
@@ -105,7 +107,7 @@ def train_config(v: Values, explicit: frozenset) -> TrainConfig:
 def evaluate_config(v: Values) -> EvaluateConfig:
     return EvaluateConfig(root=v["root"], mirror=v["mirror"], device=v["device"], threads=v["threads"],
                           wait_s=v["wait"], grace_s=v["grace"], started=v["started"], threshold=v["threshold"],
-                          promote=v["promote"], keep=v["keep"])
+                          promote=v["promote"], margin=v["promote_margin"], keep=v["keep"])
 
 
 def infer_config(v: Values) -> InferConfig:
@@ -135,7 +137,23 @@ def write_report(volume: Volume, mirror: Optional[str], scores: Optional["Evalua
             log.warning("the report leaves out results/: %s", exc)
     test_images = data.load_split(volume.data_dir, "test", mirror).images
     return reports.write(volume, scores, history.read(volume), test_images, inferred, aliases.catalogue(volume),
-                         aliases.history(volume))
+                         aliases.history(volume), feedback_images(volume, scores))
+
+
+def feedback_images(volume: Volume, scores: "Evaluation") -> Dict[str, bytes]:
+    """The pixels of the held-out feedback mistakes `scores` lists, by id; one deleted or changed since is left
+    out (with a warning for a changed one)."""
+    from mnist_pipeline.records import feedback
+
+    found: Dict[str, bytes] = {}
+    for mistake in scores.feedback.mistakes if scores.feedback else ():
+        try:
+            found[mistake.id] = feedback.image(volume, feedback.read(volume, mistake.id))
+        except FileNotFoundError:
+            continue
+        except PipelineError as exc:
+            log.warning("the report leaves out feedback sample %s: %s", mistake.id[:12], exc)
+    return found
 
 
 def _report_after(volume: Volume, mirror: Optional[str], written: str, scores: "Evaluation",

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 from typing_extensions import TypedDict
 
@@ -143,7 +143,7 @@ def catalogue(volume: Volume) -> List[Dict[str, Any]]:
         else:
             rows.append({"version": found.number, "epoch": found.epoch, "accuracy": found.accuracy,
                          "test_loss": found.test_loss, "created": found.created, "sha256": found.sha256,
-                         "aliases": names})
+                         "aliases": names, "feedback": found.feedback.to_json() if found.feedback else None})
     return rows
 
 
@@ -210,19 +210,44 @@ def _targets(moves: List[Move], name: str) -> List[int]:
     return stack
 
 
-def auto_promote(volume: Volume, new: versions.Version, threshold: float, mode: str) -> Optional[Move]:
+def auto_promote(volume: Volume, new: versions.Version, threshold: float, mode: str, margin: float = 0.0,
+                 judge: Optional[Callable[[versions.Version], Optional[evaluation.FeedbackFigures]]] = None
+                 ) -> Tuple[Optional[Move], Optional[str]]:
     """evaluate's rule for production: `always`; `never`; or `auto`: when `new` passes the threshold and is at
-    least as accurate as the current production version (or there is none that reads)."""
+    least as accurate as the current production version (or there is none that reads). With held-out feedback
+    (`new.feedback`, and `judge` saying how production's version reads the same set), `auto` asks instead that
+    `new` is at most `margin` percentage points less accurate on MNIST's test set, and not less accurate on the
+    held-out feedback. The move, and the line saying which figure held it back when that rule did."""
     if mode == "never":
-        return None
+        return None, None
     with versions.registry_lock(volume, f"move {PRODUCTION}"):
         if mode == "auto":
             if not new.accuracy > threshold:
-                return None
+                return None, None
             current = _readable(volume, read(volume, PRODUCTION))
-            if current is not None and new.accuracy < current.accuracy:
-                return None
-        return _move(volume, PRODUCTION, new.number, "auto-promotion")
+            theirs = judge(current) if current is not None and new.feedback and judge else None
+            if theirs is not None:
+                held_back = _held_back(new, current, theirs, margin)
+                if held_back:
+                    return None, held_back
+            elif current is not None and new.accuracy < current.accuracy:
+                return None, None
+        return _move(volume, PRODUCTION, new.number, "auto-promotion"), None
+
+
+def _held_back(new: versions.Version, current: versions.Version, theirs: evaluation.FeedbackFigures,
+               margin: float) -> Optional[str]:
+    """Why `new` does not replace `current` under the feedback rule (None: it does)."""
+    ours = new.feedback
+    stays = f"production stays at version {current.number}: version {new.number} reads"
+    # (accuracies are counts over 10,000 images: the tolerance absorbs the float subtraction only)
+    if new.accuracy < current.accuracy - margin / 100 - 1e-9:
+        return (f"{stays} {new.accuracy:.2%} of MNIST's test set, more than {margin:g} point below version "
+                f"{current.number}'s {current.accuracy:.2%} (--promote-margin)")
+    if ours.correct * theirs.total < theirs.correct * ours.total:
+        return (f"{stays} {ours.accuracy:.1%} of {ours.total} held-out feedback samples, version {current.number} "
+                f"{theirs.accuracy:.1%}")
+    return None
 
 
 def _readable(volume: Volume, number: Optional[int]) -> Optional[versions.Version]:

@@ -1,14 +1,16 @@
 """model/eval_results.json: the test scores of one checkpoint (File says what the file holds), and the gate that
 uses them. Format 1 has no format_version and also had its checkpoint's path; its first files have no mistakes.
+Format 3 adds the scores on the accepted held-out feedback (records/feedback.py); an evaluation without any is
+written as format 2, as before there was feedback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple
 
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from mnist_pipeline.errors import BelowThreshold, NotEvaluated, PipelineError
 from mnist_pipeline.records import _json as j
@@ -16,8 +18,10 @@ from mnist_pipeline.records import checkpoint as checkpoints
 from mnist_pipeline.storage.files import describe
 from mnist_pipeline.volume import Volume
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+WITHOUT_FEEDBACK = 2  # the format of an evaluation without a feedback block
 MAX_IMAGES = j.MAX_IMAGES
+MAX_SAMPLES = 10**9  # held-out feedback samples
 FIX = "run `mnist evaluate` to write it again"
 FORMAT_1_DEFAULTS = {"mistakes": [], "compute_seconds": 0.0, "device": "?", "evaluated_at": "?"}
 
@@ -36,6 +40,26 @@ class CheckpointScored(TypedDict):
     epoch: j.Whole(0, checkpoints.MAX_EPOCH)
 
 
+class FeedbackScored(TypedDict):
+    """A held-out feedback sample the model got wrong: its id (feedback/<id>.png is its image) and score."""
+
+    id: j.Sha256
+    label: j.Whole(0, 9)
+    predicted: j.Whole(0, 9)
+    confidence: j.Fraction
+
+
+class FeedbackBlock(TypedDict):
+    """The scores on the accepted held-out feedback samples (format 3 only)."""
+
+    digest: j.Sha256  # of the set scored (records/feedback.Accepted.digest): equal digests, equal sets
+    total: j.Whole(1, MAX_SAMPLES)
+    correct: j.Whole(0, MAX_SAMPLES)
+    accuracy: j.Fraction  # correct / total
+    confusion_matrix: j.List(j.List(j.Whole(0, MAX_SAMPLES), length=10), length=10)  # rows: the true digit
+    mistakes: j.List(FeedbackScored, MAX_IMAGES)  # the most confident mistakes, surest first
+
+
 PerClass = TypedDict("PerClass", {str(d): j.Fraction for d in range(10)})  # (digits are not names)
 
 
@@ -43,7 +67,7 @@ class File(TypedDict):
     """model/eval_results.json: the test scores of one checkpoint."""
 
     __pydantic_config__ = j.STRICT
-    format_version: Literal[FORMAT_VERSION]
+    format_version: Literal[WITHOUT_FEEDBACK, FORMAT_VERSION]
     total: j.Whole(1, MAX_IMAGES)  # (checked in this order: the first field amiss is the one named)
     correct: j.Whole(0, MAX_IMAGES)
     accuracy: j.Fraction  # correct / total
@@ -55,6 +79,7 @@ class File(TypedDict):
     compute_seconds: j.Number(0)  # with device and evaluated_at: how and when
     device: j.Text(40)
     evaluated_at: j.Text(40)
+    feedback: NotRequired[FeedbackBlock]  # format 3: there, format 2: absent
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,52 @@ class Mistake:
     label: int
     predicted: int
     confidence: float
+
+
+@dataclass(frozen=True)
+class FeedbackMistake:
+    id: str
+    label: int
+    predicted: int
+    confidence: float
+
+
+@dataclass(frozen=True)
+class FeedbackFigures:
+    """How many of the accepted held-out feedback set `digest` names a checkpoint reads right: what promotion
+    compares and a version keeps."""
+
+    digest: str
+    total: int
+    correct: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"digest": self.digest, "total": self.total, "correct": self.correct, "accuracy": self.accuracy}
+
+    @classmethod
+    def parse(cls, values: Dict[str, Any], at: str = "feedback.") -> "FeedbackFigures":
+        """From checked values; Invalid when accuracy is not correct / total."""
+        total, correct = values["total"], values["correct"]
+        if correct > total or abs(values["accuracy"] - correct / total) > 1e-9:
+            raise j.Invalid(f"{at}accuracy {values['accuracy']} is not correct / total ({correct} / {total})")
+        return cls(digest=values["digest"], total=total, correct=correct)
+
+
+@dataclass(frozen=True)
+class FeedbackScores:
+    """How a checkpoint reads the accepted held-out feedback: the figures, the confusion, the mistakes."""
+
+    figures: FeedbackFigures
+    confusion_matrix: Tuple[Tuple[int, ...], ...]  # rows: the true digit
+    mistakes: Tuple[FeedbackMistake, ...]  # the most confident first
+
+    def to_json(self) -> Dict[str, Any]:
+        return {**self.figures.to_json(), "confusion_matrix": [list(row) for row in self.confusion_matrix],
+                "mistakes": [dataclasses.asdict(m) for m in self.mistakes]}
 
 
 @dataclass(frozen=True)
@@ -79,13 +150,14 @@ class Evaluation:
     compute_seconds: float
     device: str
     evaluated_at: str
+    feedback: Optional[FeedbackScores] = None  # None: no accepted held-out feedback when it was scored
 
     def passes(self, threshold: float) -> bool:
         return self.accuracy > threshold
 
     def to_json(self) -> Dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
+        record = {
+            "format_version": FORMAT_VERSION if self.feedback else WITHOUT_FEEDBACK,
             "accuracy": self.accuracy,
             "test_loss": self.test_loss,
             "correct": self.correct,
@@ -98,6 +170,9 @@ class Evaluation:
             "device": self.device,
             "evaluated_at": self.evaluated_at,
         }
+        if self.feedback:
+            record["feedback"] = self.feedback.to_json()
+        return record
 
 
 def write(volume: Volume, evaluation: Evaluation) -> None:
@@ -115,14 +190,16 @@ def read(volume: Volume) -> Evaluation:
 
 def parse(record: Any) -> Evaluation:
     """The evaluation in a file's JSON value, any format; Invalid saying what is wrong."""
-    if j.version(record, FORMAT_VERSION) == 1:  # the same but for the checkpoint's `path` (unread); its first
-        record = {**FORMAT_1_DEFAULTS, **record, "format_version": FORMAT_VERSION}  # files have no mistakes
+    found = j.version(record, FORMAT_VERSION)
+    if found == 1:  # the same as format 2 but for the checkpoint's `path` (unread); its first files have no mistakes
+        record = {**FORMAT_1_DEFAULTS, **record, "format_version": WITHOUT_FEEDBACK}
+    if found < FORMAT_VERSION and "feedback" in record:
+        raise j.Invalid(f"it has feedback scores, which format {found} does not have: its format_version is 3")
     values = j.check(File, record)
+    if found == FORMAT_VERSION and "feedback" not in values:
+        raise j.Invalid("it has no 'feedback' (format 3 has it; an evaluation without feedback is format 2)")
     total, correct, matrix = values["total"], values["correct"], tuple(map(tuple, values["confusion_matrix"]))
-    if abs(values["accuracy"] - correct / total) > 1e-9:
-        raise j.Invalid(f"accuracy {values['accuracy']} is not correct / total ({correct} / {total})")
-    if sum(map(sum, matrix)) != total or sum(matrix[d][d] for d in range(10)) != correct:
-        raise j.Invalid("confusion_matrix does not add up to total and its diagonal to correct")
+    _check_counts(values["accuracy"], correct, total, matrix, "")
     per_class_accuracy = tuple(values["per_class_accuracy"][str(d)] for d in range(10))
     for d, share in enumerate(per_class_accuracy):
         right = matrix[d][d] / max(1, sum(matrix[d]))
@@ -139,7 +216,28 @@ def parse(record: Any) -> Evaluation:
         per_class_accuracy=per_class_accuracy, confusion_matrix=matrix, mistakes=mistakes,
         sha256=values["checkpoint"]["sha256"], epoch=values["checkpoint"]["epoch"],
         compute_seconds=values["compute_seconds"], device=values["device"], evaluated_at=values["evaluated_at"],
+        feedback=_feedback(values["feedback"]) if "feedback" in values else None,
     )
+
+
+def _feedback(values: Dict[str, Any]) -> FeedbackScores:
+    figures = FeedbackFigures.parse(values)
+    total, correct, matrix = figures.total, figures.correct, tuple(map(tuple, values["confusion_matrix"]))
+    _check_counts(values["accuracy"], correct, total, matrix, "feedback.")
+    mistakes = tuple(FeedbackMistake(**entry) for entry in values["mistakes"])
+    for k, mistake in enumerate(mistakes):
+        if mistake.label == mistake.predicted:
+            raise j.Invalid(f"feedback.mistakes[{k}] predicted its own label {mistake.label}: not a mistake")
+    if len(mistakes) > total - correct:
+        raise j.Invalid(f"feedback.mistakes lists {len(mistakes)}, more than the {total - correct} wrong")
+    return FeedbackScores(figures=figures, confusion_matrix=matrix, mistakes=mistakes)
+
+
+def _check_counts(accuracy: float, correct: int, total: int, matrix: Tuple[Tuple[int, ...], ...], at: str) -> None:
+    if abs(accuracy - correct / total) > 1e-9:
+        raise j.Invalid(f"{at}accuracy {accuracy} is not correct / total ({correct} / {total})")
+    if sum(map(sum, matrix)) != total or sum(matrix[d][d] for d in range(10)) != correct:
+        raise j.Invalid(f"{at}confusion_matrix does not add up to total and its diagonal to correct")
 
 
 def evaluated(volume: Volume, threshold: float) -> Tuple[checkpoints.Checkpoint, Evaluation]:

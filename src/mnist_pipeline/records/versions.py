@@ -8,7 +8,9 @@
                                         once its parity check passed (export.py)
   model/versions/<N>/version.json       format_version, sha256 and bytes of the checkpoint, epoch,
                                         recipe (its train_config), data_sha256, created, accuracy,
-                                        test_loss, package (this program's version)
+                                        test_loss, package (this program's version); format 2 adds
+                                        feedback (its held-out feedback figures), and a version
+                                        scored without any is written as format 1
   model/versions/counter.json           {"format_version": 1, "next": N}: numbers are never reused,
                                         even after prune removed the newest
 
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from mnist_pipeline import __version__
 from mnist_pipeline.errors import PipelineError
@@ -43,18 +45,30 @@ from mnist_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+WITHOUT_FEEDBACK = 1  # the format of a version scored without held-out feedback
+COUNTER_FORMAT = 1
 LOCK = "versions"  # held while a number is taken, an alias moves or versions are pruned
 CHECKPOINT, EVALUATION, METADATA = "mnist_cnn.pt", "eval_results.json", "version.json"
 MAX_VERSION = 10**9
 VersionNumber = j.Whole(1, MAX_VERSION)
 
 
+class Feedback(TypedDict):
+    """How a version read the accepted held-out feedback when evaluate scored it (its eval_results.json has
+    the rest)."""
+
+    digest: j.Sha256  # of the set (records/feedback.Accepted.digest)
+    total: j.Whole(1, evaluations.MAX_SAMPLES)
+    correct: j.Whole(0, evaluations.MAX_SAMPLES)
+    accuracy: j.Fraction  # correct / total
+
+
 class File(TypedDict):
     """model/versions/<N>/version.json: what version N keeps (its checkpoint, by sha256 and size)."""
 
     __pydantic_config__ = j.STRICT
-    format_version: Literal[FORMAT_VERSION]
+    format_version: Literal[WITHOUT_FEEDBACK, FORMAT_VERSION]
     sha256: j.Sha256  # of the checkpoint
     bytes: j.Whole(1, checkpoints.MAX_BYTES)
     epoch: j.Whole(0, checkpoints.MAX_EPOCH)
@@ -64,13 +78,14 @@ class File(TypedDict):
     recipe: Dict[str, Any]  # its train_config
     data_sha256: j.Sha256  # of the MNIST files' checksums
     package: j.Text(40)  # this program's version
+    feedback: NotRequired[Feedback]  # format 2: there, format 1: absent
 
 
 class Counter(TypedDict):
     """model/versions/counter.json: the next version's number (numbers are never reused)."""
 
     __pydantic_config__ = j.STRICT
-    format_version: Literal[FORMAT_VERSION]
+    format_version: Literal[COUNTER_FORMAT]
     next: VersionNumber
 
 
@@ -90,11 +105,16 @@ class Version:
     recipe: Dict[str, Any]
     data_sha256: str
     package: str
+    feedback: Optional[evaluations.FeedbackFigures] = None  # None: scored without held-out feedback
 
     def to_json(self) -> Dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "sha256": self.sha256, "bytes": self.bytes, "epoch": self.epoch,
-                "accuracy": self.accuracy, "test_loss": self.test_loss, "created": self.created,
-                "recipe": self.recipe, "data_sha256": self.data_sha256, "package": self.package}
+        record = {"format_version": FORMAT_VERSION if self.feedback else WITHOUT_FEEDBACK, "sha256": self.sha256,
+                  "bytes": self.bytes, "epoch": self.epoch, "accuracy": self.accuracy, "test_loss": self.test_loss,
+                  "created": self.created, "recipe": self.recipe, "data_sha256": self.data_sha256,
+                  "package": self.package}
+        if self.feedback:
+            record["feedback"] = self.feedback.to_json()
+        return record
 
 
 @dataclass(frozen=True)
@@ -120,7 +140,7 @@ def register(volume: Volume, saved: checkpoints.Checkpoint, scores: evaluations.
         version = Version(number=0, sha256=saved.sha256, bytes=size, epoch=saved.epoch, accuracy=scores.accuracy,
                           test_loss=scores.test_loss, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                           recipe=dataclasses.asdict(saved.state.train_config), data_sha256=data_sha256,
-                          package=__version__)
+                          package=__version__, feedback=scores.feedback.figures if scores.feedback else None)
         j.dump(staging / EVALUATION, scores.to_json(), fault_point="")
         j.dump(staging / METADATA, version.to_json(), fault_point="")  # (each fsyncs the folder too)
         with registry_lock(volume, "register its version"):
@@ -131,7 +151,7 @@ def register(volume: Volume, saved: checkpoints.Checkpoint, scores: evaluations.
             crash_point("version-before-rename")
             os.rename(staging, volume.version_dir(number))
             fsync_dir(folder)
-            j.dump(volume.versions_dir / "counter.json", {"format_version": FORMAT_VERSION, "next": number + 1},
+            j.dump(volume.versions_dir / "counter.json", {"format_version": COUNTER_FORMAT, "next": number + 1},
                    fault_point="")
         return dataclasses.replace(version, number=number)
     except OSError as exc:
@@ -168,7 +188,7 @@ def _next_number(volume: Volume) -> int:
     highest = max(_numbers(volume), default=0)
     try:
         record = j.load(volume.versions_dir / "counter.json", "version counter")
-        counted = j.check_format(Counter, record, FORMAT_VERSION)["next"]
+        counted = j.check_format(Counter, record, COUNTER_FORMAT)["next"]
     except (FileNotFoundError, j.Invalid, PipelineError) as exc:
         if not isinstance(exc, FileNotFoundError):
             log.warning("model/versions/counter.json does not read (%s): numbering goes on after version %d",
@@ -208,8 +228,16 @@ def read(volume: Volume, number: int) -> Version:
         raise PipelineError(f"version {number}: {describe(folder)} is not a folder")
     path = folder / METADATA
     try:
-        values = j.check_format(File, j.load(path, "version metadata"), FORMAT_VERSION)
-        version = Version(number=number, **{k: v for k, v in values.items() if k != "format_version"})
+        record = j.load(path, "version metadata")
+        found = j.version(record, FORMAT_VERSION)
+        if found == WITHOUT_FEEDBACK and isinstance(record, dict) and "feedback" in record:
+            raise j.Invalid(f"it has feedback figures, which format {found} does not have: its format_version is 2")
+        values = j.check_format(File, record, FORMAT_VERSION)
+        if found == FORMAT_VERSION and "feedback" not in values:
+            raise j.Invalid("it has no 'feedback' (format 2 has it; a version without feedback is format 1)")
+        figures = values.pop("feedback", None)
+        version = Version(number=number, **{k: v for k, v in values.items() if k != "format_version"},
+                          feedback=evaluations.FeedbackFigures.parse(figures) if figures else None)
         path = folder / EVALUATION
         scores = evaluations.parse(j.load(path, "evaluation"))
     except FileNotFoundError:
@@ -220,6 +248,8 @@ def read(volume: Volume, number: int) -> Version:
         raise PipelineError(f"version {number}: {describe(path)} is not valid: {exc}") from None
     if (scores.sha256, scores.accuracy, scores.epoch) != (version.sha256, version.accuracy, version.epoch):
         raise PipelineError(f"version {number}: its {EVALUATION} is of another checkpoint than {METADATA} says")
+    if (scores.feedback.figures if scores.feedback else None) != version.feedback:
+        raise PipelineError(f"version {number}: its {EVALUATION} and {METADATA} give other held-out feedback figures")
     try:
         size = (folder / CHECKPOINT).stat().st_size
     except OSError:

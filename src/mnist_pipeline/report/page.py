@@ -34,27 +34,76 @@ MAX_MOVE_ROWS = 50  # the latest alias moves; `mnist models log` has them all
 def versions_section(versions: List[Dict[str, Any]], moves: Sequence[Move]) -> str:
     """The versions kept (as aliases.catalogue lists them) and the latest alias moves."""
     e = html.escape
+    scored = any(v.get("feedback") for v in versions)
     if not versions:
         return '<p class="muted">No versions yet: <code>mnist evaluate</code> keeps each checkpoint it scores.</p>'
     rows = "".join(
         f"<tr><td>{v['version']}</td>" + (
-            f'<td colspan="3" class="low">corrupt: {e(v["corrupt"])}</td>' if "corrupt" in v else
-            f"<td>{v['epoch']}</td><td>{v['accuracy']:.2%}</td><td>{e(v['created'])}</td>")
+            f'<td colspan="{3 + scored}" class="low">corrupt: {e(v["corrupt"])}</td>' if "corrupt" in v else
+            f"<td>{v['epoch']}</td><td>{v['accuracy']:.2%}</td>{_feedback_cell(v, scored)}"
+            f"<td>{e(v['created'])}</td>")
         + f"<td>{e(', '.join(v['aliases']))}</td></tr>"
         for v in versions)
     history = "".join(
         f"<tr><td>{e(m.time)}</td><td>{e(m.alias)}</td><td>{m.before or '-'}</td><td>{m.to}</td>"
         f"<td>{e(m.reason)}</td></tr>" for m in reversed(moves[-MAX_MOVE_ROWS:]))
-    return (f"<table><tr><th>version</th><th>epoch</th><th>test accuracy</th><th>created</th><th>aliases</th></tr>"
+    return (f"<table><tr><th>version</th><th>epoch</th><th>test accuracy</th>"
+            f"{'<th>held-out feedback</th>' if scored else ''}<th>created</th><th>aliases</th></tr>"
             f"{rows}</table>\n<h3>Alias moves, latest first</h3>\n" +
             (f"<table><tr><th>time</th><th>alias</th><th>from</th><th>to</th><th>why</th></tr>{history}</table>"
              if moves else '<p class="muted">No alias has moved yet.</p>'))
 
 
+def _feedback_cell(version: Dict[str, Any], scored: bool) -> str:
+    """A version's held-out feedback accuracy when it was scored, and of how many samples (no column while no
+    version has one)."""
+    figures = version.get("feedback")
+    if not scored:
+        return ""
+    return f"<td>{figures['accuracy']:.2%} of {figures['total']:,}</td>" if figures else '<td class="muted">-</td>'
+
+
+def _feedback_figure(evaluation: Evaluation) -> str:
+    """The held-out feedback accuracy among the headline figures ("": none scored)."""
+    if evaluation.feedback is None:
+        return ""
+    figures = evaluation.feedback.figures
+    return (f'<div class="figure">held-out feedback accuracy<b>{figures.accuracy:.2%}</b>'
+            f'<a href="#held-out-feedback">of {figures.total:,} samples</a></div>\n')
+
+
+def feedback_section(evaluation: Evaluation) -> str:
+    """How the model reads the accepted held-out feedback, beside MNIST's figures ("": none was scored)."""
+    scores = evaluation.feedback
+    if scores is None:
+        return ""
+    figures = scores.figures
+    return f"""
+<h2 id="held-out-feedback">Held-out feedback</h2>
+<p>People's corrections sent to <code>mnist serve --feedback on</code>, accepted in review, from the share
+training never sees: {figures.total:,} samples (set <code>{html.escape(figures.digest[:12])}</code>).</p>
+<div class="figures">
+<div class="figure">feedback accuracy<b>{figures.accuracy:.2%}</b></div>
+<div class="figure">right<b>{figures.correct:,} / {figures.total:,}</b></div>
+<div class="figure">MNIST test accuracy<b>{evaluation.accuracy:.2%}</b></div>
+</div>
+<p>Rows are the digit people said, columns the digit the model predicted.
+<a href="feedback_confusion.png">feedback_confusion.png</a></p>
+<img src="feedback_confusion.png" alt="held-out feedback confusion matrix with counts">
+<h3>Per digit</h3>
+<table><tr><th>digit</th><th>samples</th><th>right</th><th>most often taken for</th></tr>
+{_per_digit_rows(scores.confusion_matrix)}</table>
+<h3>What the mistakes look like</h3>
+<p>The held-out feedback samples the model gets wrong while most sure of itself.
+<a href="feedback_mistakes.png">feedback_mistakes.png</a></p>
+<img src="feedback_mistakes.png" alt="the most confident held-out feedback mistakes">
+"""
+
+
 def page(evaluation: Evaluation, summary: Summary, chart: str, predictions: Optional[Predictions],
-         pictures: Dict[str, str], versions: str, format_version: int) -> str:
+         pictures: Dict[str, str], versions: str, format_version: int, feedback: str = "") -> str:
     """index.html: `chart` the inline SVG, `pictures` infer's images by file name (data: URIs), `versions`
-    versions_section's HTML, `format_version` the report folder's."""
+    versions_section's HTML, `format_version` the report folder's, `feedback` feedback_section's HTML."""
     e = html.escape
     wrong = evaluation.total - evaluation.correct
     return f"""<!doctype html>
@@ -70,7 +119,7 @@ evaluated {e(evaluation.evaluated_at)} on {e(evaluation.device)}.</p>
 <div class="figure">right<b>{evaluation.correct:,} / {evaluation.total:,}</b></div>
 <div class="figure">mistakes<b>{wrong:,}</b></div>
 <div class="figure">test loss<b>{evaluation.test_loss:.4f}</b></div>
-</div>
+{_feedback_figure(evaluation)}</div>
 
 <h2>Which digits get confused</h2>
 <p>Rows are the true digit, columns the digit the model predicted: the blue diagonal is right, every red cell
@@ -83,7 +132,7 @@ is a mistake (darker: more). <a href="confusion_matrix.png">confusion_matrix.png
 <h2>What the mistakes look like</h2>
 <p>The test images the model gets wrong while most sure of itself. <a href="mistakes.png">mistakes.png</a></p>
 <img src="mistakes.png" alt="the most confident mistakes">
-
+{feedback}
 <h2>Training</h2>
 <p>Hover a point for its values. <a href="training.svg">training.svg</a></p>
 {chart}
@@ -102,15 +151,16 @@ is a mistake (darker: more). <a href="confusion_matrix.png">confusion_matrix.png
 def _per_digit_rows(matrix: Sequence[Sequence[int]]) -> str:
     """A row a digit: its test images, the share right (the worst in red), what it is most often taken for."""
     rows = []
-    worst = min(range(10), key=lambda d: matrix[d][d] / max(1, sum(matrix[d])))
+    present = [d for d in range(10) if sum(matrix[d])] or [0]  # (held-out feedback may lack a digit)
+    worst = min(present, key=lambda d: matrix[d][d] / max(1, sum(matrix[d])))
     for d in range(10):
         total = sum(matrix[d])
         confused = max((c for c in range(10) if c != d), key=lambda c: matrix[d][c])
         times = matrix[d][confused]
         mix = f"{confused} ({times} {'time' if times == 1 else 'times'})" if times else "-"
         css = ' class="low"' if d == worst else ""
-        rows.append(f"<tr><td>{d}</td><td>{total:,}</td><td{css}>{matrix[d][d] / max(1, total):.2%}</td>"
-                    f"<td>{mix}</td></tr>")
+        right = f"{matrix[d][d] / total:.2%}" if total else "-"
+        rows.append(f"<tr><td>{d}</td><td>{total:,}</td><td{css}>{right}</td><td>{mix}</td></tr>")
     return "".join(rows)
 
 

@@ -2,18 +2,19 @@
 
   confusion_matrix.png  counts in the cells; rows: true digit, columns: predicted; mistakes in red
   mistakes.png          the most confident mistakes: test image, true and predicted digit, confidence
+  feedback_*.png        the same two of the held-out feedback, when the evaluation scored some
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence, Tuple
+from typing import Mapping, Sequence, Tuple, Union
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mnist_pipeline.records.evaluation import Evaluation
+from mnist_pipeline.records.evaluation import Evaluation, FeedbackMistake, FeedbackScores, Mistake
 
 # confusion_matrix.png layout (tests crop cells by it)
 CELL = 52
@@ -68,12 +69,21 @@ def confusion_box(row: int, column: int) -> Tuple[int, int, int, int]:
 
 
 def confusion_image(evaluation: Evaluation) -> Image.Image:
-    matrix = evaluation.confusion_matrix
+    return confusion_drawing(evaluation.confusion_matrix, "Confusion matrix")
+
+
+def feedback_confusion_image(scores: FeedbackScores) -> Image.Image:
+    return confusion_drawing(scores.confusion_matrix, "Held-out feedback")
+
+
+def confusion_drawing(matrix: Sequence[Sequence[int]], title: str) -> Image.Image:
+    """The heat map of `matrix` (rows: true digit), under `title` and how many it has right."""
+    total, correct = sum(map(sum, matrix)), sum(matrix[d][d] for d in range(10))
     width, height = MATRIX_ORIGIN[0] + 10 * CELL + 24, MATRIX_ORIGIN[1] + 10 * CELL + 20
     image = Image.new("RGB", (width, height), WHITE)
     draw = ImageDraw.Draw(image)
-    draw.text((12, 10), f"Confusion matrix: {evaluation.correct:,} of {evaluation.total:,} right "
-                        f"({evaluation.accuracy:.2%})", fill=INK, font=_font(18))
+    draw.text((12, 10), f"{title}: {correct:,} of {total:,} right ({correct / max(1, total):.2%})", fill=INK,
+              font=_font(18))
     x0, y0 = MATRIX_ORIGIN
     draw.text((x0 + 5 * CELL, y0 - 46), "predicted digit", fill=INK, font=_font(15), anchor="mm")
     for d in range(10):
@@ -96,10 +106,6 @@ def mistake_digit_box(k: int) -> Tuple[int, int, int, int]:
 
 def mistakes_image(evaluation: Evaluation, test_images: torch.Tensor) -> Image.Image:
     mistakes = evaluation.mistakes
-    rows = math.ceil(len(mistakes) / COLUMNS)
-    width = GRID_ORIGIN[0] * 2 + COLUMNS * TILE[0]
-    image = Image.new("RGB", (width, GRID_ORIGIN[1] + rows * TILE[1] + 12), WHITE)
-    draw = ImageDraw.Draw(image)
     wrong = evaluation.total - evaluation.correct
     if mistakes:
         title = f"The {len(mistakes)} most confident mistakes of {wrong:,}"
@@ -108,10 +114,34 @@ def mistakes_image(evaluation: Evaluation, test_images: torch.Tensor) -> Image.I
         title, note = f"{wrong:,} mistakes", "this evaluation does not list them: `mnist evaluate` writes a new one"
     else:
         title, note = "No mistakes", "every test image is classified right"
+    return mistakes_drawing([(bytes(test_images[m.test_index].flatten().tolist()), m) for m in mistakes], title, note)
+
+
+def feedback_mistakes_image(scores: FeedbackScores, images: Mapping[str, bytes]) -> Image.Image:
+    """The held-out feedback mistakes whose pixels `images` holds (by id; those deleted since are left out)."""
+    figures, shown = scores.figures, [(images[m.id], m) for m in scores.mistakes if m.id in images]
+    wrong = figures.total - figures.correct
+    if not wrong:
+        title, note = "No mistakes", f"every one of the {figures.total:,} held-out feedback samples is read right"
+    else:
+        title = f"The {len(shown)} most confident mistakes of {wrong:,} on held-out feedback"
+        note = "most confident first; under each: the digit people said, predicted digit, confidence" + (
+            f" ({len(scores.mistakes) - len(shown)} deleted since)" if len(shown) < len(scores.mistakes) else "")
+    return mistakes_drawing(shown, title, note)
+
+
+def mistakes_drawing(tiles: Sequence[Tuple[bytes, Union[Mistake, FeedbackMistake]]], title: str,
+                     note: str) -> Image.Image:
+    """A grid of 28x28 images (IMAGE_BYTES pixels each) scaled up, each captioned `true -> predicted` and its
+    confidence, under `title` and `note`."""
+    rows = math.ceil(len(tiles) / COLUMNS)
+    width = GRID_ORIGIN[0] * 2 + COLUMNS * TILE[0]
+    image = Image.new("RGB", (width, GRID_ORIGIN[1] + rows * TILE[1] + 12), WHITE)
+    draw = ImageDraw.Draw(image)
     draw.text((GRID_ORIGIN[0], 10), title, fill=INK, font=_font(18))
     draw.text((GRID_ORIGIN[0], 36), note, fill=MUTED, font=_font(13))
-    for k, mistake in enumerate(mistakes):
-        digit = Image.frombytes("L", (28, 28), bytes(test_images[mistake.test_index].flatten().tolist()))
+    for k, (pixels, mistake) in enumerate(tiles):
+        digit = Image.frombytes("L", (28, 28), pixels)
         box = mistake_digit_box(k)
         image.paste(digit.resize((28 * SCALE, 28 * SCALE), Image.Resampling.NEAREST), box[:2])
         draw.rectangle((box[0] - 1, box[1] - 1, box[2], box[3]), outline=GRID_LINE)
