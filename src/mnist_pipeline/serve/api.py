@@ -54,6 +54,13 @@ class Ready(BaseModel):
     feedback: bool = Field(False, description="whether POST /feedback keeps samples (serve --feedback on)")
 
 
+class HeldOut(BaseModel):
+    digest: str = Field(description="the sha256 naming the held-out set")
+    total: int = Field(ge=1)
+    correct: int = Field(ge=0)
+    accuracy: float = Field(ge=0, le=1)
+
+
 class Version(BaseModel):
     version: int = Field(ge=1)
     aliases: List[str]
@@ -64,6 +71,8 @@ class Version(BaseModel):
     sha256: Optional[str] = None
     corrupt: Optional[str] = Field(None, description="why the version does not read (then only `version` and "
                                                      "`aliases` are given)")
+    feedback: Optional[HeldOut] = Field(None, description="how it read the accepted held-out feedback when "
+                                                          "evaluated (null: there was none)")
 
 
 class Models(BaseModel):
