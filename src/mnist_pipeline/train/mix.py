@@ -105,21 +105,15 @@ def _read(volume: Volume, share: float, images: int) -> Optional[Mix]:
 def _shared(volume: Volume, world: distributed.World, share: float, images: int,
             previous: Optional[Mix]) -> Optional[Mix]:
     """Rank 0's read, on every rank: its size, whether it is `previous`, then its images and labels if not."""
-    header = torch.zeros(3, dtype=torch.int64)  # samples (-1: rank 0 failed to read them), draws, unchanged
     mix = None
-    if world.is_main:
-        try:
+    with distributed.main_first(world):  # a read that fails stops the other ranks too, quietly: rank 0 says why
+        if world.is_main:
             mix = _read(volume, share, images)
-        except BaseException:
-            header[0] = -1
-            distributed.broadcast(world, header)  # the others stop too, quietly: rank 0 says why
-            raise
-        if mix is not None:
-            header[:] = torch.tensor([len(mix), mix.draws, int(mix.same_as(previous))])
+    header = torch.zeros(3, dtype=torch.int64)  # samples, draws, whether it is `previous`
+    if mix is not None:
+        header[:] = torch.tensor([len(mix), mix.draws, int(mix.same_as(previous))])
     distributed.broadcast(world, header)
     count, draws, unchanged = header.tolist()
-    if count < 0:
-        raise distributed.Follows(1)
     if count == 0:
         return None
     if unchanged:
