@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from typing import Dict, List
+from unittest import mock
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch
 from conftest import assert_one_line_error, private_copy, run_here
 from mnist_pipeline import cli, data
 from mnist_pipeline.records import checkpoint, feedback
-from mnist_pipeline.train import epoch_order
+from mnist_pipeline.train import epoch_order, mix
 from mnist_pipeline.train.optimizer import mixed_order
 from mnist_pipeline.volume import Volume
 from test_interrupts import assert_same_state, load
@@ -149,6 +150,31 @@ def test_the_next_epoch_takes_up_a_changed_set_and_says_so_in_one_line(data_root
     result = train(data_root, "--feedback-share", "0")
     assert "feedback: epoch 4 mixes in no accepted samples (was 7 at share 0.05)" in result.stderr, result.stderr
     assert not FEEDBACK_KEYS & set(load(data_root / "model" / "mnist_cnn.pt"))
+
+
+def test_a_set_changed_between_the_epochs_of_one_run_trains_as_two_runs_do(data_root, candidates):
+    """Samples accepted while train runs: its next epoch trains on them (on CUDA, a new graph of the step), and the
+    two epochs end with the bits of two runs of one epoch each."""
+    keep(data_root, candidates["train"][:3])
+    two_runs = copy_of(data_root, "two-runs")
+    train(two_runs)
+    keep(two_runs, candidates["train"][3:6])
+    train(two_runs)
+
+    read = mix._read
+    reads = []
+
+    def read_then_review(volume, share, images):  # (at each epoch's start) what a reviewer does meanwhile
+        found = read(volume, share, images)
+        if not reads:
+            keep(data_root, candidates["train"][3:6])
+        reads.append(len(found))
+        return found
+
+    with mock.patch.object(mix, "_read", read_then_review):
+        result = train(data_root, "--epochs", "2")
+    assert reads == [3, 6] and "feedback: epoch 2 mixes in 6 accepted samples" in result.stderr, result.stderr
+    assert_same_state(load(data_root / "model" / "mnist_cnn.pt"), load(two_runs / "model" / "mnist_cnn.pt"))
 
 
 @pytest.mark.parametrize("argv, env, fragment", [
