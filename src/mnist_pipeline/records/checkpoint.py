@@ -81,8 +81,9 @@ class Feedback(TypedDict):
 
 
 class Metadata(TypedDict):
-    """The plain values of a checkpoint beside its tensors (model, optimizer, rng, cuda_rng): its JSON Schema
-    describes them for other tools. `read` checks them, with the ranges that need torch or the recipe."""
+    """The plain values of a checkpoint beside its tensors (model, optimizer, rng, cuda_rng; feedback_pixels and
+    feedback_labels with feedback): its JSON Schema describes them for other tools. `read` checks them, with the
+    ranges that need torch or the recipe."""
 
     __pydantic_config__ = j.STRICT
     format_version: Literal[FORMAT_VERSION]
