@@ -22,6 +22,7 @@ from mnist_pipeline.train import epoch_order, mix
 from mnist_pipeline.train.optimizer import mixed_order
 from mnist_pipeline.volume import Volume
 from test_interrupts import assert_same_state, load
+from test_schemas import documents, validator
 
 STEPS = "12"
 STATE_KEYS = {"format_version", "architecture", "epoch", "step", "loss_sum", "model", "model_config", "optimizer",
@@ -108,6 +109,8 @@ def test_without_accepted_train_samples_training_is_what_it_was(data_root, candi
     lines = [line for line in result.stderr.splitlines() if "feedback:" in line]
     assert len(lines) == 1 and "epoch 1 mixes in 5 accepted samples at share 0.05" in lines[0], result.stderr
     assert checkpoint.read(mixed / "model" / "mnist_cnn.pt").state.feedback["digest"] == state["feedback"]["digest"]
+    schema = validator("checkpoint.schema.json")  # (docs/schemas/: its plain values, feedback's included)
+    assert not list(schema.iter_errors(documents(mixed / "model" / "mnist_cnn.pt")[0]))
 
 
 def test_an_interrupted_epoch_resumes_on_its_frozen_set_bit_identical(data_root, candidates):
