@@ -238,6 +238,16 @@ def average(world: World, value: "torch.Tensor") -> "torch.Tensor":
     return value / world.size
 
 
+def broadcast(world: World, tensor: "torch.Tensor") -> None:
+    """Rank 0's `tensor` into every rank's, in place (a CPU tensor). In the group of PREPARE_TIMEOUT: rank 0 may read
+    files first (train/mix.py)."""
+    if world.size > 1:
+        import torch.distributed as dist
+
+        with _collective():
+            dist.broadcast(tensor, src=0)
+
+
 def stop_agreed(world: World, stop: bool) -> bool:
     """True on every rank when any rank wants to stop: all stop at the same step boundary."""
     if world.size == 1:

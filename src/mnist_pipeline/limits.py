@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict
 TRAIN_IMAGES = 60000  # a batch cannot be larger than the training split
 MAX_SEED = 2**32 - 1  # torch's generators take 64 bits; the data order mixes the epoch into the seed
 MAX_EPOCHS = 1000  # one call's worth; more is a typo, not a plan
+# of each epoch's examples, the most drawn from accepted feedback: MNIST stays at least half of what trains
+MAX_FEEDBACK_SHARE = 0.5
 
 
 ALIAS = re.compile(r"[a-z][a-z0-9-]{0,39}")  # a file name on every file system: no slash, no dot
@@ -86,6 +88,12 @@ def non_negative(value: Any) -> float:
 def fraction(value: Any) -> float:
     if not 0 <= _number(value) <= 1:
         raise ValueError("must be a fraction from 0 to 1")
+    return float(value)
+
+
+def feedback_share(value: Any) -> float:
+    if not 0 <= _number(value) <= MAX_FEEDBACK_SHARE:
+        raise ValueError(f"must be a fraction from 0 (no feedback) to {MAX_FEEDBACK_SHARE}")
     return float(value)
 
 

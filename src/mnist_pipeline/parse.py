@@ -51,6 +51,10 @@ def fraction(text: str) -> float:
     return limits.fraction(float(text))
 
 
+def feedback_share(text: str) -> float:
+    return limits.feedback_share(float(text))
+
+
 def seed(text: str) -> int:
     return limits.seed(int(text))
 

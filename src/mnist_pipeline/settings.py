@@ -63,6 +63,8 @@ class TrainConfig:
     threads: Optional[int] = None
     save_every_s: float = 60.0  # progress saved this often mid-epoch, so a kill -9 loses at most this much; 0: never
     progress_every_s: float = 10.0  # plain progress lines when stderr is no terminal
+    # of each epoch's examples, the share drawn from the accepted train samples of feedback/ (train/mix.py)
+    feedback_share: float = 0.05
     explicit: FrozenSet[str] = frozenset()  # the Recipe fields the user set (a resumed run names those it ignores)
 
 
@@ -196,6 +198,9 @@ _ALL = [
     Setting("--save-every", parse.non_negative_float, default_of(TrainConfig, "save_every_s"),
             "seconds between progress saves within an epoch, so a kill -9 loses at most that (0: only on SIGTERM)",
             "SECONDS"),
+    Setting("--feedback-share", parse.feedback_share, default_of(TrainConfig, "feedback_share"),
+            "the fraction of each epoch's examples drawn from the accepted train samples of feedback/, the set "
+            "frozen for the epoch (0: none; at most 0.5)", "FRACTION"),
     Setting("--nproc-per-node", parse.positive_int, NPROC_PER_NODE,
             "processes training together (data parallel) through torchrun's elastic agent; ignored inside torchrun",
             "N"),
@@ -256,7 +261,7 @@ _ALL = [
 SETTINGS: Dict[str, Setting] = {s.dest: s for s in _ALL}
 
 _COMMON = ("root", "mirror", "device", "threads")
-_TRAIN = ("epochs", "batch_size", "lr", "fresh", "max_steps", "save_every")
+_TRAIN = ("epochs", "batch_size", "lr", "fresh", "max_steps", "save_every", "feedback_share")
 _INFER = ("wait", "grace", "threshold", "count")
 _PREDICT = ("root", "device", "threads", "threshold", "model")
 _EVALUATE = ("wait", "grace", "threshold", "promote", "promote_margin", "keep", "export")

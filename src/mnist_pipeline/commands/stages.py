@@ -101,6 +101,7 @@ def report(args: argparse.Namespace, v: Values) -> int:
 def train_config(v: Values, explicit: frozenset) -> TrainConfig:
     return TrainConfig(root=v["root"], mirror=v["mirror"], device=v["device"], threads=v["threads"],
                        epochs=v["epochs"], recipe=settings.recipe(v), fresh=v["fresh"], save_every_s=v["save_every"],
+                       feedback_share=v["feedback_share"],
                        explicit=frozenset(settings.RECIPE_FIELDS[k] for k in explicit if k in settings.RECIPE_FIELDS))
 
 

@@ -17,6 +17,11 @@ pickle cannot run code:
   train_config    the training hyper-parameters, seed included (the data order and learning rate
                   are pure functions of them, epoch and step)
   world_size      the processes that trained it together (format 2; resume is exact at the same)
+  feedback        only where the epoch mixed in accepted feedback (train/mix.py): the frozen set's ids (sorted)
+                  and digest, the share asked for and the draws made of them (`epoch`'s epoch in mnist_cnn.pt,
+                  the interrupted one in train_progress.pt)
+  feedback_pixels with it: the set's images, uint8 [n, 28, 28], and feedback_labels, int64 [n]: a resumed
+                  epoch trains on them whatever feedback/ holds by then
 
 torch is imported where a checkpoint is loaded or saved: the registry and the gate (versions.py,
 aliases.py) import this module in serve's slim image, which has no torch, for its limits and types.
@@ -44,6 +49,8 @@ from mnist_pipeline.storage.files import NotReadable, describe, read_regular
 FORMAT_VERSION = 2
 MAX_BYTES = 256 * 1024 * 1024  # far above any network here: a larger file is not a checkpoint of ours
 MAX_EPOCH = 10**6
+MAX_FEEDBACK = 100_000  # accepted samples one epoch mixes in, at most: their pixels stay far below MAX_BYTES
+MAX_DRAWS = limits.TRAIN_IMAGES  # the draws of a share of limits.MAX_FEEDBACK_SHARE
 REQUIRED = {
     "format_version": int,
     "epoch": int,
@@ -63,22 +70,35 @@ if TYPE_CHECKING:
 TrainConfig = TypedDict("TrainConfig", get_type_hints(Recipe))  # type: ignore[misc]
 
 
+class Feedback(TypedDict):
+    """The accepted feedback an epoch mixed in (its images and labels are tensors beside it)."""
+
+    __pydantic_config__ = j.STRICT
+    ids: j.List(j.Sha256, MAX_FEEDBACK)  # the samples, in id order (feedback/<id>.json)
+    digest: j.Sha256  # of the ids: records.feedback.Accepted.digest
+    share: j.Number(0, limits.MAX_FEEDBACK_SHARE)  # --feedback-share of the epoch
+    draws: j.Whole(1, MAX_DRAWS)  # feedback examples among the epoch's, cycling through the ids
+
+
 class Metadata(TypedDict):
-    """The plain values of a checkpoint beside its tensors (model, optimizer, rng, cuda_rng): its JSON Schema
-    describes them for other tools. `read` checks them, with the ranges that need torch or the recipe."""
+    """The plain values of a checkpoint beside its tensors (model, optimizer, rng, cuda_rng; feedback_pixels and
+    feedback_labels with feedback): its JSON Schema describes them for other tools. `read` checks them, with the
+    ranges that need torch or the recipe."""
 
     __pydantic_config__ = j.STRICT
     format_version: Literal[FORMAT_VERSION]
     architecture: j.Text(40)  # the network's name in model.ARCHITECTURES
     epoch: j.Whole(0, MAX_EPOCH)  # completed epochs
-    step: j.Whole(0, limits.TRAIN_IMAGES - 1)  # batches done in the epoch after `epoch`
+    step: j.Whole(0, limits.TRAIN_IMAGES + MAX_DRAWS - 1)  # batches done in the epoch after `epoch`
     loss_sum: j.Number(0)  # summed batch losses of those steps
     model_config: Dict[str, Any]  # the network's constructor arguments
     train_config: TrainConfig
     world_size: NotRequired[j.Whole(1)]  # the processes that trained it together
+    feedback: NotRequired[Feedback]  # the accepted feedback the epoch mixed in, if any
 
 
-TENSORS = ("model", "optimizer", "rng", "cuda_rng")  # the rest of a checkpoint: what Metadata leaves out
+# the rest of a checkpoint: what Metadata leaves out
+TENSORS = ("model", "optimizer", "rng", "cuda_rng", "feedback_pixels", "feedback_labels")
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,9 @@ class State:
     train_config: Recipe  # (a dict in the file)
     world_size: Optional[int] = None  # (format 1 does not say)
     cuda_rng: Any = None  # (a CUDA run's only)
+    feedback: Optional[Dict[str, Any]] = None  # Feedback (an epoch without feedback: none of the three)
+    feedback_pixels: Any = None  # a torch.Tensor
+    feedback_labels: Any = None  # a torch.Tensor
 
     def to_dict(self) -> Dict[str, Any]:
         """The dict the file holds (the fields that are set, in this order)."""
@@ -223,10 +246,52 @@ def _state_problem(state: Dict[str, Any]) -> Optional[str]:
     except ValueError as exc:
         return str(exc)
     try:
-        steps = Recipe(**state["train_config"]).steps_per_epoch(limits.TRAIN_IMAGES)
+        recipe = Recipe(**state["train_config"])
     except TypeError as exc:
         return f"its train_config does not fit this version ({exc})"
+    problem = _feedback_problem(state)
+    if problem:
+        return problem
+    # an epoch's examples: MNIST's, and as many again as it drew from feedback
+    steps = recipe.steps_per_epoch(limits.TRAIN_IMAGES + (state["feedback"]["draws"] if state.get("feedback") else 0))
     if state["step"] >= steps:  # (a progress file's step is within its epoch; a checkpoint's is 0)
         return (f"its step {state['step']} is past the end of an epoch, {steps} steps at its batch size "
                 f"{state['train_config']['batch_size']}")
+    return None
+
+
+def _feedback_problem(state: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the feedback set a checkpoint holds (each image must still hash to its id), if any."""
+    import torch
+
+    from mnist_pipeline.contract import IMAGE_SIZE, NUM_CLASSES
+    from mnist_pipeline.records import feedback
+
+    present = [key for key in ("feedback", "feedback_pixels", "feedback_labels") if state.get(key) is not None]
+    if not present:
+        return None
+    if len(present) < 3:
+        return f"it has {', '.join(present)} without the rest of feedback, feedback_pixels and feedback_labels"
+    try:
+        record = j.check(Feedback, state["feedback"])
+    except j.Invalid as exc:
+        return f"its feedback record is not valid: {exc}"
+    ids, pixels, labels = record["ids"], state["feedback_pixels"], state["feedback_labels"]
+    n = len(ids)
+    if not (isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8
+            and tuple(pixels.shape) == (n, IMAGE_SIZE, IMAGE_SIZE)):
+        return f"its feedback_pixels are not {n} images of {IMAGE_SIZE}x{IMAGE_SIZE} uint8 pixels"
+    if not (isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and tuple(labels.shape) == (n,)
+            and bool(((labels >= 0) & (labels < NUM_CLASSES)).all())):
+        return f"its feedback_labels are not {n} digits (int64)"
+    if n == 0 or list(ids) != sorted(set(ids)):
+        return "its feedback ids are not one or more distinct ids in order"
+    kept = feedback.Accepted(ids=tuple(ids), pixels=pixels.contiguous().numpy().tobytes(),
+                             labels=tuple(labels.tolist()))
+    if kept.digest != record["digest"]:
+        return "its feedback digest is not that of its ids"
+    size = IMAGE_SIZE * IMAGE_SIZE
+    for i, sid in enumerate(ids):
+        if feedback.sample_id(kept.pixels[i * size:(i + 1) * size], kept.labels[i]) != sid:
+            return f"its feedback sample {sid[:12]}'s image and label do not hash to its id"
     return None

@@ -1,13 +1,15 @@
 """train: resume from the volume's checkpoint, train more epochs, save atomically.
 
-Resuming is exact: the data order and the learning rate are pure functions of (seed, epoch, step),
-and the rest of the state (weights, BatchNorm statistics, optimizer moments, RNG) is in the
-checkpoint. So two one-epoch runs give the same weights as one two-epoch run, and an epoch cut short
-by SIGTERM and finished later equals an uninterrupted one. Assumed: the same device type, thread
-count and torch build on each run (float sums are grouped per thread and per kernel;
-runtime.setup makes CUDA's kernels deterministic), and under torchrun the same world size.
+Resuming is exact: the data order and the learning rate are pure functions of (seed, epoch, step)
+and the epoch's frozen feedback set, and the rest of the state (weights, BatchNorm statistics,
+optimizer moments, RNG, that set) is in the checkpoint. So two one-epoch runs give the same weights
+as one two-epoch run, and an epoch cut short by SIGTERM and finished later equals an uninterrupted
+one. Assumed: the same device type, thread count and torch build on each run (float sums are grouped
+per thread and per kernel; runtime.setup makes CUDA's kernels deterministic), and under torchrun the
+same world size.
 
   optimizer.py  the schedule, the data order
+  mix.py        the accepted feedback each epoch mixes in
   sgd.py        the optimizer: torch's SGD arithmetic, an adapter
   resume.py     where training starts, the state a checkpoint holds
   cuda.py       warm-up and the CUDA graph

@@ -19,7 +19,8 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import checkpoint, history
 from mnist_pipeline.settings import TrainConfig
 from mnist_pipeline.train.cuda import graphed_step
-from mnist_pipeline.train.optimizer import epoch_order, learning_rate
+from mnist_pipeline.train import mix
+from mnist_pipeline.train.optimizer import learning_rate, mixed_order
 from mnist_pipeline.train.resume import TrainingState
 from mnist_pipeline.volume import Volume
 
@@ -39,9 +40,8 @@ def train(volume: Volume, config: TrainConfig, state: TrainingState, train_set: 
     recipe, optimizer = state.recipe, state.optimizer
     # uint8 on the device, each batch normalised in the step: a quarter of the bytes to copy and keep,
     # and no work for the images a step-limited run never reaches
-    images = train_set.images.to(device)
-    labels = train_set.labels.to(device)
-    steps_per_epoch = recipe.steps_per_epoch(len(labels))
+    mnist_images = train_set.images.to(device)
+    mnist_labels = train_set.labels.to(device)
     target_epoch = state.epoch + config.epochs
     fault_step, fault_signal = faults.signal_at_step()
     started = time.monotonic()
@@ -51,9 +51,19 @@ def train(volume: Volume, config: TrainConfig, state: TrainingState, train_set: 
         # in the block: in a group, wrapping the network is a collective that takes each rank a while, and a
         # rank that a signal stopped there would leave the others to lose their group
         faults.hold_point("wrap")
-        train_step = _step_function(state, images, labels, world)
+        train_step, trains_on = None, None
         while state.epoch < target_epoch:
-            order = epoch_order(recipe.seed, state.epoch, len(labels)).to(device)
+            if state.step == 0:  # the set is frozen for the epoch: a resumed one keeps the checkpoint's
+                state.feedback = mix.at_epoch_start(volume, world, config.feedback_share, len(mnist_labels),
+                                                    state.epoch, state.feedback)
+            feedback = state.feedback
+            pixels = feedback.pixels if feedback else None
+            if train_step is None or pixels is not trains_on:  # a step (its CUDA graph) holds its images
+                images, labels = mix.examples(mnist_images, mnist_labels, feedback)
+                train_step, trains_on = _step_function(state, images, labels, world), pixels
+            size, draws = (len(feedback), feedback.draws) if feedback else (0, 0)
+            steps_per_epoch = recipe.steps_per_epoch(len(mnist_labels) + draws)
+            order = mixed_order(recipe.seed, state.epoch, len(mnist_labels), size, draws).to(device)
             log.info("epoch %d: training from step %d of %d (batch %d, %s, %d threads)", state.epoch + 1,
                      state.step, steps_per_epoch, recipe.batch_size, device, torch.get_num_threads())
             report = _Progress(state.epoch + 1, steps_per_epoch, state.step, config.progress_every_s)

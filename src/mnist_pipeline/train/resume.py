@@ -18,6 +18,7 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import checkpoint
 from mnist_pipeline.settings import RECIPE_FIELDS, Recipe
 from mnist_pipeline.storage.files import describe
+from mnist_pipeline.train.mix import Mix
 from mnist_pipeline.train.sgd import NesterovSGD
 from mnist_pipeline.volume import Volume
 
@@ -33,6 +34,7 @@ class TrainingState:
         self.epoch, self.step = 0, 0
         self.resumed = False  # True when the recipe came from a checkpoint
         self.world_size = 1  # the processes training together
+        self.feedback: Optional[Mix] = None  # the accepted feedback the current (or last finished) epoch mixes in
         self.reset_loss()
 
     def reset_loss(self, value: float = 0.0) -> None:
@@ -59,6 +61,7 @@ class TrainingState:
             else:  # saved by a CPU run: a state derived from the seed, the same on every resume
                 torch.cuda.manual_seed(self.recipe.seed)
         self.epoch, self.step = saved.epoch, saved.state.step
+        self.feedback = Mix.restored(saved.state)
         self.resumed = True
         self.reset_loss(saved.state.loss_sum)
         return self
@@ -76,6 +79,7 @@ class TrainingState:
             train_config=self.recipe,
             world_size=self.world_size,
             cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            **(self.feedback.saved() if self.feedback is not None else {}),
         )
 
 
@@ -101,6 +105,10 @@ def starting_point(volume: Volume, recipe: Recipe, explicit: frozenset, device: 
             _tell_what_differs(state.recipe, recipe, explicit, source.state.world_size, world.size)
         if progress:
             log.info("continuing epoch %d at step %d from %s", state.epoch + 1, state.step, describe(volume.progress))
+            if state.feedback is not None and state.step and world.is_main:
+                log.info("feedback: epoch %d goes on with the %d accepted samples it began with (share %g); what "
+                         "was reviewed since takes effect at the next epoch", state.epoch + 1, len(state.feedback),
+                         state.feedback.share)
         else:
             log.info("resuming from %s (epoch %d)", describe(volume.checkpoint), state.epoch)
     state.world_size = world.size
