@@ -34,12 +34,13 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(ser
     served, _ = served_trained
     operations = sum(len(path) for path in served.json("GET", "/openapi.json")[1]["paths"].values())
     schemathesis = Path(sys.executable).parent / "schemathesis"
-    # bounded: a fixed seed, examples per operation, and a time budget for the whole run
+    # bounded: a fixed seed and examples per operation; the time budget only guards against a hang (a loaded
+    # machine that ran out of it would leave operations untested, which the last assert would call a failure)
     result = subprocess.run([str(schemathesis), "run", served.url + "/openapi.json", "--checks",
                              "not_a_server_error,response_schema_conformance", "--phases", "coverage,fuzzing",
-                             "--max-examples", "15", "--seed", "7", "--max-time", "120", "--request-timeout", "30",
+                             "--max-examples", "15", "--seed", "7", "--max-time", "300", "--request-timeout", "30",
                              "--workers", "1", "--report-dir", str(tmp_path)], capture_output=True, text=True,
-                            timeout=400, cwd=tmp_path)  # (its cache, .schemathesis/, is written there)
+                            timeout=480, cwd=tmp_path)  # (its cache, .schemathesis/, is written there)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert re.search(rf"Tested: {operations}\b", result.stdout), result.stdout[-3000:]  # every route, v2's too
 
