@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Union
 from pydantic import BaseModel, Field
 
 from mnist_pipeline.contract import NUM_CLASSES
-from mnist_pipeline.serve.bodies import MAX_FILES
+from mnist_pipeline.serve.http import MAX_FILES
 
 API_VERSION = "1"
 # ?version=: ASCII digits (str.isdigit() takes '²' and Arabic-Indic digits), bounded before int() reads them

@@ -22,8 +22,8 @@ from starlette.requests import ClientDisconnect
 
 from mnist_pipeline.contract import describe
 from mnist_pipeline.records import aliases
-from mnist_pipeline.serve import api, bodies, feedback, v2
-from mnist_pipeline.serve.http import ClientError, Front
+from mnist_pipeline.serve import api, feedback, v2
+from mnist_pipeline.serve.http import ClientError, Front, images
 from mnist_pipeline.serve.service import Service, decode_and_predict, model_for, version_header
 from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
@@ -140,10 +140,10 @@ async def predict(request: Request, version: Optional[str] = Query(
         ) -> JSONResponse:
     """The digit in each uploaded image (at most 64), in upload order, and the checkpoint that answered."""
     service = _service(request)
-    images = await bodies.images(request)
+    uploads = await images(request)
     live = await model_for(service, None if version is None else int(version))
     started = time.perf_counter()
-    predictions = [describe(p) for p in await decode_and_predict(service, live, images)]
+    predictions = [describe(p) for p in await decode_and_predict(service, live, uploads)]
     service.metrics.latency.observe(time.perf_counter() - started)
     return JSONResponse({"checkpoint": live.describe(), "predictions": predictions}, headers=version_header(live))
 

@@ -1,5 +1,6 @@
-"""The HTTP edge every answer passes (an ASGI middleware, Starlette's public seam): JSON errors, security
-headers, a request id, the request count and access log, and a body that must keep arriving within bounds."""
+"""The HTTP edge: an ASGI middleware every answer passes (Starlette's public seam) for JSON errors, security
+headers, a request id, the request count and access log, and a body that must keep arriving within bounds;
+and a request's images, read within their own bounds."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ import uuid
 from http import HTTPStatus
 from typing import Any, Dict, List, Optional
 
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
 RETRY_AFTER_S = 1
 BODY_TIMEOUTS = 6  # a whole body may take this many --read-timeout: 2 MB at 35 KB/s with the default
 MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
+MAX_IMAGE_BYTES = 2 * 1024 * 1024
+MAX_FILES = 64
 DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
 ROUTES = ("/", "/predict", "/feedback", "/healthz", "/readyz", "/metrics", "/models", "/report", "/static", "/docs",
           "/openapi.json", "/v2")
@@ -113,24 +119,22 @@ class Front:
         async def next_message():
             wait = min(self.read_timeout, deadline - loop.time())
             try:
-                return await asyncio.wait_for(receive(), max(wait, 0))
+                message = await asyncio.wait_for(receive(), max(wait, 0))
             except asyncio.TimeoutError:
                 raise ClientError(408, f"the request body stopped arriving (or took more than "
                                        f"{BODY_TIMEOUTS * self.read_timeout:g} s): send it whole, "
                                        f"without pauses of {self.read_timeout:g} s", {"Connection": "close"}) from None
+            done[0] = message["type"] != "http.request" or not message.get("more_body", False)
+            size[0] += len(message.get("body", b""))
+            return message
 
         async def receive_in_bounds():
             if done[0]:
                 return await receive()
             message = await next_message()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                done[0] = True
-            size[0] += len(message.get("body", b""))
             if size[0] > MAX_BODY_BYTES:
                 while not done[0] and size[0] <= DRAIN_BYTES:
-                    message = await next_message()
-                    size[0] += len(message.get("body", b""))
-                    done[0] = message["type"] != "http.request" or not message.get("more_body", False)
+                    await next_message()
                 raise ClientError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB: send fewer or smaller "
                                        f"images", {"Connection": "close"})
             take(len(message.get("body", b"")))
@@ -165,3 +169,44 @@ def route_of(path: str) -> str:
         if path == route or path.startswith(route + "/"):
             return route
     return "/" if path == "/" else "other"
+
+
+async def images(request: Request) -> List[bytes]:
+    """The request's images, each at most MAX_IMAGE_BYTES, at most MAX_FILES of them."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind.startswith("image/"):
+        body = await _raw(request)
+        if not body:
+            raise ClientError(400, "the request body is empty: send an image")
+        return [body]
+    if kind != "multipart/form-data":
+        raise ClientError(415, f"Content-Type {kind or '(none)'!r} is not accepted: send multipart/form-data "
+                               f"with the image in the field `file`, or the image itself as image/png, image/jpeg, ...")
+    # (a malformed body, or more than MAX_FILES files: Starlette's 400 saying which)
+    async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES, max_part_size=MAX_IMAGE_BYTES) as form:
+        files = [value for key, value in form.multi_items() if key == "file"]
+        if not files:
+            raise ClientError(400, "no `file` field: send each image as a multipart field named `file`")
+        if not all(isinstance(f, UploadFile) for f in files):
+            raise ClientError(400, "the `file` field holds text, not a file: upload the image as a file")
+        images = []
+        for number, upload in enumerate(files, 1):
+            data = await upload.read(MAX_IMAGE_BYTES + 1)
+            if len(data) > MAX_IMAGE_BYTES:
+                raise ClientError(413, f"file {number} is over {MAX_IMAGE_BYTES // 2**20} MB: send a smaller image")
+            if not data:
+                raise ClientError(400, f"file {number} is empty: send an image")
+            images.append(data)
+        return images
+
+
+async def _raw(request: Request) -> bytes:
+    """The body, or 413 once it exceeds MAX_IMAGE_BYTES (the rest of it is not kept)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_IMAGE_BYTES:
+            chunks.append(chunk)
+    if size > MAX_IMAGE_BYTES:
+        raise ClientError(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB: send a smaller image")
+    return b"".join(chunks)

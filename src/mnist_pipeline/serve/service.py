@@ -4,26 +4,30 @@ every prediction route takes: the model a request gets, and its images decoded a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
+import os
+import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple
 
 from starlette.concurrency import run_in_threadpool
 
 from mnist_pipeline import faults, preprocess, runtime
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import feedback, versions
-from mnist_pipeline.serve.budget import UPLOADS_BYTES, Limiter, Slots, Uploads
 from mnist_pipeline.serve.follow import Follower, Kept
 from mnist_pipeline.serve.http import ClientError, busy
-from mnist_pipeline.serve.metrics import Metrics
 from mnist_pipeline.serve.runtimes import Live, Runtimes
 from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
 
+UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
+MAX_CLIENTS = 10_000  # POST /feedback's buckets kept per worker; beyond, the least recently seen go first
 DECODE_TURN_S = 0.005  # a request decodes images for this long (one image at least) before others' get a turn
 # a request whose images hold this many pixels or fewer in all (the page's 280x280 drawing, 64 MNIST-sized
 # digits) is decoded on the event loop, in about a millisecond: a trip to the threadpool and back costs
@@ -60,8 +64,7 @@ class Service:
         return cls(config=config, volume=volume, metrics=metrics,
                    follower=Follower(volume, config.threshold, runtimes, on_swap=swapped, model=config.model),
                    kept=Kept(volume, config.threshold, runtimes),
-                   slots=Slots(config.max_decodes or runtime.available_cpus(), config.max_waiting, metrics.decoding,
-                               metrics.waiting),
+                   slots=Slots(config.max_decodes or runtime.available_cpus(), config.max_waiting, metrics),
                    uploads=Uploads(UPLOADS_BYTES), private=_private_paths(volume.root),
                    feedback_limiter=Limiter(config.feedback_rate), feedback_pending=feedback.Pending(volume))
 
@@ -150,3 +153,123 @@ def _image(step: Callable[[Any], Any], data: Any, named: str, number: int) -> An
         return step(data)
     except preprocess.ImageError as exc:
         raise ClientError(400, f"{named} {number + 1}: {exc}" if named else str(exc)) from None
+
+
+class Slots:
+    """At most `running` images decoded at once; at most `waiting` requests wait their turn, more are refused.
+
+    A request takes a slot for each of its images in turn, so a 64-file request holds one decoded
+    image at a time and lets other requests' images in between its own.
+    """
+
+    def __init__(self, running: int, waiting: int, metrics: Metrics):
+        self.semaphore, self.max_waiting, self.metrics = asyncio.Semaphore(running), waiting, metrics
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, newcomer: bool) -> AsyncIterator[None]:
+        """A decode slot; a `newcomer` (a request's first image) gets 503 when the queue is full."""
+        if newcomer and self.semaphore.locked() and self.waiting >= self.max_waiting:
+            raise busy(f"{self.waiting} requests already wait for one of the image decoders")
+        self.waiting += 1
+        self.metrics.waiting.set(self.waiting)
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+            self.metrics.waiting.set(self.waiting)
+        self.metrics.decoding.inc()
+        try:
+            yield
+        finally:
+            self.metrics.decoding.dec()
+            self.semaphore.release()
+
+
+class Uploads:
+    """The bytes of request bodies (and their parsed copies) held at once, at most `limit`: a 503 beyond."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def account(self) -> Iterator[Callable[[int], None]]:
+        """take(n) for each piece a request holds; all of it is given back when the request ends."""
+        taken = [0]
+
+        def take(size: int) -> None:
+            if self.held + size > self.limit:
+                raise busy("too many uploads at once")
+            self.held += size
+            taken[0] += size
+
+        try:
+            yield take
+        finally:
+            self.held -= taken[0]
+
+
+class Limiter:
+    """A token bucket per client address: `rate` samples a minute, as many at once."""
+
+    def __init__(self, rate: int):
+        self.capacity, self.per_s = float(rate), rate / 60.0
+        self.buckets: "OrderedDict[str, Tuple[float, float]]" = OrderedDict()  # address -> (tokens, when)
+
+    def take(self, client: str, now: Optional[float] = None) -> Optional[int]:
+        """None when `client` may send one more now (a token taken), else the seconds until it may."""
+        now = time.monotonic() if now is None else now
+        tokens, when = self.buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - when) * self.per_s)
+        if tokens < 1:
+            self.buckets[client] = (tokens, now)
+            return max(1, math.ceil((1 - tokens) / self.per_s))
+        self.buckets[client] = (tokens - 1, now)
+        while len(self.buckets) > MAX_CLIENTS:  # the least recently seen first
+            self.buckets.popitem(last=False)
+        return None
+
+
+class Metrics:
+    """What /metrics gives, summed over the workers by prometheus-client's multiprocess mode: serve's parent
+    names a fresh folder in PROMETHEUS_MULTIPROC_DIR before the workers start, each keeps its values in files
+    there, and whichever answers /metrics collects them all. The served epoch and version are one series per
+    live worker (label `pid`); the next worker to start marks a dead one's files dead, which drops them
+    (granian has no hook for a worker's end)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mnist_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("mnist_prediction_seconds", "time to preprocess and predict one request's images",
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
+                                 registry=self.registry)
+        self.epoch = Gauge("mnist_checkpoint_epoch", "epoch of the checkpoint being served (0: none yet)",
+                           registry=self.registry, multiprocess_mode="liveall")
+        self.version = Gauge("mnist_model_version", "version being served (0: none yet, or a volume without "
+                             "a production version)", registry=self.registry, multiprocess_mode="liveall")
+        self.decoding = Gauge("mnist_decodes_running", "images being decoded now", registry=self.registry,
+                              multiprocess_mode="livesum")
+        self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=self.registry,
+                             multiprocess_mode="livesum")
+        # a dead worker's pid, from its value files' names (`..._<pid>.db`: docs/development.md)
+        shared = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        pids = {int(m.group(1)) for name in os.listdir(shared) if (m := re.search(r"_(\d+)\.db$", name))}
+        for pid in pids - {os.getpid()}:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                multiprocess.mark_process_dead(pid, shared)
+            except PermissionError:  # alive, someone else's
+                pass
+
+    @staticmethod
+    def exposition() -> bytes:
+        """The text /metrics answers: every worker's values."""
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        every = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every)  # (the folder PROMETHEUS_MULTIPROC_DIR names)
+        return generate_latest(every)
