@@ -1,16 +1,9 @@
-"""The model serve answers with, kept current while serve runs: the version --model names.
-
---model production (or another alias) follows the alias: a thread stats its file (and, while
-production is unset, model/mnist_cnn.pt and model/eval_results.json, served as before versions) every
-POLL_S seconds (cheap: no hashing) and runs the gate (records.aliases.gate) only when one changed.
---model N pins version N, which never changes. The ONNX file of the version named is watched too:
-an export that lands makes it servable with onnx (runtimes.py). The records read
-only regular files, with O_NONBLOCK: a FIFO planted in place of a file is a reason not to serve it
-(/readyz says so), never a blocked thread. A model that passes
-is loaded, warmed up, then swapped in with one reference assignment: a request holds the Live
-it started with, so none fails or waits for a load. A checkpoint that is unevaluated, evaluated
-below the threshold or unreadable never serves; the previous good model keeps serving meanwhile.
-Read-only: nothing here writes to the volume.
+"""The model serve answers with, kept current while serve runs: the version --model names (docs/serving.md,
+"Following the volume"). A thread stats the files that say which model that is every POLL_S seconds (cheap: no
+hashing) and runs the gate only when one changed. A model that passes is loaded and warmed up, then swapped in
+with one reference assignment: a request holds the Live it started with, so none fails or waits for a load. The
+records read only regular files, with O_NONBLOCK: a FIFO planted in place of a file is a reason not to serve it
+(/readyz says so), never a blocked thread. Read-only: nothing here writes to the volume.
 """
 
 from __future__ import annotations
@@ -91,9 +84,6 @@ class Follower:
         self._seen = seen
         try:
             live = self.runtimes.load(self.volume, self.model, self.threshold, self.live)
-            if live is self.live:
-                self.problem = ""
-                return
         except PipelineError as exc:
             self.problem = str(exc)
             if self.live is not None:
@@ -101,7 +91,10 @@ class Follower:
             else:
                 log.info("not ready: %s", exc)
             return
-        self.live, self.problem = live, ""
+        self.problem = ""
+        if live is self.live:
+            return
+        self.live = live
         log.info("serving %sepoch %d (sha256 %s, accuracy %.4f) with %s",
                  f"version {live.version}, " if live.version else "", live.epoch, live.sha256[:12], live.accuracy,
                  live.runtime)
