@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Tuple, Union
 
 from mnist_pipeline import faults
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import aliases, versions
+from mnist_pipeline.serve.http import Limiter
 from mnist_pipeline.serve.runtimes import Live, Runtimes
 from mnist_pipeline.volume import Volume
 
@@ -128,7 +128,7 @@ class Kept:
         self._loaded: "OrderedDict[int, Live]" = OrderedDict()
         self._lock = threading.Lock()  # the cache
         self._loading = threading.Lock()  # a load
-        self._loads, self._counted = float(size), time.monotonic()  # loads allowed now (a token bucket)
+        self._loads = Limiter(size, self.LOADS_PER_S)
 
     def get(self, number: int) -> Live:
         """Version `number`, gated; PipelineError (versions.NoSuchVersion for one not kept) when it cannot serve."""
@@ -141,12 +141,8 @@ class Kept:
             live = self._cached(number)  # (loaded by the request that held the lock)
             if live is not None:
                 return live
-            now = time.monotonic()
-            self._loads = min(float(self.size), self._loads + (now - self._counted) * self.LOADS_PER_S)
-            self._counted = now
-            if self._loads < 1:
+            if self._loads.take() is not None:  # (a load that fails costs as much)
                 raise Kept.Refused(f"versions are loading too often: retry version {number} in 1 s")
-            self._loads -= 1  # (a load that fails costs as much)
             faults.hold_point("version-load")
             live = self.runtimes.load(self.volume, number, self.threshold)
             with self._lock:

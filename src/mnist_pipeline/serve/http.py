@@ -1,17 +1,21 @@
 """The HTTP edge: an ASGI middleware every answer passes (Starlette's public seam) for JSON errors, security
-headers, a request id, the request count and access log, and a body that must keep arriving within bounds;
-and a request's images, read within their own bounds."""
+headers, a request id, the request count and access log, and a body that must keep arriving within bounds; a
+request's images; and what requests may hold at once (decode slots with a bounded queue, the bytes of uploads,
+each client's rate). Beyond those a request gets 503 (feedback: 429) with Retry-After, never more memory."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
+from collections import OrderedDict
 from http import HTTPStatus
-from typing import Any, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -21,6 +25,8 @@ BODY_TIMEOUTS = 6  # a whole body may take this many --read-timeout: 2 MB at 35 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
 MAX_IMAGE_BYTES = 2 * 1024 * 1024
 MAX_FILES = 64
+UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
+MAX_CLIENTS = 10_000  # POST /feedback's buckets kept per worker; beyond, the least recently seen go first
 DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
 ROUTES = ("/", "/predict", "/feedback", "/healthz", "/readyz", "/metrics", "/models", "/report", "/static", "/docs",
           "/openapi.json", "/v2")
@@ -84,7 +90,7 @@ class Front:
                     return
                 start, *bodies = held
                 text = b"".join(m.get("body", b"") for m in bodies).decode("utf-8", "replace").strip()
-                await _send_json(send, start, text or phrase(status[0]))
+                await _send_json(send, start, text or HTTPStatus(status[0]).phrase)
                 return
             await send(message)
 
@@ -143,15 +149,83 @@ class Front:
         return receive_in_bounds
 
 
+class Slots:
+    """At most `running` images decoded at once; at most `waiting` requests wait their turn, more are refused.
+
+    A request takes a slot for each of its images in turn, so a 64-file request holds one decoded
+    image at a time and lets other requests' images in between its own.
+    """
+
+    def __init__(self, running: int, waiting: int, metrics: Any):  # (service.Metrics)
+        self.semaphore, self.max_waiting, self.metrics = asyncio.Semaphore(running), waiting, metrics
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, newcomer: bool) -> AsyncIterator[None]:
+        """A decode slot; a `newcomer` (a request's first image) gets 503 when the queue is full."""
+        if newcomer and self.semaphore.locked() and self.waiting >= self.max_waiting:
+            raise busy(f"{self.waiting} requests already wait for one of the image decoders")
+        self.waiting += 1
+        self.metrics.waiting.set(self.waiting)
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+            self.metrics.waiting.set(self.waiting)
+        self.metrics.decoding.inc()
+        try:
+            yield
+        finally:
+            self.metrics.decoding.dec()
+            self.semaphore.release()
+
+
+class Uploads:
+    """The bytes of request bodies (and their parsed copies) held at once, at most `limit`: a 503 beyond."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def account(self) -> Iterator[Callable[[int], None]]:
+        """take(n) for each piece a request holds; all of it is given back when the request ends."""
+        taken = [0]
+
+        def take(size: int) -> None:
+            if self.held + size > self.limit:
+                raise busy("too many uploads at once")
+            self.held += size
+            taken[0] += size
+
+        try:
+            yield take
+        finally:
+            self.held -= taken[0]
+
+
+class Limiter:
+    """A token bucket per client: `per_s` tokens a second, at most `capacity` at once."""
+
+    def __init__(self, capacity: float, per_s: float):
+        self.capacity, self.per_s = float(capacity), per_s
+        self.buckets: "OrderedDict[str, Tuple[float, float]]" = OrderedDict()  # client -> (tokens, when)
+
+    def take(self, client: str = "") -> Optional[int]:
+        """None when `client` may send one more now (a token taken), else the seconds until it may."""
+        now = time.monotonic()
+        tokens, when = self.buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - when) * self.per_s)
+        if tokens < 1:
+            self.buckets[client] = (tokens, now)
+            return max(1, math.ceil((1 - tokens) / self.per_s))
+        self.buckets[client] = (tokens - 1, now)
+        while len(self.buckets) > MAX_CLIENTS:  # the least recently seen first
+            self.buckets.popitem(last=False)
+        return None
+
+
 def _is_json(headers) -> bool:
     return any(k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in headers)
-
-
-def phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return f"HTTP {status}"
 
 
 async def _send_json(send, start: Dict[str, Any], error: str) -> None:

@@ -4,16 +4,14 @@ every prediction route takes: the model a request gets, and its images decoded a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import os
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 from starlette.concurrency import run_in_threadpool
 
@@ -21,13 +19,11 @@ from mnist_pipeline import faults, preprocess, runtime
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import feedback, versions
 from mnist_pipeline.serve.follow import Follower, Kept
-from mnist_pipeline.serve.http import ClientError, busy
+from mnist_pipeline.serve.http import UPLOADS_BYTES, ClientError, Limiter, Slots, Uploads, busy
 from mnist_pipeline.serve.runtimes import Live, Runtimes
 from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
 
-UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
-MAX_CLIENTS = 10_000  # POST /feedback's buckets kept per worker; beyond, the least recently seen go first
 DECODE_TURN_S = 0.005  # a request decodes images for this long (one image at least) before others' get a turn
 # a request whose images hold this many pixels or fewer in all (the page's 280x280 drawing, 64 MNIST-sized
 # digits) is decoded on the event loop, in about a millisecond: a trip to the threadpool and back costs
@@ -66,7 +62,8 @@ class Service:
                    kept=Kept(volume, config.threshold, runtimes),
                    slots=Slots(config.max_decodes or runtime.available_cpus(), config.max_waiting, metrics),
                    uploads=Uploads(UPLOADS_BYTES), private=_private_paths(volume.root),
-                   feedback_limiter=Limiter(config.feedback_rate), feedback_pending=feedback.Pending(volume))
+                   feedback_limiter=Limiter(config.feedback_rate, config.feedback_rate / 60),
+                   feedback_pending=feedback.Pending(volume))
 
     def public(self, message: str) -> str:
         """`message` with the volume's path taken out: `--root /x` goes, /x/model/... becomes model/..."""
@@ -153,81 +150,6 @@ def _image(step: Callable[[Any], Any], data: Any, named: str, number: int) -> An
         return step(data)
     except preprocess.ImageError as exc:
         raise ClientError(400, f"{named} {number + 1}: {exc}" if named else str(exc)) from None
-
-
-class Slots:
-    """At most `running` images decoded at once; at most `waiting` requests wait their turn, more are refused.
-
-    A request takes a slot for each of its images in turn, so a 64-file request holds one decoded
-    image at a time and lets other requests' images in between its own.
-    """
-
-    def __init__(self, running: int, waiting: int, metrics: Metrics):
-        self.semaphore, self.max_waiting, self.metrics = asyncio.Semaphore(running), waiting, metrics
-        self.waiting = 0
-
-    @contextlib.asynccontextmanager
-    async def slot(self, newcomer: bool) -> AsyncIterator[None]:
-        """A decode slot; a `newcomer` (a request's first image) gets 503 when the queue is full."""
-        if newcomer and self.semaphore.locked() and self.waiting >= self.max_waiting:
-            raise busy(f"{self.waiting} requests already wait for one of the image decoders")
-        self.waiting += 1
-        self.metrics.waiting.set(self.waiting)
-        try:
-            await self.semaphore.acquire()
-        finally:
-            self.waiting -= 1
-            self.metrics.waiting.set(self.waiting)
-        self.metrics.decoding.inc()
-        try:
-            yield
-        finally:
-            self.metrics.decoding.dec()
-            self.semaphore.release()
-
-
-class Uploads:
-    """The bytes of request bodies (and their parsed copies) held at once, at most `limit`: a 503 beyond."""
-
-    def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
-
-    @contextlib.contextmanager
-    def account(self) -> Iterator[Callable[[int], None]]:
-        """take(n) for each piece a request holds; all of it is given back when the request ends."""
-        taken = [0]
-
-        def take(size: int) -> None:
-            if self.held + size > self.limit:
-                raise busy("too many uploads at once")
-            self.held += size
-            taken[0] += size
-
-        try:
-            yield take
-        finally:
-            self.held -= taken[0]
-
-
-class Limiter:
-    """A token bucket per client address: `rate` samples a minute, as many at once."""
-
-    def __init__(self, rate: int):
-        self.capacity, self.per_s = float(rate), rate / 60.0
-        self.buckets: "OrderedDict[str, Tuple[float, float]]" = OrderedDict()  # address -> (tokens, when)
-
-    def take(self, client: str, now: Optional[float] = None) -> Optional[int]:
-        """None when `client` may send one more now (a token taken), else the seconds until it may."""
-        now = time.monotonic() if now is None else now
-        tokens, when = self.buckets.pop(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - when) * self.per_s)
-        if tokens < 1:
-            self.buckets[client] = (tokens, now)
-            return max(1, math.ceil((1 - tokens) / self.per_s))
-        self.buckets[client] = (tokens - 1, now)
-        while len(self.buckets) > MAX_CLIENTS:  # the least recently seen first
-            self.buckets.popitem(last=False)
-        return None
 
 
 class Metrics:
