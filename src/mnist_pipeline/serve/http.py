@@ -1,7 +1,5 @@
-"""The HTTP edge: an ASGI middleware every answer passes (Starlette's public seam) for JSON errors, security
-headers, a request id, the request count and access log, and a body that must keep arriving within bounds; a
-request's images; and what requests may hold at once (decode slots with a bounded queue, the bytes of uploads,
-each client's rate). Beyond those a request gets 503 (feedback: 429) with Retry-After, never more memory."""
+"""The HTTP edge (Front, the ASGI middleware every answer passes), a request's images, and what requests may hold
+at once: beyond a bound a request gets a 4xx, or a 503 (feedback: 429) with Retry-After, never more memory."""
 
 from __future__ import annotations
 
@@ -150,11 +148,8 @@ class Front:
 
 
 class Slots:
-    """At most `running` images decoded at once; at most `waiting` requests wait their turn, more are refused.
-
-    A request takes a slot for each of its images in turn, so a 64-file request holds one decoded
-    image at a time and lets other requests' images in between its own.
-    """
+    """At most `running` decode turns at once (service.decode_and_predict); at most `waiting` requests wait for
+    one, more are refused."""
 
     def __init__(self, running: int, waiting: int, metrics: Any):  # (service.Metrics)
         self.semaphore, self.max_waiting, self.metrics = asyncio.Semaphore(running), waiting, metrics
@@ -249,10 +244,16 @@ async def images(request: Request) -> List[bytes]:
     """The request's images, each at most MAX_IMAGE_BYTES, at most MAX_FILES of them."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind.startswith("image/"):
-        body = await _raw(request)
-        if not body:
+        chunks, size = [], 0
+        async for chunk in request.stream():  # (to its end: past the limit, counted, not kept)
+            size += len(chunk)
+            if size <= MAX_IMAGE_BYTES:
+                chunks.append(chunk)
+        if size > MAX_IMAGE_BYTES:
+            raise ClientError(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB: send a smaller image")
+        if not size:
             raise ClientError(400, "the request body is empty: send an image")
-        return [body]
+        return [b"".join(chunks)]
     if kind != "multipart/form-data":
         raise ClientError(415, f"Content-Type {kind or '(none)'!r} is not accepted: send multipart/form-data "
                                f"with the image in the field `file`, or the image itself as image/png, image/jpeg, ...")
@@ -273,14 +274,3 @@ async def images(request: Request) -> List[bytes]:
             images.append(data)
         return images
 
-
-async def _raw(request: Request) -> bytes:
-    """The body, or 413 once it exceeds MAX_IMAGE_BYTES (the rest of it is not kept)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= MAX_IMAGE_BYTES:
-            chunks.append(chunk)
-    if size > MAX_IMAGE_BYTES:
-        raise ClientError(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB: send a smaller image")
-    return b"".join(chunks)

@@ -33,8 +33,7 @@ LOOP_PIXELS = 320 * 320
 
 @dataclass(frozen=True)
 class Service:
-    """What the routes share, one per process (app.state.service): the model that follows the volume, the
-    versions kept on request, what requests may hold at once, and the counts /metrics gives."""
+    """What the routes share, one per process (app.state.service)."""
 
     config: ServeConfig
     volume: Volume
