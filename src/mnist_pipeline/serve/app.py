@@ -78,10 +78,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 routes = APIRouter(tags=["serve's own API"], responses={400: api.ERROR, 503: api.ERROR})
 
 
-def _service(request: Request) -> Service:
-    return request.app.state.service
-
-
 @routes.get("/", include_in_schema=False)
 def page() -> FileResponse:
     return FileResponse(STATIC / "index.html")
@@ -101,7 +97,7 @@ async def healthz() -> Dict[str, str]:  # async: answered on the event loop, nev
 @routes.get("/readyz", response_model=api.Ready, responses={503: api.ERROR})
 def readyz(request: Request) -> JSONResponse:
     """Ready once a model passes the gate: the model answering, or 503 saying why none does."""
-    service = _service(request)
+    service: Service = request.app.state.service
     live, problem = service.follower.current(), service.public(service.follower.problem)  # (in that order)
     if live is None:
         return JSONResponse({"error": problem or "no model to serve yet"}, status_code=503)
@@ -115,7 +111,7 @@ def readyz(request: Request) -> JSONResponse:
 @routes.get("/models", response_model=api.Models)
 def models(request: Request) -> JSONResponse:
     """The kept versions and their aliases (`mnist models --json`), and the version serving now."""
-    service = _service(request)
+    service: Service = request.app.state.service
     listed = aliases.catalogue(service.volume)
     for row in listed:
         if "corrupt" in row:
@@ -130,7 +126,7 @@ def prometheus(request: Request) -> Response:
     """Prometheus metrics, summed over the workers."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Response(_service(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(request.app.state.service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @routes.post("/predict", response_model=api.Predictions, openapi_extra=api.PREDICT_BODY,
@@ -139,7 +135,7 @@ async def predict(request: Request, version: Optional[str] = Query(
         None, pattern=api.VERSION, description="a kept version's number (GET /models); default: the one serving")
         ) -> JSONResponse:
     """The digit in each uploaded image (at most 64), in upload order, and the checkpoint that answered."""
-    service = _service(request)
+    service: Service = request.app.state.service
     uploads = await images(request)
     live = await model_for(service, None if version is None else int(version))
     started = time.perf_counter()
@@ -155,7 +151,7 @@ def report_root() -> Response:
 
 @routes.get("/report/{name:path}", include_in_schema=False)
 def report(name: str, request: Request) -> FileResponse:
-    return FileResponse(_report_file(_service(request).volume, name or "index.html"))
+    return FileResponse(_report_file(request.app.state.service.volume, name or "index.html"))
 
 
 def _answer_errors_in_json(app: FastAPI) -> None:
