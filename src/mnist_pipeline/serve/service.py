@@ -161,19 +161,19 @@ class Metrics:
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
-        self.registry = CollectorRegistry()
+        registry = CollectorRegistry()  # (not the global one: /metrics reads the shared folder, not a registry)
         self.requests = Counter("mnist_requests", "HTTP requests by route and status", ["route", "status"],
-                                registry=self.registry)
+                                registry=registry)
         self.latency = Histogram("mnist_prediction_seconds", "time to preprocess and predict one request's images",
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
-                                 registry=self.registry)
+                                 registry=registry)
         self.epoch = Gauge("mnist_checkpoint_epoch", "epoch of the checkpoint being served (0: none yet)",
-                           registry=self.registry, multiprocess_mode="liveall")
+                           registry=registry, multiprocess_mode="liveall")
         self.version = Gauge("mnist_model_version", "version being served (0: none yet, or a volume without "
-                             "a production version)", registry=self.registry, multiprocess_mode="liveall")
-        self.decoding = Gauge("mnist_decodes_running", "images being decoded now", registry=self.registry,
+                             "a production version)", registry=registry, multiprocess_mode="liveall")
+        self.decoding = Gauge("mnist_decodes_running", "images being decoded now", registry=registry,
                               multiprocess_mode="livesum")
-        self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=self.registry,
+        self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=registry,
                              multiprocess_mode="livesum")
         # a dead worker's pid, from its value files' names (`..._<pid>.db`: docs/development.md)
         shared = os.environ["PROMETHEUS_MULTIPROC_DIR"]
