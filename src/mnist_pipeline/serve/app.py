@@ -201,13 +201,10 @@ def _report_file(volume: Volume, name: str) -> Path:
 
 
 def _give_back_freed_memory() -> None:
-    """glibc's malloc: memory of a decoded image goes back to the system once freed.
-
-    By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MB), after
-    which image-sized blocks come from heaps that rarely shrink, one heap per thread: RSS stays near its
-    peak after a storm of large images. A fixed threshold keeps large blocks mapped (unmapped on free),
-    and two arenas keep the threadpool's threads from holding one heap each. Elsewhere: nothing to do.
-    """
+    """glibc's malloc: memory of a decoded image goes back to the system once freed. By default glibc raises its
+    mmap threshold to the largest block freed so far, after which image-sized blocks come from heaps that rarely
+    shrink, one per thread: RSS stays near its peak after a storm of large images. A fixed threshold keeps large
+    blocks mapped (unmapped on free), and two arenas keep the threadpool's threads from holding one heap each."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
