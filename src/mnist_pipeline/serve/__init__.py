@@ -1,25 +1,7 @@
-"""serve: the HTTP API and the draw-a-digit page, on granian (a Rust HTTP server for ASGI apps).
-
-granian runs --workers processes on the port, replaces one that dies, closes a connection whose
-request head stalls for --read-timeout, and drains in-flight requests on SIGTERM. If a worker dies
-again within seconds of its replacement, granian ends serve with exit 1: one `error:` line, and the
-restart policy (Compose, Kubernetes) starts it again. Each worker builds the app (app.py), which
-follows the volume on its own (follow.py); /metrics sums the workers (metrics.py).
-
-What a client may cost is bounded in each worker, since the port is open to anyone: granian's
-backpressure (--max-requests in progress; more wait in the listen queue) and head timeout; a body
-within MAX_BODY_BYTES that keeps arriving (http.Front); at most --max-decodes images decoded at once
-and --max-waiting requests queued for that (budget.py).
-
-  app.py       the routes, typed (OpenAPI at /openapi.json, its docs page at /docs)
-  bodies.py    a request's images (Starlette's form parsing, with its limits)
-  budget.py    decode slots and the bytes of uploads held at once
-  http.py      the ASGI middleware every answer passes: JSON errors, headers, counts, body bounds
-  follow.py    the gated model, kept current as the volume changes
-  runtimes.py  the model's runtime (onnxruntime or torch) and the model it loads
-  metrics.py   /metrics, in prometheus-client's multiprocess mode
-
-Nothing here imports the model's runtime at module level: granian forks the workers from this process.
+"""serve: the HTTP API and the draw-a-digit page, on granian (a Rust HTTP server for ASGI apps) through its public
+settings (docs/serving.md says what it does for serve). Each worker builds the app (app.py), which follows the
+volume on its own (follow.py). Nothing here imports the model's runtime or prometheus-client at module level:
+granian forks the workers from this process, after PROMETHEUS_MULTIPROC_DIR names their shared folder.
 """
 
 from __future__ import annotations
@@ -29,8 +11,10 @@ import functools
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from typing import Any, Callable
 
@@ -40,8 +24,8 @@ from mnist_pipeline.settings import ServeConfig
 
 log = logging.getLogger(__name__)
 
-# workers by default: one per CPU up to this; each holds a model and a decode's memory (~100 MB idle,
-# more under large uploads), so a big host must not start dozens unasked (--workers raises it)
+# workers by default: one per CPU up to this; each holds a model and a decode's memory, so a big host must
+# not start dozens unasked (--workers raises it)
 MAX_DEFAULT_WORKERS = 4
 # granian's own lines (a worker's unexpected exit) through the root logger, on stderr like ours
 LOG_TO_STDERR = {"loggers": {"_granian": {"handlers": [], "propagate": True}}}
@@ -61,8 +45,6 @@ def run(config: ServeConfig) -> None:
                             "target serve), or `pip install granian fastapi python-multipart prometheus-client`"
                             ) from None
 
-    from mnist_pipeline.serve import metrics
-
     count = config.workers or min(available_cpus(), MAX_DEFAULT_WORKERS)
     if config.runtime != "auto" or config.device not in ("auto", "cpu"):
         from mnist_pipeline.serve.runtimes import Runtimes
@@ -72,13 +54,13 @@ def run(config: ServeConfig) -> None:
         from mnist_pipeline.storage.atomic import ensure_dir
         from mnist_pipeline.volume import Volume
 
-        ensure_dir(Volume(config.root).feedback_dir)
-        if not os.access(Volume(config.root).feedback_dir, os.W_OK):
-            raise PipelineError(f"--feedback on: {Volume(config.root).feedback_dir} is not writable; mount the "
-                                f"volume read-write for serve (docs/feedback.md), or turn feedback off")
+        folder = ensure_dir(Volume(config.root).feedback_dir)
+        if not os.access(folder, os.W_OK):
+            raise PipelineError(f"--feedback on: {folder} is not writable; mount the volume read-write for serve "
+                                f"(docs/feedback.md), or turn feedback off")
     _allow_open_files()
     port, placeholder = _reserve(config.host, config.port)
-    directory = metrics.shared_folder()
+    directory = _metrics_folder()
     server = Granian("mnist_pipeline.serve.app:create_app", address=config.host, port=port, interface="asgi",
                      workers=count, backpressure=config.max_requests, respawn_failed_workers=True,
                      http1_settings=HTTP1Settings(header_read_timeout=int(config.read_timeout * 1000)),
@@ -94,7 +76,7 @@ def run(config: ServeConfig) -> None:
                                 "what it says; under Compose or Kubernetes serve is restarted") from None
     finally:
         placeholder.close()
-        metrics.remove_shared_folder(directory)
+        shutil.rmtree(directory, ignore_errors=True)
         for signum, handler in ours.items():
             signal.signal(signum, handler)
     if stopped_by:
@@ -109,6 +91,17 @@ def _allow_open_files() -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _metrics_folder() -> str:
+    """A new folder for the workers' metrics, named in PROMETHEUS_MULTIPROC_DIR for them (service.Metrics)."""
+    try:
+        directory = tempfile.mkdtemp(prefix="mnist-serve-metrics-")
+    except OSError as exc:
+        raise PipelineError(f"cannot create a folder for the workers' metrics in {tempfile.gettempdir()}: "
+                            f"{exc.strerror or exc}; make TMPDIR (or /tmp) writable") from None
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
 
 
 def _app(config: ServeConfig) -> Any:

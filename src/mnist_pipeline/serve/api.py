@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Union
 from pydantic import BaseModel, Field
 
 from mnist_pipeline.contract import NUM_CLASSES
-from mnist_pipeline.serve.bodies import MAX_FILES
+from mnist_pipeline.serve.http import MAX_FILES
 
 API_VERSION = "1"
 # ?version=: ASCII digits (str.isdigit() takes '²' and Arabic-Indic digits), bounded before int() reads them
@@ -82,13 +82,18 @@ class Models(BaseModel):
     versions: List[Version]
 
 
-# /predict reads its body itself (multipart or a raw image): described here for the schema
-PREDICT_BODY: Dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "array", "maxItems": MAX_FILES, "items": {"type": "string", "format": "binary"}}}}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
-    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-}}}
+FILE = {"type": "string", "format": "binary"}
+
+
+def _body(**fields: Dict[str, Any]) -> Dict[str, Any]:
+    """The body of a route that reads it itself, for the schema: a multipart form of `fields`, or a raw image."""
+    image = {"schema": FILE}
+    form = {"type": "object", "required": list(fields), "properties": fields}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form}, "image/png": image, "image/jpeg": image}}}
+
+
+PREDICT_BODY = _body(file={"type": "array", "maxItems": MAX_FILES, "items": FILE})
 
 
 class FeedbackAccepted(BaseModel):
@@ -98,12 +103,4 @@ class FeedbackAccepted(BaseModel):
     version: Optional[int] = Field(None, ge=1, description="the version that read it (null: none kept yet)")
     split: str = Field(description="train or heldout: the share it falls in once accepted, by its id")
 
-
-# /feedback reads its body itself too: one image, with its label
-FEEDBACK_BODY: Dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file", "label"], "properties": {
-        "file": {"type": "string", "format": "binary"},
-        "label": {"type": "string", "pattern": "^[0-9]$"}}}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
-    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-}}}
+FEEDBACK_BODY = _body(file=FILE, label={"type": "string", "pattern": "^[0-9]$"})

@@ -22,8 +22,8 @@ from starlette.requests import ClientDisconnect
 
 from mnist_pipeline.contract import describe
 from mnist_pipeline.records import aliases
-from mnist_pipeline.serve import api, bodies, feedback, v2
-from mnist_pipeline.serve.http import ClientError, Front
+from mnist_pipeline.serve import api, feedback, v2
+from mnist_pipeline.serve.http import ClientError, Front, images
 from mnist_pipeline.serve.service import Service, decode_and_predict, model_for, version_header
 from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
@@ -78,10 +78,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 routes = APIRouter(tags=["serve's own API"], responses={400: api.ERROR, 503: api.ERROR})
 
 
-def _service(request: Request) -> Service:
-    return request.app.state.service
-
-
 @routes.get("/", include_in_schema=False)
 def page() -> FileResponse:
     return FileResponse(STATIC / "index.html")
@@ -101,7 +97,7 @@ async def healthz() -> Dict[str, str]:  # async: answered on the event loop, nev
 @routes.get("/readyz", response_model=api.Ready, responses={503: api.ERROR})
 def readyz(request: Request) -> JSONResponse:
     """Ready once a model passes the gate: the model answering, or 503 saying why none does."""
-    service = _service(request)
+    service: Service = request.app.state.service
     live, problem = service.follower.current(), service.public(service.follower.problem)  # (in that order)
     if live is None:
         return JSONResponse({"error": problem or "no model to serve yet"}, status_code=503)
@@ -115,7 +111,7 @@ def readyz(request: Request) -> JSONResponse:
 @routes.get("/models", response_model=api.Models)
 def models(request: Request) -> JSONResponse:
     """The kept versions and their aliases (`mnist models --json`), and the version serving now."""
-    service = _service(request)
+    service: Service = request.app.state.service
     listed = aliases.catalogue(service.volume)
     for row in listed:
         if "corrupt" in row:
@@ -130,7 +126,7 @@ def prometheus(request: Request) -> Response:
     """Prometheus metrics, summed over the workers."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Response(_service(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(request.app.state.service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @routes.post("/predict", response_model=api.Predictions, openapi_extra=api.PREDICT_BODY,
@@ -139,11 +135,11 @@ async def predict(request: Request, version: Optional[str] = Query(
         None, pattern=api.VERSION, description="a kept version's number (GET /models); default: the one serving")
         ) -> JSONResponse:
     """The digit in each uploaded image (at most 64), in upload order, and the checkpoint that answered."""
-    service = _service(request)
-    images = await bodies.images(request)
+    service: Service = request.app.state.service
+    uploads = await images(request)
     live = await model_for(service, None if version is None else int(version))
     started = time.perf_counter()
-    predictions = [describe(p) for p in await decode_and_predict(service, live, images)]
+    predictions = [describe(p) for p in await decode_and_predict(service, live, uploads)]
     service.metrics.latency.observe(time.perf_counter() - started)
     return JSONResponse({"checkpoint": live.describe(), "predictions": predictions}, headers=version_header(live))
 
@@ -155,7 +151,7 @@ def report_root() -> Response:
 
 @routes.get("/report/{name:path}", include_in_schema=False)
 def report(name: str, request: Request) -> FileResponse:
-    return FileResponse(_report_file(_service(request).volume, name or "index.html"))
+    return FileResponse(_report_file(request.app.state.service.volume, name or "index.html"))
 
 
 def _answer_errors_in_json(app: FastAPI) -> None:
@@ -205,13 +201,10 @@ def _report_file(volume: Volume, name: str) -> Path:
 
 
 def _give_back_freed_memory() -> None:
-    """glibc's malloc: memory of a decoded image goes back to the system once freed.
-
-    By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MB), after
-    which image-sized blocks come from heaps that rarely shrink, one heap per thread: RSS stays near its
-    peak after a storm of large images. A fixed threshold keeps large blocks mapped (unmapped on free),
-    and two arenas keep the threadpool's threads from holding one heap each. Elsewhere: nothing to do.
-    """
+    """glibc's malloc: memory of a decoded image goes back to the system once freed. By default glibc raises its
+    mmap threshold to the largest block freed so far, after which image-sized blocks come from heaps that rarely
+    shrink, one per thread: RSS stays near its peak after a storm of large images. A fixed threshold keeps large
+    blocks mapped (unmapped on free), and two arenas keep the threadpool's threads from holding one heap each."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

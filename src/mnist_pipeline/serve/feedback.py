@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from mnist_pipeline.contract import describe
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import feedback as samples
-from mnist_pipeline.serve import api, bodies
+from mnist_pipeline.serve import api, http
 from mnist_pipeline.serve.http import ClientError
 from mnist_pipeline.serve.service import Service, decode_and_predict, model_for, version_header
 
@@ -49,15 +49,15 @@ async def _image_and_label(request: Request, label: Optional[str]) -> Tuple[byte
     """The upload (multipart `file` and `label`, or a raw image body with ?label=N) and its label's text."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "multipart/form-data":
-        images = await bodies.images(request)  # (415 for a body that is no image)
+        images = await http.images(request)  # (415 for a body that is no image)
         return images[0], label or ""
-    async with request.form(max_files=1, max_fields=2, max_part_size=bodies.MAX_IMAGE_BYTES) as form:
+    async with request.form(max_files=1, max_fields=2, max_part_size=http.MAX_IMAGE_BYTES) as form:
         upload, text = form.get("file"), form.get("label", label)
         if not isinstance(upload, UploadFile):
             raise ClientError(400, "no `file` field holding a file: send the image as a multipart file named `file`")
-        data = await upload.read(bodies.MAX_IMAGE_BYTES + 1)
-        if len(data) > bodies.MAX_IMAGE_BYTES:
-            raise ClientError(413, f"the image is over {bodies.MAX_IMAGE_BYTES // 2**20} MB: send a smaller image")
+        data = await upload.read(http.MAX_IMAGE_BYTES + 1)
+        if len(data) > http.MAX_IMAGE_BYTES:
+            raise ClientError(413, f"the image is over {http.MAX_IMAGE_BYTES // 2**20} MB: send a smaller image")
         if not data:
             raise ClientError(400, "the image is empty: send an image")
         return data, text if isinstance(text, str) else ""

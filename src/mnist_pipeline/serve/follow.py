@@ -1,16 +1,9 @@
-"""The model serve answers with, kept current while serve runs: the version --model names.
-
---model production (or another alias) follows the alias: a thread stats its file (and, while
-production is unset, model/mnist_cnn.pt and model/eval_results.json, served as before versions) every
-POLL_S seconds (cheap: no hashing) and runs the gate (records.aliases.gate) only when one changed.
---model N pins version N, which never changes. The ONNX file of the version named is watched too:
-an export that lands makes it servable with onnx (runtimes.py). The records read
-only regular files, with O_NONBLOCK: a FIFO planted in place of a file is a reason not to serve it
-(/readyz says so), never a blocked thread. A model that passes
-is loaded, warmed up, then swapped in with one reference assignment: a request holds the Live
-it started with, so none fails or waits for a load. A checkpoint that is unevaluated, evaluated
-below the threshold or unreadable never serves; the previous good model keeps serving meanwhile.
-Read-only: nothing here writes to the volume.
+"""The model serve answers with, kept current while serve runs: the version --model names (docs/serving.md,
+"Following the volume"). A thread stats the files that say which model that is every POLL_S seconds (cheap: no
+hashing) and runs the gate only when one changed. A model that passes is loaded and warmed up, then swapped in
+with one reference assignment: a request holds the Live it started with, so none fails or waits for a load. The
+records read only regular files, with O_NONBLOCK: a FIFO planted in place of a file is a reason not to serve it
+(/readyz says so), never a blocked thread. Read-only: nothing here writes to the volume.
 """
 
 from __future__ import annotations
@@ -18,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Tuple, Union
 
 from mnist_pipeline import faults
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import aliases, versions
+from mnist_pipeline.serve.http import Limiter
 from mnist_pipeline.serve.runtimes import Live, Runtimes
 from mnist_pipeline.volume import Volume
 
@@ -91,9 +84,6 @@ class Follower:
         self._seen = seen
         try:
             live = self.runtimes.load(self.volume, self.model, self.threshold, self.live)
-            if live is self.live:
-                self.problem = ""
-                return
         except PipelineError as exc:
             self.problem = str(exc)
             if self.live is not None:
@@ -101,7 +91,10 @@ class Follower:
             else:
                 log.info("not ready: %s", exc)
             return
-        self.live, self.problem = live, ""
+        self.problem = ""
+        if live is self.live:
+            return
+        self.live = live
         log.info("serving %sepoch %d (sha256 %s, accuracy %.4f) with %s",
                  f"version {live.version}, " if live.version else "", live.epoch, live.sha256[:12], live.accuracy,
                  live.runtime)
@@ -135,7 +128,7 @@ class Kept:
         self._loaded: "OrderedDict[int, Live]" = OrderedDict()
         self._lock = threading.Lock()  # the cache
         self._loading = threading.Lock()  # a load
-        self._loads, self._counted = float(size), time.monotonic()  # loads allowed now (a token bucket)
+        self._loads = Limiter(size, self.LOADS_PER_S)
 
     def get(self, number: int) -> Live:
         """Version `number`, gated; PipelineError (versions.NoSuchVersion for one not kept) when it cannot serve."""
@@ -148,12 +141,8 @@ class Kept:
             live = self._cached(number)  # (loaded by the request that held the lock)
             if live is not None:
                 return live
-            now = time.monotonic()
-            self._loads = min(float(self.size), self._loads + (now - self._counted) * self.LOADS_PER_S)
-            self._counted = now
-            if self._loads < 1:
+            if self._loads.take() is not None:  # (a load that fails costs as much)
                 raise Kept.Refused(f"versions are loading too often: retry version {number} in 1 s")
-            self._loads -= 1  # (a load that fails costs as much)
             faults.hold_point("version-load")
             live = self.runtimes.load(self.volume, number, self.threshold)
             with self._lock:

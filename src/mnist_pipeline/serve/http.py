@@ -1,20 +1,30 @@
-"""The HTTP edge every answer passes (an ASGI middleware, Starlette's public seam): JSON errors, security
-headers, a request id, the request count and access log, and a body that must keep arriving within bounds."""
+"""The HTTP edge (Front, the ASGI middleware every answer passes), a request's images, and what requests may hold
+at once: beyond a bound a request gets a 4xx, or a 503 (feedback: 429) with Retry-After, never more memory."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
+from collections import OrderedDict
 from http import HTTPStatus
-from typing import Any, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
 
 RETRY_AFTER_S = 1
 BODY_TIMEOUTS = 6  # a whole body may take this many --read-timeout: 2 MB at 35 KB/s with the default
 MAX_BODY_BYTES = 16 * 1024 * 1024  # several images in one multipart request
+MAX_IMAGE_BYTES = 2 * 1024 * 1024
+MAX_FILES = 64
+UPLOADS_BYTES = 128 * 1024 * 1024  # all request bodies (and their parsed files) held at once
+MAX_CLIENTS = 10_000  # POST /feedback's buckets kept per worker; beyond, the least recently seen go first
 DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read to its end before the 413
 ROUTES = ("/", "/predict", "/feedback", "/healthz", "/readyz", "/metrics", "/models", "/report", "/static", "/docs",
           "/openapi.json", "/v2")
@@ -78,7 +88,7 @@ class Front:
                     return
                 start, *bodies = held
                 text = b"".join(m.get("body", b"") for m in bodies).decode("utf-8", "replace").strip()
-                await _send_json(send, start, text or phrase(status[0]))
+                await _send_json(send, start, text or HTTPStatus(status[0]).phrase)
                 return
             await send(message)
 
@@ -113,24 +123,22 @@ class Front:
         async def next_message():
             wait = min(self.read_timeout, deadline - loop.time())
             try:
-                return await asyncio.wait_for(receive(), max(wait, 0))
+                message = await asyncio.wait_for(receive(), max(wait, 0))
             except asyncio.TimeoutError:
                 raise ClientError(408, f"the request body stopped arriving (or took more than "
                                        f"{BODY_TIMEOUTS * self.read_timeout:g} s): send it whole, "
                                        f"without pauses of {self.read_timeout:g} s", {"Connection": "close"}) from None
+            done[0] = message["type"] != "http.request" or not message.get("more_body", False)
+            size[0] += len(message.get("body", b""))
+            return message
 
         async def receive_in_bounds():
             if done[0]:
                 return await receive()
             message = await next_message()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                done[0] = True
-            size[0] += len(message.get("body", b""))
             if size[0] > MAX_BODY_BYTES:
                 while not done[0] and size[0] <= DRAIN_BYTES:
-                    message = await next_message()
-                    size[0] += len(message.get("body", b""))
-                    done[0] = message["type"] != "http.request" or not message.get("more_body", False)
+                    await next_message()
                 raise ClientError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB: send fewer or smaller "
                                        f"images", {"Connection": "close"})
             take(len(message.get("body", b"")))
@@ -139,15 +147,80 @@ class Front:
         return receive_in_bounds
 
 
+class Slots:
+    """At most `running` decode turns at once (service.decode_and_predict); at most `waiting` requests wait for
+    one, more are refused."""
+
+    def __init__(self, running: int, waiting: int, metrics: Any):  # (service.Metrics)
+        self.semaphore, self.max_waiting, self.metrics = asyncio.Semaphore(running), waiting, metrics
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, newcomer: bool) -> AsyncIterator[None]:
+        """A decode slot; a `newcomer` (a request's first image) gets 503 when the queue is full."""
+        if newcomer and self.semaphore.locked() and self.waiting >= self.max_waiting:
+            raise busy(f"{self.waiting} requests already wait for one of the image decoders")
+        self.waiting += 1
+        self.metrics.waiting.set(self.waiting)
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+            self.metrics.waiting.set(self.waiting)
+        self.metrics.decoding.inc()
+        try:
+            yield
+        finally:
+            self.metrics.decoding.dec()
+            self.semaphore.release()
+
+
+class Uploads:
+    """The bytes of request bodies (and their parsed copies) held at once, at most `limit`: a 503 beyond."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def account(self) -> Iterator[Callable[[int], None]]:
+        """take(n) for each piece a request holds; all of it is given back when the request ends."""
+        taken = [0]
+
+        def take(size: int) -> None:
+            if self.held + size > self.limit:
+                raise busy("too many uploads at once")
+            self.held += size
+            taken[0] += size
+
+        try:
+            yield take
+        finally:
+            self.held -= taken[0]
+
+
+class Limiter:
+    """A token bucket per client: `per_s` tokens a second, at most `capacity` at once."""
+
+    def __init__(self, capacity: float, per_s: float):
+        self.capacity, self.per_s = float(capacity), per_s
+        self.buckets: "OrderedDict[str, Tuple[float, float]]" = OrderedDict()  # client -> (tokens, when)
+
+    def take(self, client: str = "") -> Optional[int]:
+        """None when `client` may send one more now (a token taken), else the seconds until it may."""
+        now = time.monotonic()
+        tokens, when = self.buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - when) * self.per_s)
+        if tokens < 1:
+            self.buckets[client] = (tokens, now)
+            return max(1, math.ceil((1 - tokens) / self.per_s))
+        self.buckets[client] = (tokens - 1, now)
+        while len(self.buckets) > MAX_CLIENTS:  # the least recently seen first
+            self.buckets.popitem(last=False)
+        return None
+
+
 def _is_json(headers) -> bool:
     return any(k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in headers)
-
-
-def phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return f"HTTP {status}"
 
 
 async def _send_json(send, start: Dict[str, Any], error: str) -> None:
@@ -165,3 +238,39 @@ def route_of(path: str) -> str:
         if path == route or path.startswith(route + "/"):
             return route
     return "/" if path == "/" else "other"
+
+
+async def images(request: Request) -> List[bytes]:
+    """The request's images, each at most MAX_IMAGE_BYTES, at most MAX_FILES of them."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind.startswith("image/"):
+        chunks, size = [], 0
+        async for chunk in request.stream():  # (to its end: past the limit, counted, not kept)
+            size += len(chunk)
+            if size <= MAX_IMAGE_BYTES:
+                chunks.append(chunk)
+        if size > MAX_IMAGE_BYTES:
+            raise ClientError(413, f"the image is over {MAX_IMAGE_BYTES // 2**20} MB: send a smaller image")
+        if not size:
+            raise ClientError(400, "the request body is empty: send an image")
+        return [b"".join(chunks)]
+    if kind != "multipart/form-data":
+        raise ClientError(415, f"Content-Type {kind or '(none)'!r} is not accepted: send multipart/form-data "
+                               f"with the image in the field `file`, or the image itself as image/png, image/jpeg, ...")
+    # (a malformed body, or more than MAX_FILES files: Starlette's 400 saying which)
+    async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES, max_part_size=MAX_IMAGE_BYTES) as form:
+        files = [value for key, value in form.multi_items() if key == "file"]
+        if not files:
+            raise ClientError(400, "no `file` field: send each image as a multipart field named `file`")
+        if not all(isinstance(f, UploadFile) for f in files):
+            raise ClientError(400, "the `file` field holds text, not a file: upload the image as a file")
+        images = []
+        for number, upload in enumerate(files, 1):
+            data = await upload.read(MAX_IMAGE_BYTES + 1)
+            if len(data) > MAX_IMAGE_BYTES:
+                raise ClientError(413, f"file {number} is over {MAX_IMAGE_BYTES // 2**20} MB: send a smaller image")
+            if not data:
+                raise ClientError(400, f"file {number} is empty: send an image")
+            images.append(data)
+        return images
+

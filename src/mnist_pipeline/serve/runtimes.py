@@ -1,15 +1,7 @@
 """What serve answers with, behind one interface: a gated version loaded as a Live, whose predict() takes
-images as preprocess.py makes them (contract.IMAGE_BYTES each) and gives probabilities [N, 10].
-
-  onnx   the version's exported model (model/versions/<N>/mnist_cnn.onnx, `mnist export`) in
-         onnxruntime, on the CPU: no torch is imported. The file's mnist.checkpoint_sha256 must be the
-         version's checkpoint: a stale or foreign export never serves.
-  torch  the version's checkpoint (or, while production is unset, model/mnist_cnn.pt) in torch.
-  auto   onnx where onnxruntime imports and the version has its ONNX file (and --device is not cuda),
-         else torch where torch imports, else not ready, saying why.
-
-The gate is the same for both: records.aliases.gate reads version.json, the evaluation and the
-checkpoint's hash, no torch. torch, onnxruntime and numpy are imported when a runtime first needs them.
+images as preprocess.py makes them (contract.IMAGE_BYTES each) and gives probabilities [N, 10]. Which runtime
+serves which version (onnx, torch, auto): docs/serving.md#runtimes. The gate needs no torch
+(records.aliases.gate); torch, onnxruntime and numpy are imported when a runtime first needs them.
 """
 
 from __future__ import annotations
@@ -28,9 +20,6 @@ from mnist_pipeline.volume import Volume
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "onnx", "torch")
-# the exported model's interface (export.py writes it; a file that differs is refused)
-MAX_ONNX_BYTES = checkpoint.MAX_BYTES  # an export holds the checkpoint's weights, little more
 TO_A_VERSION = ("`mnist train`, then `mnist evaluate`, register a version (production when it passes --threshold, "
                 "else `mnist promote N`), and `mnist export` exports it")
 
@@ -86,8 +75,6 @@ class Runtimes:
     """Loads the gated model `model` names with the runtime --runtime picks (for auto: per version)."""
 
     def __init__(self, choice: str, device: str, threads: Optional[int]):
-        if choice not in RUNTIMES:
-            raise ValueError(f"runtime {choice!r} is not one of {', '.join(RUNTIMES)}")
         if choice == "onnx" and device == "cuda":
             raise PipelineError("--runtime onnx runs on the CPU, and --device / MNIST_DEVICE is cuda: "
                                 "use --runtime torch (or auto) for the GPU, or --device cpu")
@@ -101,9 +88,11 @@ class Runtimes:
         self._device: Any = None
         # what --runtime names must be there: otherwise serve stops at its start, saying so
         if self.choice == "torch":
+            self._need_torch()
             self.torch_device()  # (a bad --device too)
-        elif self.choice == "onnx":
-            self._need_onnxruntime()
+        elif self.choice == "onnx" and self._import("onnxruntime") is None:
+            raise PipelineError("--runtime onnx, but onnxruntime does not import here: install it "
+                                "(pip install onnxruntime numpy), or use --runtime torch")
 
     def load(self, volume: Volume, model: Union[str, int], threshold: float, current: Optional[Live] = None) -> Live:
         """The gated model `model` names, loaded and warmed up; `current` itself if it is that one already.
@@ -112,15 +101,14 @@ class Runtimes:
         if passed is None:
             return self._current_checkpoint(volume, threshold, current)
         version, scores = passed
-        if self._onnx_for(volume, version.number):
-            if current is not None and current.is_of(version.sha256, version.number, "onnx"):
-                return current
-            return self._open_onnx(volume, version, scores)
-        because = "" if self.choice == "torch" else self._no_onnx_reason(volume, version.number)
-        self._need_torch(f"version {version.number}", because)
-        if current is not None and current.is_of(version.sha256, version.number, "torch"):
+        runtime = "onnx" if self._onnx_for(volume, version.number) else "torch"
+        if runtime == "torch":
+            self._need_torch(volume, version.number)
+        if current is not None and current.is_of(version.sha256, version.number, runtime):
             return current
-        version, saved, scores = versions.load(volume, version.number)
+        if runtime == "onnx":
+            return self._open_onnx(volume, version, scores)
+        _, saved, scores = versions.load(volume, version.number)
         return self._open_torch(saved, scores, version.number)
 
     # --- which runtime ---------------------------------------------------------------------------
@@ -130,25 +118,14 @@ class Runtimes:
             return False
         if self.choice == "auto":
             return self._import("onnxruntime") is not None and volume.exported(number).exists()
-        self._need_onnxruntime()
         if not volume.exported(number).exists():
             raise PipelineError(f"version {number} has no ONNX model ({describe(volume.exported(number))}) to serve "
                                 f"with --runtime onnx: run `mnist export` to write it")
         return True
 
-    def _need_onnxruntime(self) -> None:
-        if self._import("onnxruntime") is None:
-            raise PipelineError("--runtime onnx, but onnxruntime does not import here: install it "
-                                "(pip install onnxruntime numpy), or use --runtime torch")
-
-    def _no_onnx_reason(self, volume: Volume, number: int) -> str:
-        """Why auto does not serve version `number` with onnx."""
-        if self._import("onnxruntime") is None:
-            return "onnxruntime does not import here"
-        return f"it has no ONNX model yet ({describe(volume.exported(number))}; `mnist export` writes it)"
-
-    def _need_torch(self, what: str, because: str) -> None:
-        """Nothing when torch imports; else PipelineError: `what` cannot be served, `because` (why not onnx)."""
+    def _need_torch(self, volume: Optional[Volume] = None, number: int = 0) -> None:
+        """Nothing when torch imports; else PipelineError saying so, and for auto why version `number` is not
+        served with onnx instead."""
         if self._import("torch") is not None:
             return
         if self.choice == "torch" and self.device_name == "cuda":
@@ -157,8 +134,10 @@ class Runtimes:
         if self.choice == "torch":
             raise PipelineError("--runtime torch, but torch does not import here: install it, or use "
                                 "--runtime onnx (or auto) to serve exported versions")
-        raise PipelineError(f"{what} cannot be served: {because}, and torch, which would serve it instead, "
-                            f"does not import here")
+        because = ("onnxruntime does not import here" if self._import("onnxruntime") is None else
+                   f"it has no ONNX model yet ({describe(volume.exported(number))}; `mnist export` writes it)")
+        raise PipelineError(f"version {number} cannot be served: {because}, and torch, which would serve it "
+                            f"instead, does not import here")
 
     def _import(self, name: str) -> Any:
         """Module `name`, or None when it does not import here (asked once)."""
@@ -175,7 +154,6 @@ class Runtimes:
 
     def torch_device(self) -> Any:
         """torch's device, set up (threads, deterministic CUDA) once, on first use."""
-        self._need_torch("the model", "")
         with self._lock:
             if self._device is None:
                 from mnist_pipeline import runtime
@@ -206,10 +184,12 @@ class Runtimes:
     # --- onnx ------------------------------------------------------------------------------------
 
     def _open_onnx(self, volume: Volume, version: versions.Version, scores: evaluation.Evaluation) -> Live:
+        import numpy
+
         path, number = volume.exported(version.number), version.number
         again = f"`mnist export --version {number}` writes it again"
         try:
-            data = read_regular(path, MAX_ONNX_BYTES, "ONNX model")
+            data = read_regular(path, checkpoint.MAX_BYTES, "ONNX model")  # (the weights, little more)
         except FileNotFoundError:  # (pruned or removed since)
             raise PipelineError(f"version {number} has no ONNX model ({describe(path)}): run `mnist export`") from None
         try:
@@ -227,16 +207,10 @@ class Runtimes:
         except Exception as exc:  # noqa: BLE001 - as above
             raise PipelineError(f"version {number}: {describe(path)} does not run ({first_line(exc)}): "
                                 f"{again}") from None
-        if answers.shape != (2, NUM_CLASSES) or not _finite(answers):
+        if answers.shape != (2, NUM_CLASSES) or not numpy.isfinite(answers).all():
             raise PipelineError(f"version {number}: {describe(path)} answers {answers.shape} values, not finite "
                                 f"probabilities for each image: {again}")
         return live
-
-
-def _finite(answers: Any) -> bool:
-    import numpy
-
-    return bool(numpy.isfinite(answers).all())
 
 
 def _interface_problem(session: Any, sha256: str) -> Optional[str]:

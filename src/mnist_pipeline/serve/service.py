@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +18,8 @@ from starlette.concurrency import run_in_threadpool
 from mnist_pipeline import faults, preprocess, runtime
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.records import feedback, versions
-from mnist_pipeline.serve.budget import UPLOADS_BYTES, Limiter, Slots, Uploads
 from mnist_pipeline.serve.follow import Follower, Kept
-from mnist_pipeline.serve.http import ClientError, busy
-from mnist_pipeline.serve.metrics import Metrics
+from mnist_pipeline.serve.http import UPLOADS_BYTES, ClientError, Limiter, Slots, Uploads, busy
 from mnist_pipeline.serve.runtimes import Live, Runtimes
 from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
@@ -33,8 +33,7 @@ LOOP_PIXELS = 320 * 320
 
 @dataclass(frozen=True)
 class Service:
-    """What the routes share, one per process (app.state.service): the model that follows the volume, the
-    versions kept on request, what requests may hold at once, and the counts /metrics gives."""
+    """What the routes share, one per process (app.state.service)."""
 
     config: ServeConfig
     volume: Volume
@@ -60,10 +59,10 @@ class Service:
         return cls(config=config, volume=volume, metrics=metrics,
                    follower=Follower(volume, config.threshold, runtimes, on_swap=swapped, model=config.model),
                    kept=Kept(volume, config.threshold, runtimes),
-                   slots=Slots(config.max_decodes or runtime.available_cpus(), config.max_waiting, metrics.decoding,
-                               metrics.waiting),
+                   slots=Slots(config.max_decodes or runtime.available_cpus(), config.max_waiting, metrics),
                    uploads=Uploads(UPLOADS_BYTES), private=_private_paths(volume.root),
-                   feedback_limiter=Limiter(config.feedback_rate), feedback_pending=feedback.Pending(volume))
+                   feedback_limiter=Limiter(config.feedback_rate, config.feedback_rate / 60),
+                   feedback_pending=feedback.Pending(volume))
 
     def public(self, message: str) -> str:
         """`message` with the volume's path taken out: `--root /x` goes, /x/model/... becomes model/..."""
@@ -150,3 +149,48 @@ def _image(step: Callable[[Any], Any], data: Any, named: str, number: int) -> An
         return step(data)
     except preprocess.ImageError as exc:
         raise ClientError(400, f"{named} {number + 1}: {exc}" if named else str(exc)) from None
+
+
+class Metrics:
+    """What /metrics gives, summed over the workers by prometheus-client's multiprocess mode: serve's parent
+    names a fresh folder in PROMETHEUS_MULTIPROC_DIR before the workers start, each keeps its values in files
+    there, and whichever answers /metrics collects them all. The served epoch and version are one series per
+    live worker (label `pid`); the next worker to start marks a dead one's files dead, which drops them
+    (granian has no hook for a worker's end)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+
+        registry = CollectorRegistry()  # (not the global one: /metrics reads the shared folder, not a registry)
+        self.requests = Counter("mnist_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=registry)
+        self.latency = Histogram("mnist_prediction_seconds", "time to preprocess and predict one request's images",
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
+                                 registry=registry)
+        self.epoch = Gauge("mnist_checkpoint_epoch", "epoch of the checkpoint being served (0: none yet)",
+                           registry=registry, multiprocess_mode="liveall")
+        self.version = Gauge("mnist_model_version", "version being served (0: none yet, or a volume without "
+                             "a production version)", registry=registry, multiprocess_mode="liveall")
+        self.decoding = Gauge("mnist_decodes_running", "images being decoded now", registry=registry,
+                              multiprocess_mode="livesum")
+        self.waiting = Gauge("mnist_decodes_waiting", "images waiting for a decode slot", registry=registry,
+                             multiprocess_mode="livesum")
+        # a dead worker's pid, from its value files' names (`..._<pid>.db`: docs/development.md)
+        shared = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        pids = {int(m.group(1)) for name in os.listdir(shared) if (m := re.search(r"_(\d+)\.db$", name))}
+        for pid in pids - {os.getpid()}:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                multiprocess.mark_process_dead(pid, shared)
+            except PermissionError:  # alive, someone else's
+                pass
+
+    @staticmethod
+    def exposition() -> bytes:
+        """The text /metrics answers: every worker's values."""
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        every = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every)  # (the folder PROMETHEUS_MULTIPROC_DIR names)
+        return generate_latest(every)

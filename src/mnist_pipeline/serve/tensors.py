@@ -14,8 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from fastapi.responses import JSONResponse, Response
 
 from mnist_pipeline.contract import IMAGE_BYTES, IMAGE_SIZE, NUM_CLASSES
-from mnist_pipeline.serve.bodies import MAX_FILES, MAX_IMAGE_BYTES
-from mnist_pipeline.serve.http import ClientError
+from mnist_pipeline.serve.http import MAX_FILES, MAX_IMAGE_BYTES, ClientError
 from mnist_pipeline.serve.service import version_header
 
 MODEL = "mnist"
