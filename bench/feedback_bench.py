@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_pipeline import cpu_model, fresh_root, mnist  # noqa: E402
 
+SUBMIT_PATIENCE_S = 900  # for all the uploads: a server this slow is broken
 CANVAS = 280  # the page's pad (static/index.html), sent whole as a PNG
 Point = Tuple[float, float]
 
@@ -135,23 +136,21 @@ class Serve:
              "--feedback-max-pending", str(samples * 10)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: List[str] = []
-        deadline = time.monotonic() + 120
+        self.listening = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self.listening.wait(120) or self.process.poll() is not None:
+            self.close()
+            sys.exit(f"bench: `mnist serve` did not listen within 120 s: {''.join(self.lines)[-500:]}")
+        self.url = next(urllib.parse.urlsplit(found.group(1)) for line in self.lines
+                        if (found := re.search(r"listening on (http://\S+)", line)))
+        self.connection = http.client.HTTPConnection(self.url.hostname, self.url.port, timeout=60)
+
+    def _drain(self) -> None:
         for line in self.process.stderr:
             self.lines.append(line)
-            found = re.search(r"listening on (http://\S+)", line)
-            if found:
-                self.url = urllib.parse.urlsplit(found.group(1))
-                break
-            if time.monotonic() > deadline:
-                break
-        else:
-            self.close()
-            sys.exit(f"bench: `mnist serve` ended before it listened: {''.join(self.lines)[-500:]}")
-        if not hasattr(self, "url"):
-            self.close()
-            sys.exit("bench: `mnist serve` did not listen within 120 s")
-        threading.Thread(target=lambda: self.lines.extend(self.process.stderr), daemon=True).start()
-        self.connection = http.client.HTTPConnection(self.url.hostname, self.url.port, timeout=60)
+            if "listening on" in line:
+                self.listening.set()
+        self.listening.set()  # ended: the wait above sees the exit
 
     def request(self, method: str, path: str, body: bytes = b"", headers: Dict[str, str] | None = None):
         self.connection.request(method, path, body=body or None, headers=headers or {})
@@ -198,6 +197,8 @@ def submit(root: Path, seed: int, samples: int, heldout: int) -> dict:
         while sum(splits.values()) < samples or splits["heldout"] < heldout:
             if index >= limit:
                 sys.exit(f"bench: {index} samples sent, {splits} kept: the held-out share is not one in three")
+            if time.perf_counter() - started > SUBMIT_PATIENCE_S:
+                sys.exit(f"bench: {index} samples sent in {SUBMIT_PATIENCE_S} s, {splits} kept: serve is too slow")
             digit, image = sample(seed, index)
             status, answer = served.feedback(image, digit)
             statuses[str(status)] = statuses.get(str(status), 0) + 1
