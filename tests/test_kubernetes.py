@@ -27,7 +27,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "kubernetes"
 BASE, SINGLE_NODE, KSERVE = DEPLOY / "base", DEPLOY / "overlays" / "single-node", DEPLOY / "overlays" / "kserve"
-KUSTOMIZATIONS = (BASE, SINGLE_NODE, KSERVE)
+FEEDBACK = DEPLOY / "overlays" / "feedback"
+KUSTOMIZATIONS = (BASE, SINGLE_NODE, KSERVE, FEEDBACK)
 # the oldest and newest Kubernetes that Kubeflow Trainer v2.3.0 runs its end-to-end tests on
 KUBERNETES_VERSIONS = ("1.32", "1.35")
 TRAINJOB_SCHEMA = DEPLOY / "schemas" / "trainjob-v1alpha1.json"
@@ -94,9 +95,21 @@ def json6902(target: dict, operations: List[dict]) -> None:
         node = target
         for key in parents:
             node = node[int(key)] if isinstance(node, list) else node[key]
-        assert operation["op"] in ("replace", "add"), operation
-        assert operation["op"] == "add" or last in node, f"{operation['path']} is not in {target['metadata']['name']}"
-        node[last] = operation["value"]
+        assert operation["op"] in ("replace", "add", "test"), operation
+        where = f"{operation['path']} in {target['metadata']['name']}"
+        if isinstance(node, list):  # an index, or `-` (after the last) for add
+            index = len(node) if last == "-" and operation["op"] == "add" else int(last)
+            if operation["op"] == "add":
+                node.insert(index, operation["value"])
+                continue
+            assert index < len(node), f"{where} is not there"
+            last = index
+        else:
+            assert operation["op"] == "add" or last in node, f"{where} is not there"
+        if operation["op"] == "test":
+            assert node[last] == operation["value"], f"{where} is {node[last]!r}, not {operation['value']!r}"
+        else:
+            node[last] = operation["value"]
 
 
 def matches(obj: dict, selector: dict) -> bool:
@@ -234,8 +247,14 @@ def selects(selector: dict, labels: Dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
 
 
-SERVE = {BASE: "Deployment/mnist-serve", SINGLE_NODE: "Deployment/mnist-serve", KSERVE: "InferenceService/mnist"}
+SERVE = {BASE: "Deployment/mnist-serve", SINGLE_NODE: "Deployment/mnist-serve", KSERVE: "InferenceService/mnist",
+         FEEDBACK: "Deployment/mnist-serve"}
 WRITERS = {"TrainJob/mnist-train", "Job/mnist-evaluate", "Job/mnist-infer", "Deployment/mnist-export"}
+
+
+def writers(kustomization: Path) -> set:
+    """The workloads that mount the claim writable: the pipeline's steps, and serve where it keeps feedback."""
+    return WRITERS | ({SERVE[kustomization]} if kustomization == FEEDBACK else set())
 
 
 # --- the tests -------------------------------------------------------------------------------------
@@ -306,8 +325,9 @@ def test_every_step_mounts_the_one_claim_at_opt_mount(kustomization):
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/opt/mount"]
         claimed = volumes[mount["name"]]["persistentVolumeClaim"]
         assert claimed["claimName"] == claim["metadata"]["name"], key
-        # serve only reads the volume; the others write it
-        assert mount.get("readOnly", False) == claimed.get("readOnly", False) == (key not in WRITERS), key
+        # serve only reads the volume (but for feedback/ in the feedback overlay); the others write it
+        assert mount.get("readOnly", False) == claimed.get("readOnly", False) == (key not in writers(kustomization)), \
+            key
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda path: path.name)
@@ -454,6 +474,39 @@ def test_the_trainjob_runs_train_under_torchrun_on_n_nodes_from_the_kustomizatio
     assert "env" not in container
     assert trainer["image"] == rendered(BASE)["Job/mnist-evaluate"]["spec"]["template"]["spec"][
         "containers"][0]["image"]
+
+
+def test_the_feedback_overlay_lets_serve_alone_write_and_turns_feedback_on():
+    """overlays/feedback: the serve Deployment mounts the claim writable, in both places, with MNIST_FEEDBACK=on;
+    no other object changes, so no other serving object gets write access (docs/feedback.md)."""
+    from mnist_pipeline import parse
+    from mnist_pipeline.settings import SETTINGS
+
+    base, feedback = rendered(BASE), rendered(FEEDBACK)
+    assert set(base) == set(feedback)
+    assert [key for key in base if base[key] != feedback[key]] == ["Deployment/mnist-serve"]
+    specs = pod_specs(feedback)
+    writable = set()
+    for key, spec in specs.items():
+        (container,) = spec["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/opt/mount"]
+        claimed = {v["name"]: v for v in spec["volumes"]}[mount["name"]]["persistentVolumeClaim"]
+        if not mount.get("readOnly", False) or not claimed.get("readOnly", False):
+            writable.add(key)
+    assert writable - WRITERS == {"Deployment/mnist-serve"}
+    # nothing else about serve changes: undo the overlay's three edits and the base's Deployment is back
+    served = copy.deepcopy(feedback["Deployment/mnist-serve"])
+    pod = served["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["env"][-1] == {"name": "MNIST_FEEDBACK", "value": "on"}
+    assert parse.on_off(container["env"].pop()["value"]) is True
+    assert "MNIST_FEEDBACK" in {setting.env for setting in SETTINGS.values()}
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/opt/mount"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    mount["readOnly"] = volume["persistentVolumeClaim"]["readOnly"] = True
+    assert served == base["Deployment/mnist-serve"]
+    # the serve's root stays read-only: it writes the claim (its feedback/) and its /tmp only
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_the_single_node_overlay_binds_the_claim_to_a_shared_host_folder():
