@@ -272,14 +272,19 @@ def load(volume: Volume, number: int) -> Tuple[Version, checkpoints.Checkpoint, 
     return version, saved, scores
 
 
+def kept(volume: Volume, number: int) -> Version:
+    """Version `number`'s record (a small file, strictly read); NoSuchVersion when it is not kept."""
+    try:
+        return read(volume, number)
+    except FileNotFoundError:
+        raise NoSuchVersion(f"there is no version {number}: `mnist models` lists the versions kept") from None
+
+
 def checked(volume: Volume, number: int) -> Tuple[Version, evaluations.Evaluation]:
     """Version `number` with its evaluation, its checkpoint's bytes hashed against version.json without
     loading them (no torch): what the ONNX runtime serves from. PipelineError (saying what to do) when it
     is missing or corrupt."""
-    try:
-        version = read(volume, number)
-    except FileNotFoundError:
-        raise NoSuchVersion(f"there is no version {number}: `mnist models` lists the versions kept") from None
+    version = kept(volume, number)
     folder = volume.version_dir(number)
     try:
         sha256 = checkpoints.sha256_of(folder / CHECKPOINT)

@@ -135,6 +135,7 @@ class Kept:
         live = self._cached(number)
         if live is not None:
             return live
+        versions.kept(self.volume, number)  # a version not kept costs a look, never a load (nor a token)
         if not self._loading.acquire(blocking=False):
             raise Kept.Refused(f"another version is loading: retry version {number} in 1 s")
         try:
