@@ -114,7 +114,11 @@ def test_killed_workers_are_replaced_under_load_and_a_stop_ends_every_worker(ser
             thread.join()
     assert not set(alive) & set(pids)
     assert "".join(served.stderr).count("Unexpected exit from worker") == 2
-    assert answers.count(200) >= len(answers) - 2 * len(clients), "more failures than requests in flight"
+    failures = [answer for answer in answers if answer != 200]
+    assert set(failures) <= {"reset"}, failures  # never an error answer: only connections a kill cut
+    # a kill cuts each client's request in flight, and at most the one it sends next, in the instant before the
+    # kernel closes the killed worker's listening socket (a connection queued there is reset too)
+    assert len(failures) <= 2 * len(clients) * len(pids), failures
     wait_until(lambda: predicted(served) >= answers.count(200), "the counts")
     # whichever worker answered, the killed ones included (one killed mid-answer may have counted an answer
     # its client never read)
