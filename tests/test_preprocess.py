@@ -171,3 +171,29 @@ def test_preprocessing_needs_neither_torch_nor_numpy(tmp_path):
             "print(len(pixels), max(pixels), sorted({'torch', 'numpy'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["784", "255", "[]"], result.stderr[-2000:]
+
+
+def test_what_a_small_file_makes_pillow_parse_is_bounded():
+    blank = io.BytesIO()
+    Image.new("L", (28, 28), 255).save(blank, "PNG")
+    png = blank.getvalue()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # compressed text inflating to megabytes as the file is opened, in a 60 KB file: refused, not held
+    text = zlib.compress(b"\0" * (1024 * 1024 - 1), 9)
+    bomb = png[:33] + b"".join(chunk(b"zTXt", b"k%d\0\0" % i + text) for i in range(60)) + png[33:]
+    with pytest.raises(ImageError, match="cannot read it"):
+        preprocess.opened(bomb)
+
+    # a JPEG whose last scan is repeated: each costs libjpeg a pass, whatever the pixels
+    drawing = Image.new("L", (320, 320), 255)
+    drawing.paste(0, (100, 100, 200, 110))
+    buffer = io.BytesIO()
+    drawing.save(buffer, "JPEG", progressive=True)
+    jpeg = buffer.getvalue()
+    last_scan = jpeg[jpeg.rindex(b"\xff\xda"):-2]
+    with pytest.raises(ImageError, match="more than 100 scans"):
+        preprocess.opened(jpeg[:-2] + last_scan * 200 + b"\xff\xd9")
+    assert len(preprocess.from_bytes(jpeg)) == IMAGE_SIZE * IMAGE_SIZE  # a progressive JPEG as saved reads

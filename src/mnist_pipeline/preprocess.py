@@ -19,7 +19,7 @@ import re
 import warnings
 from typing import Iterator, Tuple, Union
 
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, PngImagePlugin
 
 from mnist_pipeline.contract import IMAGE_SIZE
 from mnist_pipeline.errors import PipelineError, first_line
@@ -34,6 +34,10 @@ MAX_DECODED_BYTES = 32 * 2**20
 # The longer side an image is worked on at: a JPEG is decoded at the scale closest above it, anything
 # larger is reduced to it (box average) before the MNIST steps. The digit ends up 20 px tall.
 WORK_SIDE = 1024
+MAX_SCANS = 100  # of a JPEG: libjpeg decodes each, and a small file can repeat one thousands of times
+# A digit's file needs no text: Pillow inflates a PNG's compressed text chunks as it opens the file (up to
+# 1 MB each and 64 MB in all by default), so a small file could cost much. Pillow's documented limits, lowered.
+PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = 64 * 1024
 # the formats the error messages name; Pillow's others (TIFF, PSD, EPS, ...) are more parser than a
 # digit needs
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -62,6 +66,9 @@ def opened(data: bytes) -> Image.Image:
             # libjpeg decodes straight to grayscale, at 1/2, 1/4 or 1/8 scale when that still covers WORK_SIDE
             scale = WORK_SIDE / max(full_size)
             image.draft("L", (max(1, int(full_size[0] * scale)), max(1, int(full_size[1] * scale))))
+        if image.format == "JPEG" and _jpeg_scans(data, MAX_SCANS + 1) > MAX_SCANS:
+            raise ImageError(f"the JPEG has more than {MAX_SCANS} scans (a progressive one has about 10), and each "
+                             f"costs a pass over the image: save it as a baseline JPEG or a PNG")
         cost = decoded_bytes(image, full_size, data)
         if cost > MAX_DECODED_BYTES:
             width, height = full_size
@@ -119,8 +126,14 @@ def decoded_bytes(image: Image.Image, full_size: Tuple[int, int], data: bytes) -
     return cost
 
 
-def _jpeg_scans(data: bytes) -> int:
-    """How many scans (SOS segments) the JPEG's own image has, counting to 2: more than one and libjpeg
+def scans(image: Image.Image, data: bytes) -> int:
+    """How many scans `image` (opened from `data`) has, counting to 2: 1 but for a progressive or multi-scan JPEG,
+    whose decode cost grows with its scans, not its pixels."""
+    return _jpeg_scans(data) if image.format == "JPEG" else 1
+
+
+def _jpeg_scans(data: bytes, most: int = 2) -> int:
+    """How many scans (SOS segments) the JPEG's own image has, counting to `most`: more than one and libjpeg
     buffers the whole image. Segments are skipped by their lengths, so an EXIF thumbnail's scan is not counted."""
     at, scans = 2, 0
     while at + 4 <= len(data) and data[at] == 0xFF:
@@ -136,7 +149,7 @@ def _jpeg_scans(data: bytes) -> int:
         at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
         if marker == 0xDA:
             scans += 1
-            if scans > 1:
+            if scans >= most:
                 break
             found = _JPEG_MARKER.search(data, at)  # the entropy-coded data runs to the next marker
             if found is None:
@@ -219,7 +232,7 @@ def to_mnist(image: Image.Image) -> bytes:
     width, height = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
     # Pillow's resampling filters average over the source when shrinking (anti-aliasing, as MNIST did);
     # reducing_gap first box-averages by a whole factor, "indistinguishable from fair resampling in most
-    # cases" at 3 (Pillow's documentation), and several times faster on a large crop. The stretch is
+    # cases" at 3 (Pillow's documentation), and faster on a large crop. The stretch is
     # linear: done on the 20 px patch (a C table lookup), not on the crop.
     patch = crop.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0).tobytes().translate(stretch)
     rows = [patch[y * width:(y + 1) * width] for y in range(height)]

@@ -5,7 +5,6 @@ every prediction route takes: the model a request gets, and its images decoded a
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import time
@@ -25,10 +24,12 @@ from mnist_pipeline.settings import ServeConfig
 from mnist_pipeline.volume import Volume
 
 DECODE_TURN_S = 0.005  # a request decodes images for this long (one image at least) before others' get a turn
-# a request whose images hold this many pixels or fewer in all (the page's 280x280 drawing, 64 MNIST-sized
-# digits) is decoded on the event loop, in about a millisecond: a trip to the threadpool and back costs
-# more CPU than that blocks the loop; anything larger waits for a decode slot
+# A request of small files whose images hold this many pixels in all (the page's drawing, 64 MNIST-sized
+# digits) is decoded on the event loop: less CPU than a trip to the threadpool and back, and each image's cost
+# is bounded by its header (its pixels) and by its bytes (what a file can make Pillow parse: PNG chunks, JPEG
+# scans). Anything larger waits for a decode slot.
 LOOP_PIXELS = 320 * 320
+LOOP_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -93,24 +94,19 @@ async def model_for(service: Service, number: Optional[int], refused: int = 409)
 
 async def decode_and_predict(service: Service, live: Live, images: List[bytes], what: Optional[str] = None,
                              keep: Optional[Dict[int, bytes]] = None) -> Any:
-    """`images` (encoded files) made MNIST-like and read by `live`: probabilities [N, 10]. A request whose
-    images hold LOOP_PIXELS or fewer in all is done right here, on the event loop; larger ones take the
-    service's slots, a few images a turn in the threadpool, so a request of many holds one decoded image at a
-    time. `what`: how an error names the image ("{what} 3: ..."); by default "file N", and only among several.
-    `keep`: given, it receives each image's 28x28 pixels by its place (what the model read)."""
+    """`images` (encoded files) made MNIST-like and read by `live`: probabilities [N, 10]. Small images are done
+    right here, on the event loop (`_on_the_loop`); the rest take the service's slots, a few images a turn in the
+    threadpool, so a request of many holds one decoded image at a time. `what`: how an error names the image
+    ("{what} 3: ..."); by default "file N", and only among several. `keep`: given, it receives each image's
+    28x28 pixels by its place (what the model read)."""
     named = what or ("file" if len(images) > 1 else "")
-    # the headers (cheap: nothing decoded) say how much decoding there is
-    pending: List[Any] = [_image(preprocess.opened, data, named, number) for number, data in enumerate(images)]
     inputs: List[bytes] = []
-    if sum(image.width * image.height for image in pending) <= LOOP_PIXELS:
-        answers = _decode_turn(pending, inputs, live, named, deadline=math.inf)
-    else:
-        images.clear()  # the opened images hold the bytes now
-        answers = None
-        while answers is None:
-            async with service.slots.slot(newcomer=not inputs):
-                answers = await run_in_threadpool(_decode_turn, pending, inputs, live, named,
-                                                  time.perf_counter() + DECODE_TURN_S)
+    if sum(len(data) for data in images) <= LOOP_BYTES:
+        _on_the_loop(images, inputs, named)
+    answers = live.predict(inputs) if len(inputs) == len(images) else None
+    while answers is None:
+        async with service.slots.slot(newcomer=not inputs):
+            answers = await run_in_threadpool(_decode_turn, images, inputs, live, named)
     if keep is not None:
         keep.update(enumerate(inputs))
     return answers
@@ -128,17 +124,31 @@ def _private_paths(root: Path) -> List[str]:
     return sorted((s for s in spellings if s not in (".", "")), key=len, reverse=True)
 
 
-def _decode_turn(pending: List[Any], inputs: List[bytes], live: Live, named: str, deadline: float) -> Optional[Any]:
-    """The next of `pending` (opened images) decoded into `inputs` until `deadline` (one at least), each dropped
-    once done with; once all are, their probabilities, in the same turn (None until then). A request of many
-    small images takes a few trips to the threadpool, not one per image (nor one more to predict); one of
-    large images still lets other requests' images in between its own."""
-    while len(inputs) < len(pending):
+def _on_the_loop(images: List[bytes], inputs: List[bytes], named: str) -> None:
+    """`images` decoded into `inputs` while each stays cheap by its header (LOOP_PIXELS in all, no JPEG of several
+    scans); the first that is not, and those after it, are left to the threadpool."""
+    pixels = 0
+    for number, data in enumerate(images):
+        opened = _image(preprocess.opened, data, named, number)
+        pixels += opened.width * opened.height
+        if pixels > LOOP_PIXELS or preprocess.scans(opened, data) > 1:
+            return
+        faults.hold_point("decode")
+        inputs.append(_image(preprocess.from_bytes, opened, named, number))
+
+
+def _decode_turn(images: List[bytes], inputs: List[bytes], live: Live, named: str) -> Optional[Any]:
+    """The next of `images` decoded into `inputs` for DECODE_TURN_S (one at least), each one's bytes dropped once
+    done with; once all are, their probabilities, in the same turn (None until then). A request of many small
+    images takes a few trips to the threadpool, not one per image (nor one more to predict); one of large images
+    still lets other requests' images in between its own."""
+    began = time.perf_counter()
+    while len(inputs) < len(images):
         number = len(inputs)
         faults.hold_point("decode")
-        inputs.append(_image(preprocess.from_bytes, pending[number], named, number))
-        pending[number] = None
-        if len(inputs) < len(pending) and time.perf_counter() > deadline:
+        inputs.append(_image(preprocess.from_bytes, images[number], named, number))
+        images[number] = b""
+        if len(inputs) < len(images) and time.perf_counter() - began > DECODE_TURN_S:
             return None
     return live.predict(inputs)
 
