@@ -220,6 +220,14 @@ def test_a_checkpoint_whose_feedback_images_changed_is_refused(data_root, candid
     result = run_here("train", "--root", str(data_root), "--max-steps", STEPS)
     assert_one_line_error(result, 1, "not a usable checkpoint", "image and label do not hash to its id")
 
+    # a sparse tensor loads with weights_only too, and reading its values would fail: refused first
+    state["feedback_pixels"] = state["feedback_pixels"].to_sparse()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    made.write_bytes(buffer.getvalue())
+    result = run_here("train", "--root", str(data_root), "--max-steps", STEPS)
+    assert_one_line_error(result, 1, "not a usable checkpoint", "feedback_pixels are not 3 images")
+
 
 @pytest.mark.xdist_group("distributed")  # (with test_distributed's groups: one worker starts them)
 def test_two_ranks_train_on_rank_0s_set_and_stop_together_on_a_malformed_one(data_root, candidates):
@@ -243,3 +251,18 @@ def test_two_ranks_train_on_rank_0s_set_and_stop_together_on_a_malformed_one(dat
     assert len(errors) == 1 and "is not a PNG image" in errors[0], result.stderr[-3000:]
     assert "lost its process group" not in result.stderr
     assert not (broken / "model" / "mnist_cnn.pt").exists()
+
+
+def test_a_rank_other_than_0_takes_up_the_new_set_that_rank_0_sent(tmp_path):
+    """The other ranks know a set by its tensors only (rank 0 alone reads the ids): a set sent for a new epoch
+    is taken as it is, never mistaken for the last epoch's because both came without ids."""
+    from mnist_pipeline import distributed
+
+    def received(count: int) -> mix.Mix:
+        return mix.Mix(ids=(), digest="", pixels=torch.zeros(count, 28, 28, dtype=torch.uint8),
+                       labels=torch.zeros(count, dtype=torch.int64), share=0.05, draws=mix.draws_for(0.05, 60000))
+
+    last, new = received(3), received(6)
+    with mock.patch.object(mix, "_shared", return_value=new):
+        taken = mix.at_epoch_start(Volume(tmp_path), distributed.World(rank=1, size=2), 0.05, 60000, 1, last)
+    assert taken is new

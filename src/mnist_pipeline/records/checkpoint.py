@@ -278,10 +278,9 @@ def _feedback_problem(state: Dict[str, Any]) -> Optional[str]:
         return f"its feedback record is not valid: {exc}"
     ids, pixels, labels = record["ids"], state["feedback_pixels"], state["feedback_labels"]
     n = len(ids)
-    if not (isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8
-            and tuple(pixels.shape) == (n, IMAGE_SIZE, IMAGE_SIZE)):
+    if not (_dense(pixels) and pixels.dtype == torch.uint8 and tuple(pixels.shape) == (n, IMAGE_SIZE, IMAGE_SIZE)):
         return f"its feedback_pixels are not {n} images of {IMAGE_SIZE}x{IMAGE_SIZE} uint8 pixels"
-    if not (isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and tuple(labels.shape) == (n,)
+    if not (_dense(labels) and labels.dtype == torch.int64 and tuple(labels.shape) == (n,)
             and bool(((labels >= 0) & (labels < NUM_CLASSES)).all())):
         return f"its feedback_labels are not {n} digits (int64)"
     if n == 0 or list(ids) != sorted(set(ids)):
@@ -295,3 +294,11 @@ def _feedback_problem(state: Dict[str, Any]) -> Optional[str]:
         if feedback.sample_id(kept.pixels[i * size:(i + 1) * size], kept.labels[i]) != sid:
             return f"its feedback sample {sid[:12]}'s image and label do not hash to its id"
     return None
+
+
+def _dense(value: Any) -> bool:
+    """A plain CPU tensor: the safe loader also gives sparse, quantized and meta ones, on which reading values fails."""
+    import torch
+
+    return (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == "cpu"
+            and not value.is_quantized)

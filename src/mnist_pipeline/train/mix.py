@@ -4,7 +4,7 @@ feedback/ as they are at its start, at --feedback-share of its examples.
 The set is frozen for the epoch: read at its first step and kept in the checkpoint, images and labels included,
 so an epoch resumed mid-way trains on what it began with, whatever was accepted, rejected or deleted since. A
 changed set (or share) takes effect at the next epoch, which says so in one line. Without accepted samples (or at
-share 0) an epoch is exactly what it was before feedback existed: MNIST alone, in epoch_order.
+share 0) an epoch is MNIST alone, in epoch_order.
 
 Under torchrun rank 0 reads the set and the others receive it, so every rank trains on one set.
 """
@@ -72,10 +72,10 @@ def at_epoch_start(volume: Volume, world: distributed.World, share: float, image
         mix = None
     elif world.size == 1:
         mix = _read(volume, share, images)
-    else:
+        if mix is not None and mix.same_as(previous):
+            mix = previous  # the same tensors: the step function is kept
+    else:  # (`previous` itself when rank 0 finds it unchanged: the other ranks know the set by its tensors only)
         mix = _shared(volume, world, share, images, previous)
-    if mix is not None and mix.same_as(previous):
-        mix = previous  # the same tensors: the step function is kept
     if world.is_main:
         _tell(epoch + 1, mix, previous)
     return mix
