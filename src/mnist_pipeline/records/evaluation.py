@@ -1,7 +1,7 @@
 """model/eval_results.json: the test scores of one checkpoint (File says what the file holds), and the gate that
 uses them. Format 1 has no format_version and also had its checkpoint's path; its first files have no mistakes.
 Format 3 adds the scores on the accepted held-out feedback (records/feedback.py); an evaluation without any is
-written as format 2, as before there was feedback.
+written as format 2.
 """
 
 from __future__ import annotations

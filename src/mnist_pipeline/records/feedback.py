@@ -246,9 +246,18 @@ def accepted(volume: Volume, split: str) -> Accepted:
     """Every accepted sample of `split`, strictly read (a malformed or changed one is an error naming its file)."""
     if split not in SPLITS:
         raise ValueError(split)
-    chosen = [sample for sample in every(volume) if sample.status == "accepted" and sample.split == split]
-    return Accepted(ids=tuple(sample.id for sample in chosen),
-                    pixels=b"".join(image(volume, sample) for sample in chosen),
+    chosen, pixels = [], []
+    for sample in every(volume):
+        if sample.status != "accepted" or sample.split != split:
+            continue
+        try:
+            pixels.append(image(volume, sample))
+        except PipelineError:
+            if volume.feedback_record(sample.id).exists():
+                raise
+            continue  # deleted since its record was read (a deletion removes the record first)
+        chosen.append(sample)
+    return Accepted(ids=tuple(sample.id for sample in chosen), pixels=b"".join(pixels),
                     labels=tuple(sample.label for sample in chosen))
 
 
