@@ -233,8 +233,8 @@ _ALL = [
     Setting("--max-requests", parse.positive_int, default_of(ServeConfig, "max_requests"),
             "requests in progress at once in each worker; more wait in the listen queue", "N"),
     Setting("--max-decodes", parse.positive_int, default_of(ServeConfig, "max_decodes"),
-            "images decoded at once in the threadpool, for requests over 320x320 pixels in all (smaller ones: on "
-            "the event loop; default: the CPUs this process may use)", "N"),
+            "images of larger requests decoded at once in the threadpool (a request of small files, 320x320 "
+            "pixels in all, is decoded on the event loop; default: the CPUs this process may use)", "N"),
     Setting("--max-waiting", parse.non_negative_int, default_of(ServeConfig, "max_waiting"),
             "requests waiting for a decode; more get 503 with Retry-After", "N"),
     Setting("--read-timeout", parse.positive_float, default_of(ServeConfig, "read_timeout"),
