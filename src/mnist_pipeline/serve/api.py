@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Union
 from pydantic import BaseModel, Field
 
 from mnist_pipeline.contract import NUM_CLASSES
+from mnist_pipeline.records import versions
 from mnist_pipeline.serve.http import MAX_FILES
 
 API_VERSION = "1"
@@ -54,13 +55,6 @@ class Ready(BaseModel):
     feedback: bool = Field(False, description="whether POST /feedback keeps samples (serve --feedback on)")
 
 
-class HeldOut(BaseModel):
-    digest: str = Field(description="the sha256 naming the held-out set")
-    total: int = Field(ge=1)
-    correct: int = Field(ge=0)
-    accuracy: float = Field(ge=0, le=1)
-
-
 class Version(BaseModel):
     version: int = Field(ge=1)
     aliases: List[str]
@@ -71,7 +65,7 @@ class Version(BaseModel):
     sha256: Optional[str] = None
     corrupt: Optional[str] = Field(None, description="why the version does not read (then only `version` and "
                                                      "`aliases` are given)")
-    feedback: Optional[HeldOut] = Field(None, description="how it read the accepted held-out feedback when "
+    feedback: Optional[versions.Feedback] = Field(None, description="how it read the accepted held-out feedback when "
                                                           "evaluated (null: there was none)")
 
 
