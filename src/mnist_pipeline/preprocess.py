@@ -66,10 +66,11 @@ def opened(data: bytes) -> Image.Image:
             # libjpeg decodes straight to grayscale, at 1/2, 1/4 or 1/8 scale when that still covers WORK_SIDE
             scale = WORK_SIDE / max(full_size)
             image.draft("L", (max(1, int(full_size[0] * scale)), max(1, int(full_size[1] * scale))))
-        if image.format == "JPEG" and _jpeg_scans(data, MAX_SCANS + 1) > MAX_SCANS:
+        passes = scans(image, data, MAX_SCANS + 1)
+        if passes > MAX_SCANS:
             raise ImageError(f"the JPEG has more than {MAX_SCANS} scans (a progressive one has about 10), and each "
                              f"costs a pass over the image: save it as a baseline JPEG or a PNG")
-        cost = decoded_bytes(image, full_size, data)
+        cost = decoded_bytes(image, full_size, passes)
         if cost > MAX_DECODED_BYTES:
             width, height = full_size
             raise ImageError(f"the image is {width}x{height} pixels ({full_mode}): decoding it takes "
@@ -107,15 +108,16 @@ def _reading() -> Iterator[None]:
         ) from None
 
 
-def decoded_bytes(image: Image.Image, full_size: Tuple[int, int], data: bytes) -> int:
+def decoded_bytes(image: Image.Image, full_size: Tuple[int, int], passes: int) -> int:
     """The memory decoding `image` (opened, perhaps drafted, not loaded) takes, from its header: Pillow's
-    pixels and what the format's decoder holds besides. `full_size`: the file's own, before a draft."""
+    pixels and what the format's decoder holds besides. `full_size`: the file's own, before a draft; `passes`:
+    its scans."""
     width, height = image.size
     # Pillow keeps "1", "L" and "P" in a byte a pixel, 16-bit grey in two, everything else in four
     cost = width * height * (1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4)
     if image.format == "WEBP":  # libwebp's own buffer and the copy handed to Pillow
         cost *= 3
-    elif image.format == "JPEG" and _jpeg_scans(data) > 1:
+    elif passes > 1:
         # a progressive (or multi-scan) JPEG: libjpeg holds every DCT coefficient of the full-size
         # image, 2 bytes each, whatever the scale it is decoded at; a component sampled at half the
         # resolution (the usual colour) has a quarter of them
@@ -126,15 +128,15 @@ def decoded_bytes(image: Image.Image, full_size: Tuple[int, int], data: bytes) -
     return cost
 
 
-def scans(image: Image.Image, data: bytes) -> int:
-    """How many scans `image` (opened from `data`) has, counting to 2: 1 but for a progressive or multi-scan JPEG,
-    whose decode cost grows with its scans, not its pixels."""
-    return _jpeg_scans(data) if image.format == "JPEG" else 1
+def scans(image: Image.Image, data: bytes, most: int = 2) -> int:
+    """How many scans `image` (opened from `data`) has, counting to `most`: 1 but for a progressive or multi-scan
+    JPEG, whose decoder buffers the whole image and whose cost grows with its scans, not its pixels."""
+    return _jpeg_scans(data, most) if image.format == "JPEG" else 1
 
 
-def _jpeg_scans(data: bytes, most: int = 2) -> int:
-    """How many scans (SOS segments) the JPEG's own image has, counting to `most`: more than one and libjpeg
-    buffers the whole image. Segments are skipped by their lengths, so an EXIF thumbnail's scan is not counted."""
+def _jpeg_scans(data: bytes, most: int) -> int:
+    """How many scans (SOS segments) the JPEG's own image has, counting to `most`. Segments are skipped by their
+    lengths, so an EXIF thumbnail's scan is not counted."""
     at, scans = 2, 0
     while at + 4 <= len(data) and data[at] == 0xFF:
         marker = data[at + 1]
